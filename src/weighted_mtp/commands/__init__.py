@@ -1,0 +1,1 @@
+"""One module per `wmtp` subcommand: argument parsing and a `run(args)` that calls library code."""

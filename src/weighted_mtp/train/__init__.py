@@ -1,0 +1,1 @@
+"""Training engine: one trainer for every pipeline, distributed setup, checkpoints."""
