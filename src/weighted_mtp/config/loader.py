@@ -23,6 +23,23 @@ from weighted_mtp.io import atomic_write_text
 
 COMMAND_LINE = "command line"
 
+# Names other training frameworks use for our keys; difflib alone would miss most of them.
+KNOWN_ALIASES = {
+    "learning_rate": "lr",
+    "max_seq_length": "max_length",
+    "seq_len": "max_length",
+    "max_seq_len": "max_length",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "per_device_train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size",
+    "max_grad_norm": "grad_clip",
+    "clip_grad_norm": "grad_clip",
+    "num_train_epochs": "epochs",
+    "warmup": "warmup_steps",
+    "n_heads": "n_future_tokens",
+    "num_heads": "n_future_tokens",
+}
+
 
 @dataclass
 class Layer:
@@ -101,7 +118,9 @@ def _check_keys(data: dict[str, Any], model: type[BaseModel], prefix: str, sourc
         dotted = f"{prefix}{key}"
         if key not in model.model_fields:
             candidates = [f"{prefix}{name}" for name in valid]
-            close = difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.6)
+            alias = KNOWN_ALIASES.get(key)
+            close = [f"{prefix}{alias}"] if alias in model.model_fields else []
+            close = close or difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.6)
             if not close:
                 close = _closest_anywhere(dotted)
             hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -1,0 +1,98 @@
+"""The command line: the original dry-run form, and one-line errors with exit status 2."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from weighted_mtp.cli import main
+
+DRY_RUN = [
+    "--config", "configs/defaults.yaml",
+    "--recipe", "configs/recipe.baseline.yaml",
+    "--preset", "local-light",
+    "--use-micro-model",
+    "--dry-run",
+]
+
+
+def _listing(root: Path) -> set[Path]:
+    return {p.relative_to(root) for p in root.rglob("*")}
+
+
+def test_original_dry_run_command_prints_resolved_config_and_writes_nothing(in_tmp_repo):
+    before = _listing(in_tmp_repo)
+    proc = subprocess.run(
+        [sys.executable, "-m", "weighted_mtp", *DRY_RUN], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "name: micro" in proc.stdout
+    assert "scheme: uniform" in proc.stdout
+    assert "tokens / step" in proc.stdout
+    assert _listing(in_tmp_repo) == before
+
+
+def _run(capsys, *argv) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--recipe", "baseline", "training.lrr=1e-4"],
+            "error: command line override training.lrr: unknown key 'training.lrr'; did you mean 'training.lr'?",
+        ),
+        (
+            ["--recipe", "baseline", "data.max_length=long"],
+            "error: command line override data.max_length: data.max_length: Input should be a valid integer, "
+            "unable to parse string as an integer (got 'long')",
+        ),
+        (["--recipe", "baseline", "--preset", "local-lite"], "error: unknown preset 'local-lite'; did you mean 'local-light'?"),
+        (["--recipe", "basline"], "error: unknown recipe 'basline'; did you mean 'baseline'?"),
+        (["--recipe", "missing.yaml"], "error: missing.yaml: recipe file not found"),
+        (["--config", "nope.yaml", "--recipe", "baseline"], "error: nope.yaml: config file not found"),
+        (["--recipe", "baseline", "nonsense.key=1"], "error: command line override nonsense.key: unknown key 'nonsense'"),
+    ],
+)
+def test_bad_input_is_one_line_with_exit_2(in_tmp_repo, capsys, argv, message):
+    before = _listing(in_tmp_repo)
+    code, err = _run(capsys, "train", *argv, "--dry-run")
+    assert code == 2
+    assert err.startswith(message)
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
+    assert _listing(in_tmp_repo) == before
+
+
+def test_unknown_key_in_recipe_file_through_cli(in_tmp_repo, capsys):
+    recipe = in_tmp_repo / "configs" / "recipe.typo.yaml"
+    recipe.write_text("weighting:\n  schem: uniform\n")
+    code, err = _run(capsys, "--recipe", "typo", "--dry-run")
+    assert code == 2
+    assert err == "error: configs/recipe.typo.yaml: unknown key 'weighting.schem'; did you mean 'weighting.scheme'?\n"
+
+
+def test_bare_form_means_train_and_subcommand_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("train", "config"):
+        assert command in out
+
+
+def test_console_script_is_installed():
+    proc = subprocess.run([Path(sys.executable).with_name("wmtp"), "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("weighted_mtp ")
+
+
+def test_config_command_shows_layers(in_tmp_repo, capsys):
+    code = main(["config", "--recipe", "rho1", "--preset", "local-light", "rho1.top_k_ratio=0.3"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "top_k_ratio: 0.3" in out
+    assert "configs/recipe.rho1.yaml < configs/presets/local-light.yaml < command line override rho1.top_k_ratio" in out
