@@ -1,0 +1,361 @@
+"""The weighted multi-token prediction loss, computed without materialising n x vocab logits.
+
+Two ideas keep peak memory at one head's worth (Gloeckle et al. 2024, section 3):
+
+1. Head by head: run the trunk once, then for each head run its block, its loss and its backward
+   into a *detached* copy of the trunk output, so that only one head's activations are alive at a
+   time; finally one backward through the trunk with the gradient the heads accumulated.
+2. Chunked cross-entropy: the unembedding and the loss are computed over `chunk_size` positions at a
+   time and recomputed in the backward pass, so at most `chunk_size x vocab` logits are ever alive.
+
+`mtp_loss_naive` is the plain reference (all logits, autograd through everything); the tests hold
+the two to 1e-5 in the loss and in every parameter's gradient.
+
+Label convention: `labels` is aligned with `input_ids` ([B, T], -100 = no loss). Head k (1-based) at
+position t predicts labels[:, t + k]; targets beyond the sequence or equal to -100 contribute nothing.
+Weights are constants (no gradient flows into whatever produced them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100
+
+# weights(k0, per_token_ce [B, T] detached, target_mask [B, T] bool) -> weights [B, T]
+WeightFn = Callable[[int, Tensor, Tensor], Tensor]
+
+
+@dataclass
+class MTPLossOutput:
+    loss: Tensor  # scalar, detached: the total objective, trunk_loss_fn's part included
+    head_losses: Tensor  # [n] weighted mean CE per head
+    head_ce: Tensor  # [n] unweighted mean CE per head
+    head_accuracy: Tensor  # [n] top-1 accuracy per head over unmasked targets
+    head_tokens: Tensor  # [n] number of unmasked targets per head
+    aux_loss: Tensor | None  # trunk_loss_fn's loss, detached
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        """Flat floats for a tracker: loss, aux_loss and per-head loss/ce/accuracy/tokens."""
+        out = {f"{prefix}loss": self.loss.item()}
+        if self.aux_loss is not None:
+            out[f"{prefix}aux_loss"] = self.aux_loss.item()
+        for k in range(self.head_losses.numel()):
+            out[f"{prefix}head{k + 1}/loss"] = self.head_losses[k].item()
+            out[f"{prefix}head{k + 1}/ce"] = self.head_ce[k].item()
+            out[f"{prefix}head{k + 1}/accuracy"] = self.head_accuracy[k].item()
+            out[f"{prefix}head{k + 1}/tokens"] = float(self.head_tokens[k].item())
+        return out
+
+
+# --------------------------------------------------------------------------- chunked cross-entropy
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Logits and softmax in at least fp32 (fp64 stays fp64, for tight tests)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of `hidden @ weight.T` against targets that are all valid.
+
+    Saves only the inputs and the per-row logsumexp; the backward pass recomputes each chunk's
+    logits, turns them into softmax - onehot and accumulates the two matmul gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int):
+        n = hidden.shape[0]
+        acc_dtype = _compute_dtype(hidden.dtype)
+        ce = torch.empty(n, dtype=acc_dtype, device=hidden.device)
+        lse = torch.empty(n, dtype=acc_dtype, device=hidden.device)
+        correct = torch.empty(n, dtype=torch.bool, device=hidden.device)
+        for start in range(0, n, chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = (hidden[rows] @ weight.T).to(acc_dtype)
+            target_logit = logits.gather(1, targets[rows, None]).squeeze(1)
+            lse[rows] = torch.logsumexp(logits, dim=-1)
+            ce[rows] = lse[rows] - target_logit
+            correct[rows] = logits.argmax(dim=-1) == targets[rows]
+            del logits
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk_size = chunk_size
+        ctx.mark_non_differentiable(correct)
+        return ce, correct
+
+    @staticmethod
+    def backward(ctx, grad_ce: Tensor, _grad_correct: Tensor | None):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc_dtype = lse.dtype
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if want_weight else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            h = hidden[rows]
+            # d ce / d logits = softmax(logits) - onehot(target), scaled by the incoming gradient.
+            grad_logits = (h @ weight.T).to(acc_dtype).sub_(lse[rows, None]).exp_()
+            row_index = torch.arange(grad_logits.shape[0], device=grad_logits.device)
+            grad_logits[row_index, targets[rows]] -= 1.0
+            grad_logits.mul_(grad_ce[rows, None].to(acc_dtype))
+            grad_logits = grad_logits.to(hidden.dtype)
+            if want_hidden:
+                grad_hidden[rows] = grad_logits @ weight
+            if want_weight:
+                grad_weight += (grad_logits.T @ h).to(acc_dtype)
+            del grad_logits
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def chunked_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    chunk_size: int = 1024,
+    ignore_index: int = IGNORE_INDEX,
+    return_correct: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Per-token cross-entropy of the logits `hidden @ weight.T`, never holding more than
+    `chunk_size x V` of them.
+
+    hidden [N, D] (already normed), weight [V, D] (the unembedding), targets [N]. Returns the loss
+    per token [N] (0 where the target is `ignore_index`) in at least fp32, and with
+    `return_correct` also whether the argmax equals the target [N] (bool, False where ignored).
+    Rows with an ignored target are dropped before the unembedding, so prompt and padding cost nothing.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    valid = targets != ignore_index
+    index = valid.nonzero().squeeze(1)
+    ce_valid, correct_valid = _ChunkedCrossEntropy.apply(
+        hidden.index_select(0, index), weight, targets.index_select(0, index), chunk_size
+    )
+    ce = ce_valid.new_zeros(targets.shape[0]).index_put((index,), ce_valid)
+    if not return_correct:
+        return ce
+    correct = torch.zeros_like(valid).index_put_((index,), correct_valid)
+    return ce, correct
+
+
+# --------------------------------------------------------------------------- the MTP loss
+
+
+def head_targets(labels: Tensor, k: int) -> Tensor:
+    """Targets of head k (1-based) at every input position: labels shifted left by k, -100 beyond T."""
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    if k < labels.shape[1]:
+        targets[:, : labels.shape[1] - k] = labels[:, k:]
+    return targets
+
+
+def _resolve_heads(model: nn.Module, n_heads: int | None, head_weights: Sequence[float] | None) -> tuple[int, list[float]]:
+    n_model = model.n_future_tokens
+    n = n_model if n_heads is None else n_heads
+    if not 1 <= n <= n_model:
+        raise ValueError(f"n_heads must be in [1, {n_model}] for this model, got {n}")
+    hw = [1.0] * n if head_weights is None else [float(w) for w in head_weights]
+    if len(hw) != n:
+        raise ValueError(f"head_weights has {len(hw)} entries for {n} heads")
+    if sum(hw) == 0:
+        raise ValueError("head_weights sum to zero")
+    return n, hw
+
+
+def _token_weights(weights: Tensor | WeightFn | None, k0: int, ce: Tensor, mask: Tensor) -> Tensor:
+    """Weights of head k0's tokens [B, T] as constants in the dtype of `ce`."""
+    if weights is None:
+        return torch.ones_like(ce)
+    if callable(weights):
+        w = weights(k0, ce.detach(), mask)
+        if w.shape != ce.shape:
+            raise ValueError(f"the weight function returned shape {tuple(w.shape)}, expected {tuple(ce.shape)}")
+    else:
+        if weights.dim() != 3 or weights.shape[:2] != ce.shape or weights.shape[2] <= k0:
+            raise ValueError(f"weights have shape {tuple(weights.shape)}, expected [B, T, >= {k0 + 1}] with B, T = {tuple(ce.shape)}")
+        w = weights[:, :, k0]
+    return w.detach().to(ce.dtype)
+
+
+@dataclass
+class _HeadStats:
+    loss: Tensor  # weighted mean CE, with graph when computed with grad
+    ce: Tensor
+    accuracy: Tensor
+    tokens: Tensor
+
+
+def _head_stats(ce: Tensor, correct: Tensor, mask: Tensor, w: Tensor) -> _HeadStats:
+    tokens = mask.sum()
+    denom = tokens.clamp(min=1).to(ce.dtype)
+    return _HeadStats(
+        loss=(w * ce * mask).sum() / denom,
+        ce=(ce.detach() * mask).sum() / denom,
+        accuracy=(correct & mask).sum().to(ce.dtype) / denom,
+        tokens=tokens,
+    )
+
+
+def _collect(stats: list[_HeadStats], hw: list[float], aux: Tensor | None) -> MTPLossOutput:
+    head_losses = torch.stack([s.loss.detach() for s in stats])
+    total = sum(w * s.loss.detach() for w, s in zip(hw, stats)) / sum(hw)
+    aux_detached = None if aux is None else aux.detach()
+    if aux_detached is not None:
+        total = total + aux_detached
+    return MTPLossOutput(
+        loss=total,
+        head_losses=head_losses,
+        head_ce=torch.stack([s.ce for s in stats]),
+        head_accuracy=torch.stack([s.accuracy for s in stats]),
+        head_tokens=torch.stack([s.tokens for s in stats]),
+        aux_loss=aux_detached,
+    )
+
+
+def _unembedding_weight(model: nn.Module) -> Tensor:
+    """The unembedding weight as the module holds it now (the unsharded parameter under FSDP)."""
+    output = model.output
+    if getattr(output, "bias", None) is not None:
+        raise ValueError("the unembedding has a bias; chunked cross-entropy supports weight-only heads")
+    return output.weight
+
+
+def _head_loss(
+    model: nn.Module,
+    k0: int,
+    h_trunk: Tensor,
+    labels: Tensor,
+    attention_mask: Tensor | None,
+    weights: Tensor | WeightFn | None,
+    chunk_size: int,
+) -> _HeadStats:
+    """Head k0's block, the shared norm and unembedding, and its (chunked) weighted loss."""
+    batch, seq = labels.shape
+    targets = head_targets(labels, k0 + 1)
+    mask = targets != IGNORE_INDEX
+    hidden = model.norm(model.head_forward(k0, h_trunk, attention_mask=attention_mask))
+    ce, correct = chunked_cross_entropy(
+        hidden.reshape(batch * seq, -1),
+        _unembedding_weight(model),
+        targets.reshape(-1),
+        chunk_size=chunk_size,
+        return_correct=True,
+    )
+    ce, correct = ce.view(batch, seq), correct.view(batch, seq)
+    return _head_stats(ce, correct, mask, _token_weights(weights, k0, ce, mask))
+
+
+def mtp_forward_backward(
+    model: nn.Module,
+    input_ids: Tensor,
+    labels: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    weights: Tensor | WeightFn | None = None,
+    head_weights: Sequence[float] | None = None,
+    chunk_size: int = 1024,
+    loss_scale: float = 1.0,
+    trunk_loss_fn: Callable[[Tensor], Tensor] | None = None,
+    n_heads: int | None = None,
+) -> MTPLossOutput:
+    """Forward and backward of the weighted MTP loss, one head at a time.
+
+    Calls `.backward()` itself on `loss_scale * total` (use loss_scale = 1 / accumulation steps);
+    the returned values are detached and unscaled.
+    total = sum_k head_weights[k] * L_k / sum_k head_weights[k] (+ trunk_loss_fn(h_trunk)), where
+    L_k = sum_t(w * ce * mask) / sum_t(mask) over head k's unmasked targets.
+    `weights` is [B, T, n] or fn(k0, per_token_ce [B, T], target_mask [B, T]) -> [B, T].
+    """
+    n, hw = _resolve_heads(model, n_heads, head_weights)
+    hw_total = sum(hw)
+
+    h_trunk = model.trunk_forward(input_ids, attention_mask=attention_mask)
+    # Heads write their gradient into this leaf; the trunk's graph is kept for one backward at the end.
+    h_heads_input = h_trunk.detach().requires_grad_(h_trunk.requires_grad)
+
+    stats: list[_HeadStats] = []
+    for k0 in range(n):
+        head = _head_loss(model, k0, h_heads_input, labels, attention_mask, weights, chunk_size)
+        if head.loss.requires_grad:
+            (head.loss * (hw[k0] / hw_total * loss_scale)).backward()
+        head.loss = head.loss.detach()
+        stats.append(head)
+
+    roots: list[Tensor] = []
+    grads: list[Tensor] = []
+    if h_heads_input.grad is not None:
+        roots.append(h_trunk)
+        grads.append(h_heads_input.grad)
+    aux = trunk_loss_fn(h_trunk) if trunk_loss_fn is not None else None
+    if aux is not None and aux.requires_grad:
+        roots.append(aux)
+        grads.append(torch.full_like(aux, loss_scale))
+    if roots:
+        torch.autograd.backward(roots, grads)
+    return _collect(stats, hw, aux)
+
+
+@torch.no_grad()
+def mtp_evaluate(
+    model: nn.Module,
+    input_ids: Tensor,
+    labels: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    weights: Tensor | WeightFn | None = None,
+    head_weights: Sequence[float] | None = None,
+    chunk_size: int = 1024,
+    trunk_loss_fn: Callable[[Tensor], Tensor] | None = None,
+    n_heads: int | None = None,
+) -> MTPLossOutput:
+    """The same losses and metrics as `mtp_forward_backward`, without gradients (validation)."""
+    n, hw = _resolve_heads(model, n_heads, head_weights)
+    h_trunk = model.trunk_forward(input_ids, attention_mask=attention_mask)
+    stats = [_head_loss(model, k0, h_trunk, labels, attention_mask, weights, chunk_size) for k0 in range(n)]
+    aux = trunk_loss_fn(h_trunk) if trunk_loss_fn is not None else None
+    return _collect(stats, hw, aux)
+
+
+def mtp_loss_naive(
+    model: nn.Module,
+    input_ids: Tensor,
+    labels: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    weights: Tensor | WeightFn | None = None,
+    head_weights: Sequence[float] | None = None,
+    chunk_size: int = 1024,
+    trunk_loss_fn: Callable[[Tensor], Tensor] | None = None,
+    n_heads: int | None = None,
+) -> tuple[Tensor, MTPLossOutput]:
+    """The straightforward reference: all heads' logits materialised, one graph for everything.
+
+    Returns the total loss with its graph (call .backward() on it) and the detached metrics.
+    `chunk_size` is accepted for a drop-in signature and ignored.
+    """
+    del chunk_size
+    n, hw = _resolve_heads(model, n_heads, head_weights)
+    out = model(input_ids, attention_mask=attention_mask, return_all_heads=True, return_trunk=trunk_loss_fn is not None)
+    logits = out.logits  # [B, T, n_model, V]
+    stats = []
+    for k0 in range(n):
+        targets = head_targets(labels, k0 + 1)
+        mask = targets != IGNORE_INDEX
+        head_logits = logits[:, :, k0].float()
+        ce = F.cross_entropy(
+            head_logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view_as(targets)
+        correct = head_logits.argmax(dim=-1) == targets
+        stats.append(_head_stats(ce, correct, mask, _token_weights(weights, k0, ce, mask)))
+    total = sum(w * s.loss for w, s in zip(hw, stats)) / sum(hw)
+    aux = trunk_loss_fn(out.trunk_hidden) if trunk_loss_fn is not None else None
+    if aux is not None:
+        total = total + aux
+    return total, _collect(stats, hw, aux)
