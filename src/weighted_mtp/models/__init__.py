@@ -1,0 +1,1 @@
+"""The MTP transformer, its tokenizer, checkpoint formats and named models."""

@@ -1,0 +1,406 @@
+"""A LLaMA-family multi-token-prediction transformer in Meta's layout (Gloeckle et al. 2024).
+
+`n_future_tokens = n` heads share a trunk. With `n_layers` blocks in all, `layers` holds the
+`n_layers - n + 1` blocks of the trunk followed by head 1 (`layers[-1]`), and `extra_heads` holds the
+`n - 1` other head blocks. Every head block reads the trunk's output; all heads share the final norm
+and the unembedding, and head k at position t predicts token t + k.
+
+Rotary embeddings use Meta's interleaved pair layout (dimensions 2i and 2i+1 rotate together), which is
+also what GGUF stores; Hugging Face checkpoints permute wq/wk to a half-split layout, which the HF
+loader undoes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelArgs:
+    dim: int
+    n_layers: int  # all blocks: trunk + head 1 + the n - 1 extra heads
+    n_heads: int
+    n_kv_heads: int | None
+    vocab_size: int
+    ffn_hidden_dim: int  # SwiGLU hidden size (explicit; loaders compute it from their format)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    n_future_tokens: int = 1
+    tie_embeddings: bool = False
+    # LLaMA 3.1-style frequency scaling ("llama3" rope_scaling); None leaves the frequencies as they are.
+    rope_scaling: dict[str, float] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if not 1 <= self.n_future_tokens <= self.n_layers:
+            raise ValueError(f"n_future_tokens {self.n_future_tokens} must be in [1, n_layers={self.n_layers}]")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelArgs:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model argument(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+class MTPOutput(NamedTuple):
+    logits: Tensor  # [B, T, n_used, V] float32
+    trunk_hidden: Tensor | None  # [B, T, D]
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 even for bf16 activations, then scale in the activation dtype (as LLaMA does).
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.type_as(x)
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, float] | None) -> Tensor:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    if not scaling:
+        return inv_freq
+    # LLaMA 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    factor = scaling["factor"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    original = scaling.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((original / wavelen) - low) / (high - low)
+    interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    middle = (wavelen <= original / low) & (wavelen >= original / high)
+    return torch.where(middle, interpolated, scaled)
+
+
+def rope_tables(args: ModelArgs, start_pos: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos and sin, [length, head_dim / 2] in fp32, for positions [start_pos, start_pos + length).
+
+    Computed per call rather than kept as a buffer: it is tiny, never loses precision when the model is
+    cast to bf16, and has no length limit.
+    """
+    inv_freq = rope_inverse_frequencies(args.head_dim, args.rope_theta, args.rope_scaling).to(device)
+    positions = torch.arange(start_pos, start_pos + length, device=device, dtype=torch.float32)
+    angles = torch.outer(positions, inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved pairs of x [B, H, T, head_dim]."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class LayerKVCache:
+    """Keys and values of one block, [B, n_kv_heads, max_len, head_dim]."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, *, device, dtype) -> None:
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def update(self, start_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = start_pos + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; writing up to {end}")
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """One K/V buffer per block: `layers[i]` (trunk and head 1) and `extra_heads[j]`.
+
+    A forward call writes positions [start_pos, start_pos + T) and attends to [0, start_pos + T), so
+    rolling back (e.g. rejected speculative tokens) is calling again with an earlier start_pos.
+    """
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, *, device, dtype) -> None:
+        n_trunk_blocks = args.n_layers - args.n_future_tokens + 1
+
+        def make() -> LayerKVCache:
+            return LayerKVCache(batch_size, args.n_kv_heads, max_len, args.head_dim, device=device, dtype=dtype)
+
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.layers = [make() for _ in range(n_trunk_blocks)]
+        self.extra_heads = [make() for _ in range(args.n_future_tokens - 1)]
+
+    def head(self, k: int) -> LayerKVCache:
+        """The cache of head k (0-based)."""
+        return self.layers[-1] if k == 0 else self.extra_heads[k - 1]
+
+
+def attention_bias(
+    start_pos: int, length: int, attention_mask: Tensor | None, device: torch.device
+) -> Tensor | None:
+    """Boolean mask [B or 1, 1, T, S] (True = attend) for queries at [start_pos, start_pos + T).
+
+    None means plain causal attention starting at 0, which SDPA handles itself (`is_causal`). Every
+    query may attend to its own position, so a left-padding query has one key and yields finite values.
+    """
+    total = start_pos + length
+    if attention_mask is None and (start_pos == 0 or length == 1):
+        return None
+    query_pos = torch.arange(start_pos, total, device=device)[:, None]
+    key_pos = torch.arange(total, device=device)[None, :]
+    allowed = key_pos <= query_pos  # [T, S]
+    if attention_mask is None:
+        return allowed[None, None]
+    if attention_mask.shape[1] < total:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions; need {total}")
+    keys = attention_mask[:, None, None, :total].bool()  # [B, 1, 1, S]
+    return (allowed & keys) | (key_pos == query_pos)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int, cache: LayerKVCache | None, bias: Tensor | None
+    ) -> Tensor:
+        batch, length, _ = x.shape
+        q = self.wq(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(start_pos, k, v)
+        repeats = self.n_heads // self.n_kv_heads
+        if bias is None:
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=length > 1, enable_gqa=repeats > 1
+            )
+        else:
+            # Memory-efficient kernels take a mask but not GQA: expand the K/V heads instead.
+            if repeats > 1:
+                k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.wo(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm attention + SwiGLU; the unit of FSDP wrapping and activation checkpointing."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        start_pos: int = 0,
+        cache: LayerKVCache | None = None,
+        bias: Tensor | None = None,
+    ) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, cache, bias)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class MTPTransformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.n_future_tokens = args.n_future_tokens
+        self.activation_checkpointing = False
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        n_trunk_blocks = args.n_layers - args.n_future_tokens + 1
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(n_trunk_blocks))
+        self.extra_heads = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_future_tokens - 1))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    # -- structure
+
+    def heads(self) -> list[TransformerBlock]:
+        return [self.layers[-1], *self.extra_heads]
+
+    def blocks(self) -> list[TransformerBlock]:
+        """Every block, trunk first: the modules to wrap with FSDP or to checkpoint."""
+        return [*self.layers, *self.extra_heads]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
+        """Random init, deterministic for a seed: normal(0, std) for matrices, ones for norms."""
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                else:
+                    values = torch.randn(param.shape, generator=generator, dtype=torch.float32) * std
+                    param.copy_(values.to(param.dtype))
+
+    def add_heads(self, n_future_tokens: int, *, init: str = "copy", seed: int = 0) -> None:
+        """Grow or shrink to `n_future_tokens` heads.
+
+        New heads copy the current last head block ("copy") or are drawn at random ("random");
+        dropping heads keeps the first ones.
+        """
+        current = self.n_future_tokens
+        if n_future_tokens < 1:
+            raise ValueError("n_future_tokens must be at least 1")
+        if n_future_tokens < current:
+            self.extra_heads = nn.ModuleList(list(self.extra_heads)[: n_future_tokens - 1])
+        elif n_future_tokens > current:
+            template = self.heads()[-1]
+            generator = torch.Generator().manual_seed(seed)
+            for _ in range(n_future_tokens - current):
+                block = TransformerBlock(self.args).to(device=template.attention.wq.weight.device)
+                block.to(dtype=template.attention.wq.weight.dtype)
+                with torch.no_grad():
+                    for (name, new), (_, old) in zip(block.named_parameters(), template.named_parameters()):
+                        if init == "copy" or name.endswith("norm.weight"):
+                            new.copy_(old)
+                        elif init == "random":
+                            new.copy_((torch.randn(new.shape, generator=generator) * 0.02).to(new.dtype))
+                        else:
+                            raise ValueError(f"unknown extra_heads_init {init!r} (copy, random)")
+                self.extra_heads.append(block)
+        self.args.n_layers += n_future_tokens - current
+        self.args.n_future_tokens = self.n_future_tokens = n_future_tokens
+
+    def new_cache(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> KVCache:
+        reference = self.tok_embeddings.weight
+        return KVCache(
+            self.args, batch_size, max_len, device=device or reference.device, dtype=dtype or reference.dtype
+        )
+
+    # -- forward
+
+    def _run_block(self, block: TransformerBlock, h: Tensor, *block_args: Any) -> Tensor:
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, *block_args, use_reentrant=False)
+        return block(h, *block_args)
+
+    def trunk_forward(
+        self, tokens: Tensor, *, start_pos: int = 0, cache: KVCache | None = None, attention_mask: Tensor | None = None
+    ) -> Tensor:
+        """Embeddings and the trunk blocks (`layers[:-1]`): [B, T] -> [B, T, D]."""
+        h = self.tok_embeddings(tokens)
+        cos, sin = rope_tables(self.args, start_pos, tokens.shape[1], h.device)
+        bias = attention_bias(start_pos, tokens.shape[1], attention_mask, h.device)
+        for i, block in enumerate(self.layers[:-1]):
+            layer_cache = cache.layers[i] if cache is not None else None
+            h = self._run_block(block, h, cos, sin, start_pos, layer_cache, bias)
+        return h
+
+    def head_forward(
+        self,
+        k: int,
+        h_trunk: Tensor,
+        *,
+        start_pos: int = 0,
+        cache: KVCache | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Head k's block (0-based) on the trunk output, before the final norm: [B, T, D]."""
+        cos, sin = rope_tables(self.args, start_pos, h_trunk.shape[1], h_trunk.device)
+        bias = attention_bias(start_pos, h_trunk.shape[1], attention_mask, h_trunk.device)
+        head_cache = cache.head(k) if cache is not None else None
+        return self._run_block(self.heads()[k], h_trunk, cos, sin, start_pos, head_cache, bias)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Shared final norm and unembedding, in float32."""
+        return self.output(self.norm(hidden)).float()
+
+    def forward(
+        self,
+        tokens: Tensor,
+        *,
+        start_pos: int = 0,
+        cache: KVCache | None = None,
+        attention_mask: Tensor | None = None,
+        return_all_heads: bool = False,
+        return_trunk: bool = False,
+    ) -> MTPOutput:
+        h_trunk = self.trunk_forward(tokens, start_pos=start_pos, cache=cache, attention_mask=attention_mask)
+        n_used = self.n_future_tokens if return_all_heads else 1
+        per_head = [
+            self.logits(self.head_forward(k, h_trunk, start_pos=start_pos, cache=cache, attention_mask=attention_mask))
+            for k in range(n_used)
+        ]
+        return MTPOutput(torch.stack(per_head, dim=2), h_trunk if return_trunk else None)
+
+
+# ----------------------------------------------------------------------------- small models
+
+
+def micro_args(vocab_size: int, n_future_tokens: int = 1, *, trunk_layers: int = 3) -> ModelArgs:
+    """A few narrow blocks for seconds-long runs: `trunk_layers` shared blocks, then the heads."""
+    return ModelArgs(
+        dim=64,
+        n_layers=trunk_layers + n_future_tokens,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=vocab_size,
+        ffn_hidden_dim=192,
+        rope_theta=100000.0,
+        max_seq_len=2048,
+        n_future_tokens=n_future_tokens,
+        tie_embeddings=True,
+    )
+
+
+def build_micro_model(vocab_size: int, n_future_tokens: int = 1, *, seed: int = 0) -> MTPTransformer:
+    model = MTPTransformer(micro_args(vocab_size, n_future_tokens))
+    model.init_weights(seed)
+    return model

@@ -1,0 +1,139 @@
+"""The MTP transformer: KV-cache decoding equals a full forward, masks, heads, checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from weighted_mtp.models.transformer import ModelArgs, MTPTransformer, build_micro_model
+
+
+def small_model(n_future_tokens: int = 3, seed: int = 0, **overrides) -> MTPTransformer:
+    args = dict(dim=48, n_layers=5, n_heads=6, n_kv_heads=2, vocab_size=97, ffn_hidden_dim=80,
+                rope_theta=500.0, n_future_tokens=n_future_tokens)
+    args.update(overrides)
+    model = MTPTransformer(ModelArgs(**args))
+    model.init_weights(seed, std=0.1)
+    return model.eval()
+
+
+def test_layout_follows_meta_key_names() -> None:
+    model = small_model(n_future_tokens=3)
+    assert len(model.layers) == 3 and len(model.extra_heads) == 2
+    keys = set(model.state_dict())
+    for key in ("tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.2.feed_forward.w3.weight",
+                "layers.1.attention_norm.weight", "layers.1.ffn_norm.weight", "extra_heads.1.attention.wo.weight",
+                "norm.weight", "output.weight"):
+        assert key in keys
+    assert model.heads()[0] is model.layers[-1]
+
+
+@torch.no_grad()
+def test_kv_cache_incremental_decoding_equals_full_forward_for_every_head() -> None:
+    torch.manual_seed(0)
+    model = small_model()
+    tokens = torch.randint(0, 97, (2, 13))
+    full = model(tokens, return_all_heads=True, return_trunk=True)
+    cache = model.new_cache(2, 16)
+    # a prompt chunk, then single tokens, then a two-token chunk (speculative verification shape)
+    steps = [(0, 6), *[(t, t + 1) for t in range(6, 11)], (11, 13)]
+    for start, end in steps:
+        out = model(tokens[:, start:end], start_pos=start, cache=cache, return_all_heads=True, return_trunk=True)
+        torch.testing.assert_close(out.logits, full.logits[:, start:end], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.trunk_hidden, full.trunk_hidden[:, start:end], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_kv_cache_rollback_by_rewriting_earlier_positions() -> None:
+    model = small_model()
+    tokens = torch.randint(0, 97, (1, 10))
+    other = tokens.clone()
+    other[:, 7:] = (other[:, 7:] + 1) % 97
+    cache = model.new_cache(1, 10)
+    model(other, cache=cache, return_all_heads=True)  # fill with a continuation that gets rejected
+    out = model(tokens[:, 7:], start_pos=7, cache=cache, return_all_heads=True)
+    full = model(tokens, return_all_heads=True)
+    torch.testing.assert_close(out.logits, full.logits[:, 7:], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_left_padding_with_key_mask_equals_unpadded_sequence() -> None:
+    model = small_model()
+    tokens = torch.randint(0, 97, (1, 9))
+    pad = 4
+    padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), tokens], dim=1)
+    batch = torch.cat([padded, torch.randint(0, 97, (1, 9 + pad))])
+    mask = torch.ones_like(batch)
+    mask[0, :pad] = 0
+    out = model(batch, attention_mask=mask, return_all_heads=True)
+    alone = model(tokens, return_all_heads=True)
+    # RoPE is relative, so shifting every position by `pad` leaves the real tokens' logits unchanged
+    torch.testing.assert_close(out.logits[0, pad:], alone.logits[0], atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(out.logits).all()
+    other_alone = model(batch[1:], return_all_heads=True)
+    torch.testing.assert_close(out.logits[1], other_alone.logits[0], atol=1e-5, rtol=1e-5)
+
+    # the same left-padded row decoded incrementally through the cache
+    cache = model.new_cache(1, 13)
+    first = model(padded[:, :10], cache=cache, attention_mask=mask[:1, :10], return_all_heads=True)
+    torch.testing.assert_close(first.logits[0, pad:], alone.logits[0, :6], atol=1e-4, rtol=1e-4)
+    for t in range(10, 13):
+        step = model(padded[:, t:t + 1], start_pos=t, cache=cache, attention_mask=mask[:1, :t + 1],
+                     return_all_heads=True)
+        torch.testing.assert_close(step.logits[0, 0], alone.logits[0, t - pad], atol=1e-4, rtol=1e-4)
+
+
+def test_head_forward_matches_forward_and_heads_differ() -> None:
+    model = small_model()
+    tokens = torch.randint(0, 97, (2, 7))
+    out = model(tokens, return_all_heads=True)
+    h_trunk = model.trunk_forward(tokens)
+    for k in range(3):
+        torch.testing.assert_close(model.logits(model.head_forward(k, h_trunk)), out.logits[:, :, k])
+    assert not torch.allclose(out.logits[:, :, 0], out.logits[:, :, 1])
+    assert model(tokens).logits.shape == (2, 7, 1, 97)
+
+
+def test_activation_checkpointing_gives_the_same_gradients() -> None:
+    tokens = torch.randint(0, 97, (2, 8))
+    grads = []
+    for checkpointing in (False, True):
+        model = small_model().train()
+        model.activation_checkpointing = checkpointing
+        model(tokens, return_all_heads=True).logits.logsumexp(-1).sum().backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name])
+
+
+def test_add_heads_copies_the_last_block_and_tied_embeddings() -> None:
+    model = build_micro_model(vocab_size=101, n_future_tokens=1, seed=3)
+    assert model.output.weight is model.tok_embeddings.weight
+    model.add_heads(3, init="copy")
+    assert model.args.n_layers == 6 and len(model.extra_heads) == 2 and len(model.layers) == 4
+    for block in model.extra_heads:
+        for new, old in zip(block.parameters(), model.layers[-1].parameters()):
+            assert torch.equal(new, old) and new is not old
+    out = model(torch.randint(0, 101, (1, 5)), return_all_heads=True).logits
+    torch.testing.assert_close(out[:, :, 1], out[:, :, 0])
+    model.add_heads(4, init="random", seed=1)
+    assert not torch.equal(model.extra_heads[2].attention.wq.weight, model.layers[-1].attention.wq.weight)
+    model.add_heads(2)
+    assert len(model.extra_heads) == 1 and model.args.n_layers == 5
+
+
+def test_micro_model_is_deterministic_for_a_seed() -> None:
+    a, b = build_micro_model(50, 2, seed=7), build_micro_model(50, 2, seed=7)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert not torch.equal(build_micro_model(50, 2, seed=8).layers[0].attention.wq.weight, a.layers[0].attention.wq.weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_low_precision_forward_is_close(dtype) -> None:
+    model = small_model()
+    tokens = torch.randint(0, 97, (2, 6))
+    ref = model(tokens, return_all_heads=True).logits
+    low = model.to(dtype)(tokens, return_all_heads=True).logits
+    assert low.dtype == torch.float32
+    assert (low - ref).abs().max() < 0.1 * ref.abs().max()
