@@ -1,0 +1,58 @@
+"""Value heads: a critic on the trunk's hidden states, hidden [B, T, D] -> values [B, T] in fp32.
+
+The value of position t estimates the expected return (here: the chance that the completion is
+correct) after reading tokens up to t. The critic-based weighting schemes turn its TD/GAE advantages
+into token weights. Heads compute in their own parameter dtype (fp32 unless cast) whatever the trunk
+runs in, so the regression target and its loss stay in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from weighted_mtp.config.schema import ValueHeadConfig
+from weighted_mtp.errors import UnknownComponentError
+from weighted_mtp.registry import VALUE_HEADS
+
+
+class _ValueHead(nn.Module):
+    net: nn.Module
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        param_dtype = next(self.parameters()).dtype
+        return self.net(hidden.to(param_dtype)).squeeze(-1).float()
+
+
+@VALUE_HEADS.register("linear")
+class LinearValueHead(_ValueHead):
+    """One linear map of the hidden state: the cheapest critic, a probe of what the trunk knows."""
+
+    def __init__(self, dim: int, *, hidden_size: int | None = None, dropout: float = 0.0) -> None:
+        super().__init__()
+        del hidden_size  # no hidden layer
+        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, 1))
+
+
+@VALUE_HEADS.register("mlp")
+class MLPValueHead(_ValueHead):
+    """Linear -> GELU -> Linear, so the critic can learn features the frozen-ish trunk does not expose."""
+
+    def __init__(self, dim: int, *, hidden_size: int | None = None, dropout: float = 0.0) -> None:
+        super().__init__()
+        width = hidden_size or dim
+        self.net = nn.Sequential(
+            nn.Linear(dim, width),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(width, 1),
+        )
+
+
+def build_value_head(cfg: ValueHeadConfig, dim: int) -> nn.Module:
+    """The value head the config names (`cfg.type`), for a trunk of width `dim`, in fp32."""
+    try:
+        head_cls = VALUE_HEADS.get(cfg.type)
+    except UnknownComponentError as err:
+        raise UnknownComponentError(f"model.value_head.type: {err}") from None
+    return head_cls(dim, hidden_size=cfg.hidden_size, dropout=cfg.dropout).to(torch.float32)

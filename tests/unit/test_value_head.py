@@ -1,0 +1,62 @@
+"""Value heads: shapes and dtypes, the registry, and that they can actually fit a target."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from weighted_mtp.config.schema import ValueHeadConfig
+from weighted_mtp.errors import UnknownComponentError
+from weighted_mtp.models.value_head import LinearValueHead, MLPValueHead, build_value_head
+from weighted_mtp.registry import VALUE_HEADS
+
+
+def test_registry_lists_both_heads():
+    assert VALUE_HEADS.names() == ["linear", "mlp"]
+
+
+@pytest.mark.parametrize(("kind", "cls"), [("linear", LinearValueHead), ("mlp", MLPValueHead)])
+@pytest.mark.parametrize("trunk_dtype", [torch.float32, torch.bfloat16])
+def test_maps_hidden_to_fp32_values(kind, cls, trunk_dtype):
+    head = build_value_head(ValueHeadConfig(type=kind, hidden_size=24), dim=16)
+    assert isinstance(head, cls)
+    assert all(p.dtype == torch.float32 for p in head.parameters())
+    values = head(torch.randn(3, 7, 16, dtype=trunk_dtype))
+    assert values.shape == (3, 7) and values.dtype == torch.float32
+
+
+def test_linear_head_is_an_affine_map_of_each_position():
+    head = build_value_head(ValueHeadConfig(type="linear"), dim=8)
+    hidden = torch.randn(2, 5, 8)
+    linear = head.net[1]
+    expected = hidden @ linear.weight[0] + linear.bias[0]
+    torch.testing.assert_close(head(hidden), expected)
+
+
+def test_mlp_width_defaults_to_model_width():
+    head = build_value_head(ValueHeadConfig(type="mlp"), dim=12)
+    assert head.net[0].out_features == 12
+    wide = build_value_head(ValueHeadConfig(type="mlp", hidden_size=40), dim=12)
+    assert wide.net[0].out_features == 40
+
+
+def test_unknown_type_names_the_field():
+    with pytest.raises(UnknownComponentError, match=r"model.value_head.type: unknown value head 'mpl'; did you mean 'mlp'"):
+        build_value_head(ValueHeadConfig(type="mpl"), dim=8)
+
+
+def test_mlp_head_fits_a_nonlinear_target_and_backpropagates_into_the_trunk():
+    torch.manual_seed(0)
+    hidden = torch.randn(16, 6, 8, requires_grad=True)
+    target = torch.tanh(hidden.detach()[..., 0] * hidden.detach()[..., 1])
+    head = build_value_head(ValueHeadConfig(type="mlp", hidden_size=64), dim=8)
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    first = None
+    for _ in range(100):
+        loss = torch.nn.functional.mse_loss(head(hidden), target)
+        first = loss.item() if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.2 * first
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0
