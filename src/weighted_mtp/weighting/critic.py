@@ -1,0 +1,255 @@
+"""Verifiable Critic WMTP: weight each response token by exp(advantage / beta) from a value head.
+
+Indexing (see also `base.py`). `values[b, p]` is the value head's output at input position p, i.e.
+the value of the state after reading tokens 0..p. The policy acts at the *step positions*
+p_1 < ... < p_L of a row: the positions whose next token p+1 is a response token
+(`response_step_mask(labels)`, head 1's target mask). Step i emits token p_i + 1 from the state
+V[p_i]; the state it leads to is the next step's state V[p_{i+1}], and after the last response
+token the episode ends (terminal value 0). The sequence reward R (1 pass, 0 fail) is paid on the
+last step:
+
+    delta_i = r_i + gamma * V[p_{i+1}] - V[p_i]       r_i = R if i == L else 0,  V[p_{L+1}] = 0
+    A_i     = sum_l (gamma * lambda)^l delta_{i+l}      returns_i = A_i + V[p_i]
+
+Why this indexing: the value is read *before* the token it judges, so A_i is the advantage of
+emitting token p_i + 1 and sits at the position where head 1 predicts that token — the weight
+needs no shift for head 1, and head k reads it at p - k + 1 like the labels. The prompt-only
+state (the last prompt position) gets a value and is trained; the state after the final token is
+terminal and is not. For a contiguous response, p_{i+1} = p_i + 1; if a row has gaps (tokens
+without loss inside the response) they are skipped: the next state is the next decision state.
+
+Everything is computed per micro-batch on each rank (z-scoring included) and is detached: the
+weights and returns are targets, never a path for gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from weighted_mtp.registry import WEIGHTING_SCHEMES
+from weighted_mtp.weighting.base import (
+    BatchLike,
+    WeightingContext,
+    response_step_mask,
+    spread_over_heads,
+    weight_stats,
+)
+
+if TYPE_CHECKING:
+    from weighted_mtp.config.schema import Config
+
+ZSCORE_EPS = 1e-8
+
+
+@torch.no_grad()
+def gae_advantages(
+    values: Tensor, rewards: Tensor, step_mask: Tensor, *, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """GAE advantages and returns [B,T] at the step positions (0 elsewhere), float32.
+
+    A reverse scan over the columns that hold a step; gamma=lam=1 gives Monte-Carlo returns
+    (every return equals R), lam=0 gives one-step TD errors.
+    """
+    values = values.detach().float()
+    mask = step_mask.bool()
+    batch = values.shape[0]
+    advantages = torch.zeros_like(values)
+    next_value = values.new_zeros(batch)
+    next_advantage = values.new_zeros(batch)
+    unpaid_reward = rewards.detach().float().to(values.device).clone()
+    for p in reversed(mask.any(dim=0).nonzero().flatten().tolist()):
+        is_step = mask[:, p]
+        delta = unpaid_reward + gamma * next_value - values[:, p]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[:, p] = torch.where(is_step, advantage, 0.0)
+        next_value = torch.where(is_step, values[:, p], next_value)
+        next_advantage = torch.where(is_step, advantage, next_advantage)
+        unpaid_reward = torch.where(is_step, 0.0, unpaid_reward)
+    returns = torch.where(mask, advantages + values, 0.0)
+    return advantages, returns
+
+
+@torch.no_grad()
+def advantage_token_weights(
+    advantages: Tensor,
+    step_mask: Tensor,
+    *,
+    temperature: float,
+    normalization: Literal["zscore", "none"],
+    clip_min: float,
+    clip_max: float,
+) -> Tensor:
+    """[B,T] weights clip(exp(A' / temperature), clip_min, clip_max), 0 off the steps.
+
+    A' is A z-scored over the batch's steps (population std) when normalization is "zscore".
+    """
+    mask = step_mask.bool()
+    advantages = advantages.float()
+    if normalization == "zscore" and mask.any():
+        valid = advantages[mask]
+        advantages = (advantages - valid.mean()) / (valid.std(unbiased=False) + ZSCORE_EPS)
+    elif normalization not in ("zscore", "none"):
+        raise ValueError(f"unknown td_error_normalization {normalization!r} (expected zscore or none)")
+    weights = torch.exp(advantages / temperature).clamp(clip_min, clip_max)
+    return torch.where(mask, weights, 0.0)
+
+
+@dataclass
+class CriticTargets:
+    """What one batch's values give: the loss weights and the value-loss targets."""
+
+    advantages: Tensor  # [B,T] at step positions, before normalisation
+    returns: Tensor  # [B,T] targets for values[:, p] on the steps
+    step_mask: Tensor  # [B,T] bool, the positions where values are trained
+    token_weights: Tensor  # [B,T] weight of token p+1, at position p
+    weights: Tensor  # [B,T,n] for mtp_forward_backward
+
+
+def critic_targets(
+    values: Tensor,
+    rewards: Tensor,
+    labels: Tensor,
+    *,
+    n_heads: int,
+    gamma: float,
+    lam: float,
+    temperature: float = 1.0,
+    normalization: Literal["zscore", "none"] = "zscore",
+    clip_min: float = 0.0,
+    clip_max: float = float("inf"),
+) -> CriticTargets:
+    """From values [B,T] (an estimate of R, e.g. sigmoid of a BCE-trained head), rewards [B], labels."""
+    step_mask = response_step_mask(labels)
+    advantages, returns = gae_advantages(values, rewards, step_mask, gamma=gamma, lam=lam)
+    token_weights = advantage_token_weights(
+        advantages,
+        step_mask,
+        temperature=temperature,
+        normalization=normalization,
+        clip_min=clip_min,
+        clip_max=clip_max,
+    )
+    return CriticTargets(advantages, returns, step_mask, token_weights, spread_over_heads(token_weights, n_heads))
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean over mask; an empty mask gives 0 that still depends on x (so backward works)."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float | None
+) -> Tensor:
+    """PPO-style clipped value loss: 0.5 * mean over mask of max((v-G)^2, (v_clip-G)^2).
+
+    v_clip = old + clamp(v - old, -clip_range, clip_range) keeps the value from moving further
+    than clip_range from the values the advantages were computed with; None disables clipping.
+    """
+    values = values.float()
+    returns = returns.detach().float()
+    squared_error = (values - returns) ** 2
+    if clip_range is not None:
+        old_values = old_values.detach().float()
+        clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
+        squared_error = torch.maximum(squared_error, (clipped - returns) ** 2)
+    return 0.5 * _masked_mean(squared_error, mask)
+
+
+def last_true(mask: Tensor) -> Tensor:
+    """[B,T] bool: only the last True position of each row of mask."""
+    mask = mask.bool()
+    after = mask.flip(-1).cumsum(-1).flip(-1)  # number of True positions at or after p
+    return mask & (after == 1)
+
+
+def critic_pretrain_loss(
+    values: Tensor,
+    rewards: Tensor,
+    mask: Tensor,
+    kind: Literal["mse", "bce"] = "mse",
+    reward_on: Literal["every_token", "last_token"] = "every_token",
+) -> Tensor:
+    """Stage 1: regress every step's value (or only the last one) onto the sequence reward.
+
+    mask is normally `response_step_mask(labels)`. With kind="bce" the head outputs logits and the
+    value is sigmoid(logit): pass that to `critic_targets` in stage 2.
+    """
+    if reward_on == "last_token":
+        mask = last_true(mask)
+    elif reward_on != "every_token":
+        raise ValueError(f"unknown reward_on {reward_on!r} (expected every_token or last_token)")
+    values = values.float()
+    targets = rewards.detach().float().to(values.device)[:, None].expand_as(values)
+    if kind == "mse":
+        per_position = (values - targets) ** 2
+    elif kind == "bce":
+        per_position = F.binary_cross_entropy_with_logits(values, targets, reduction="none")
+    else:
+        raise ValueError(f"unknown critic loss {kind!r} (expected mse or bce)")
+    return _masked_mean(per_position, mask)
+
+
+@WEIGHTING_SCHEMES.register("critic")
+class CriticWeighting:
+    """Reads context.values ([B,T], the critic's estimate of R at every position)."""
+
+    name = "critic"
+
+    def __init__(
+        self,
+        *,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        temperature: float = 1.0,
+        normalization: Literal["zscore", "none"] = "zscore",
+        clip_min: float = 0.1,
+        clip_max: float = 3.0,
+    ) -> None:
+        self.gamma, self.lam, self.temperature = gamma, lam, temperature
+        self.normalization = normalization
+        self.clip_min, self.clip_max = clip_min, clip_max
+
+    @classmethod
+    def from_config(cls, config: Config) -> CriticWeighting:
+        section = config.stage2.value_weighting
+        return cls(
+            gamma=section.gae_gamma,
+            lam=section.gae_lambda,
+            temperature=section.weight_temperature,
+            normalization=section.td_error_normalization,
+            clip_min=section.weight_clip_min,
+            clip_max=section.weight_clip_max,
+        )
+
+    def targets(self, values: Tensor, rewards: Tensor, labels: Tensor, *, n_heads: int) -> CriticTargets:
+        return critic_targets(
+            values,
+            rewards,
+            labels,
+            n_heads=n_heads,
+            gamma=self.gamma,
+            lam=self.lam,
+            temperature=self.temperature,
+            normalization=self.normalization,
+            clip_min=self.clip_min,
+            clip_max=self.clip_max,
+        )
+
+    def weights(self, batch: BatchLike, *, n_heads: int, context: WeightingContext) -> Tensor:
+        if context.values is None:
+            raise ValueError("the critic weighting needs the value head's outputs in context.values")
+        return self.targets(context.values, batch.rewards, batch.labels, n_heads=n_heads).weights
+
+    def stats(self, weights: Tensor, mask: Tensor) -> dict[str, float]:
+        stats = weight_stats(weights, mask)
+        valid = weights.detach()[mask.bool()]
+        if valid.numel():
+            stats["clipped_low"] = float((valid <= self.clip_min).float().mean())
+            stats["clipped_high"] = float((valid >= self.clip_max).float().mean())
+        return stats

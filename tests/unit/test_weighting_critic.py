@@ -1,0 +1,274 @@
+"""Critic weighting: GAE, z-score/exp/clip, head mapping and value losses vs plain loops/numpy."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from weighted_mtp.weighting import (
+    CriticWeighting,
+    WeightingContext,
+    critic_pretrain_loss,
+    critic_targets,
+    gae_advantages,
+    response_step_mask,
+    value_loss,
+)
+from weighted_mtp.weighting.critic import advantage_token_weights, last_true
+
+
+def random_labels(rng: random.Random, batch: int, length: int, *, gaps: bool = False) -> torch.Tensor:
+    """Right-padded rows: a prompt (-100), a response of random length (maybe 0), then padding."""
+    labels = torch.full((batch, length), -100, dtype=torch.long)
+    for b in range(batch):
+        prompt = rng.randint(0, length - 1)
+        response = rng.randint(0, length - prompt)
+        for t in range(prompt, prompt + response):
+            if not gaps or rng.random() > 0.25:
+                labels[b, t] = rng.randint(0, 99)
+    return labels
+
+
+def reference_gae(values, rewards, labels, gamma, lam):
+    """Plain Python on lists: list the steps of each row, then the GAE sum as a double loop."""
+    batch, length = len(labels), len(labels[0])
+    advantages = [[0.0] * length for _ in range(batch)]
+    returns = [[0.0] * length for _ in range(batch)]
+    for b in range(batch):
+        steps = [p for p in range(length - 1) if labels[b][p + 1] != -100]
+        n = len(steps)
+        v = [float(values[b][p]) for p in steps] + [0.0]
+        r = [0.0] * n
+        if n:
+            r[-1] = float(rewards[b])
+        deltas = [r[i] + gamma * v[i + 1] - v[i] for i in range(n)]
+        for i in range(n):
+            a = sum((gamma * lam) ** l * deltas[i + l] for l in range(n - i))
+            advantages[b][steps[i]] = a
+            returns[b][steps[i]] = a + v[i]
+    return torch.tensor(advantages), torch.tensor(returns)
+
+
+def random_case(seed: int, *, gaps: bool = False):
+    rng = random.Random(seed)
+    batch, length = rng.randint(1, 6), rng.randint(2, 40)
+    labels = random_labels(rng, batch, length, gaps=gaps)
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.rand(batch, length, generator=generator)
+    rewards = torch.randint(0, 2, (batch,), generator=generator).float()
+    return rng, labels, values, rewards
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("gaps", [False, True])
+def test_gae_matches_double_loop(seed, gaps):
+    rng, labels, values, rewards = random_case(seed, gaps=gaps)
+    for gamma, lam in [(rng.random(), rng.random()), (1.0, 1.0), (1.0, 0.0), (rng.random(), 1.0), (0.0, 0.5)]:
+        mask = response_step_mask(labels)
+        advantages, returns = gae_advantages(values, rewards, mask, gamma=gamma, lam=lam)
+        expected_a, expected_r = reference_gae(values.tolist(), rewards.tolist(), labels.tolist(), gamma, lam)
+        torch.testing.assert_close(advantages, expected_a, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(returns, expected_r, atol=1e-5, rtol=1e-5)
+        assert (advantages[~mask] == 0).all() and (returns[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_gamma_lambda_one_gives_monte_carlo_returns(seed):
+    _, labels, values, rewards = random_case(seed)
+    mask = response_step_mask(labels)
+    _, returns = gae_advantages(values, rewards, mask, gamma=1.0, lam=1.0)
+    expected = rewards[:, None].expand_as(values)
+    torch.testing.assert_close(returns[mask], expected[mask])
+
+
+def test_lambda_zero_gives_one_step_td_errors():
+    labels = torch.tensor([[-100, -100, 5, 6, 7, -100], [-100, 1, 2, 3, 4, 5]])
+    values = torch.tensor([[9.0, 0.2, 0.4, 0.6, 9.0, 9.0], [0.1, 0.3, 0.5, 0.7, 0.9, 9.0]])
+    rewards = torch.tensor([1.0, 0.0])
+    advantages, _ = gae_advantages(values, rewards, response_step_mask(labels), gamma=0.9, lam=0.0)
+    # row 0: steps at positions 1, 2, 3 (tokens 2, 3, 4); the last step is paid R and ends.
+    expected_row0 = [0.0, 0.9 * 0.4 - 0.2, 0.9 * 0.6 - 0.4, 1.0 - 0.6, 0.0, 0.0]
+    expected_row1 = [0.9 * 0.3 - 0.1, 0.9 * 0.5 - 0.3, 0.9 * 0.7 - 0.5, 0.9 * 0.9 - 0.7, 0.0 - 0.9, 0.0]
+    torch.testing.assert_close(advantages, torch.tensor([expected_row0, expected_row1]))
+
+
+def test_values_do_not_leak_from_padding_or_prompt():
+    _, labels, values, rewards = random_case(3)
+    mask = response_step_mask(labels)
+    noisy = values.clone()
+    noisy[~mask] = 1e6
+    a, r = gae_advantages(values, rewards, mask, gamma=0.97, lam=0.9)
+    a2, r2 = gae_advantages(noisy, rewards, mask, gamma=0.97, lam=0.9)
+    torch.testing.assert_close(a, a2)
+    torch.testing.assert_close(r, r2)
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("normalization", ["zscore", "none"])
+def test_token_weights_match_numpy(seed, normalization):
+    rng, labels, values, rewards = random_case(seed)
+    mask = response_step_mask(labels)
+    advantages = torch.randn(values.shape, generator=torch.Generator().manual_seed(seed)) * 2
+    temperature, clip_min, clip_max = rng.uniform(0.3, 2.0), rng.uniform(0.0, 0.5), rng.uniform(1.5, 4.0)
+    weights = advantage_token_weights(
+        advantages, mask, temperature=temperature, normalization=normalization, clip_min=clip_min, clip_max=clip_max
+    )
+    a = advantages.numpy().astype(np.float64)
+    m = mask.numpy()
+    if normalization == "zscore" and m.any():
+        a = (a - a[m].mean()) / (a[m].std() + 1e-8)
+    expected = np.where(m, np.clip(np.exp(a / temperature), clip_min, clip_max), 0.0)
+    np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_extreme_advantages_clip_instead_of_overflowing():
+    advantages = torch.tensor([[1e4, -1e4, 0.0]])
+    mask = torch.tensor([[True, True, True]])
+    w = advantage_token_weights(advantages, mask, temperature=0.01, normalization="none", clip_min=0.1, clip_max=3.0)
+    assert w.tolist() == [[3.0, pytest.approx(0.1), 1.0]]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_critic_weights_per_head_follow_the_target_token(seed):
+    rng, labels, values, rewards = random_case(seed, gaps=seed % 2 == 1)
+    n_heads = rng.randint(1, 4)
+    out = critic_targets(values, rewards, labels, n_heads=n_heads, gamma=0.99, lam=0.95, clip_min=0.1, clip_max=3.0)
+    batch, length = labels.shape
+    for b in range(batch):
+        # weight of the token at index j is stored where head 1 predicts it: position j-1
+        token_weight = {j: float(out.token_weights[b, j - 1]) for j in range(1, length)}
+        for p in range(length):
+            for k in range(1, n_heads + 1):
+                j = p + k
+                expected = token_weight[j] if j < length and labels[b, j] != -100 else 0.0
+                assert float(out.weights[b, p, k - 1]) == pytest.approx(expected)
+
+
+def test_scheme_reads_config_and_context(tmp_path):
+    from weighted_mtp.config.schema import Config
+    from weighted_mtp.weighting import build_weighting
+
+    config = Config()
+    config.weighting.scheme = "critic"
+    config.stage2.value_weighting.weight_clip_max = 2.0
+    scheme = build_weighting(config)
+    assert isinstance(scheme, CriticWeighting) and scheme.clip_max == 2.0
+
+    _, labels, values, rewards = random_case(7)
+
+    class Batch:
+        pass
+
+    batch = Batch()
+    batch.labels, batch.rewards = labels, rewards
+    weights = scheme.weights(batch, n_heads=3, context=WeightingContext(values=values))
+    assert weights.shape == (*labels.shape, 3)
+    with pytest.raises(ValueError, match="context.values"):
+        scheme.weights(batch, n_heads=3, context=WeightingContext())
+    from weighted_mtp.weighting import head_target_mask
+
+    mask = head_target_mask(labels, 3)
+    stats = scheme.stats(weights, mask)
+    assert 0.1 <= stats["min"] <= stats["mean"] <= stats["max"] <= 2.0
+    assert 0.0 <= stats["clipped_low"] <= 1.0 and 0.0 <= stats["clipped_high"] <= 1.0
+
+
+def reference_value_loss(values, old_values, returns, mask, clip_range):
+    terms = []
+    for v, o, g, m in zip(values.flatten().tolist(), old_values.flatten().tolist(), returns.flatten().tolist(),
+                          mask.flatten().tolist()):
+        if not m:
+            continue
+        unclipped = (v - g) ** 2
+        if clip_range is None:
+            terms.append(unclipped)
+        else:
+            v_clipped = o + min(max(v - o, -clip_range), clip_range)
+            terms.append(max(unclipped, (v_clipped - g) ** 2))
+    return 0.5 * sum(terms) / len(terms) if terms else 0.0
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("clip_range", [0.2, 0.05, None])
+def test_value_loss_matches_hand_written(seed, clip_range):
+    _, labels, old_values, rewards = random_case(seed)
+    mask = response_step_mask(labels)
+    _, returns = gae_advantages(old_values, rewards, mask, gamma=1.0, lam=0.95)
+    values = (old_values + 0.3 * torch.randn(old_values.shape, generator=torch.Generator().manual_seed(seed)))
+    values.requires_grad_(True)
+    loss = value_loss(values, old_values, returns, mask, clip_range)
+    assert loss.item() == pytest.approx(reference_value_loss(values.detach(), old_values, returns, mask, clip_range),
+                                        rel=1e-5, abs=1e-7)
+    loss.backward()
+    assert (values.grad[~mask] == 0).all()
+
+
+def test_value_loss_gradient_stops_where_the_clipped_term_wins():
+    old = torch.tensor([[0.0, 0.0]])
+    returns = torch.tensor([[1.0, 1.0]])
+    values = torch.tensor([[0.5, -0.5]], requires_grad=True)
+    value_loss(values, old, returns, torch.ones(1, 2, dtype=torch.bool), 0.2).backward()
+    # first: moved 0.5 toward the return, clipped to 0.2 -> clipped error is larger, no gradient.
+    # second: moved away, unclipped error is larger -> gradient 0.5 * 2 * (v - G) / 2 tokens.
+    torch.testing.assert_close(values.grad, torch.tensor([[0.0, 0.5 * (-0.5 - 1.0)]]))
+
+
+def test_empty_mask_gives_zero_loss_that_backpropagates():
+    values = torch.randn(2, 5, requires_grad=True)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    loss = value_loss(values, values.detach(), torch.zeros(2, 5), mask, 0.2)
+    loss.backward()
+    assert loss.item() == 0.0 and (values.grad == 0).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("kind", ["mse", "bce"])
+@pytest.mark.parametrize("reward_on", ["every_token", "last_token"])
+def test_critic_pretrain_loss_matches_hand_written(seed, kind, reward_on):
+    _, labels, _, rewards = random_case(seed)
+    mask = response_step_mask(labels)
+    values = torch.randn(labels.shape, generator=torch.Generator().manual_seed(seed))
+    loss = critic_pretrain_loss(values, rewards, mask, kind=kind, reward_on=reward_on)
+    terms = []
+    for b in range(labels.shape[0]):
+        positions = [p for p in range(labels.shape[1]) if mask[b, p]]
+        if reward_on == "last_token":
+            positions = positions[-1:]
+        for p in positions:
+            v, r = float(values[b, p]), float(rewards[b])
+            if kind == "mse":
+                terms.append((v - r) ** 2)
+            else:
+                s = 1 / (1 + math.exp(-v))
+                terms.append(-(r * math.log(s) + (1 - r) * math.log(1 - s)))
+    expected = sum(terms) / len(terms) if terms else 0.0
+    assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_last_true_keeps_only_the_final_position():
+    mask = torch.tensor([[0, 1, 1, 0, 1, 0], [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    expected = torch.tensor([[0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(last_true(mask), expected)
+
+
+def test_unknown_options_are_refused():
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="reward_on"):
+        critic_pretrain_loss(torch.zeros(1, 3), torch.ones(1), mask, reward_on="first_token")
+    with pytest.raises(ValueError, match="critic loss"):
+        critic_pretrain_loss(torch.zeros(1, 3), torch.ones(1), mask, kind="hinge")
+    with pytest.raises(ValueError, match="normalization"):
+        advantage_token_weights(torch.zeros(1, 3), mask, temperature=1.0, normalization="rank", clip_min=0, clip_max=1)
+
+
+def test_bce_matches_torch_on_logits():
+    values = torch.tensor([[0.3, -1.2, 2.0]])
+    mask = torch.tensor([[True, True, False]])
+    loss = critic_pretrain_loss(values, torch.tensor([1.0]), mask, kind="bce")
+    expected = F.binary_cross_entropy_with_logits(values[:, :2], torch.ones(1, 2))
+    torch.testing.assert_close(loss, expected)
