@@ -1,0 +1,221 @@
+"""Rho-1: top-k / soft selection vs sorted lists and numpy, per-head vs head-1, the reference CE."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from weighted_mtp.losses import mtp_forward_backward, mtp_loss_naive
+from weighted_mtp.models.transformer import build_micro_model
+from weighted_mtp.weighting import (
+    Rho1TokenWeights,
+    Rho1Weighting,
+    WeightingContext,
+    head_target_mask,
+    reference_token_ce,
+)
+from weighted_mtp.weighting.rho1 import soft_weights, top_k_weights
+
+
+def random_labels(rng: random.Random, batch: int, length: int, vocab: int = 100) -> torch.Tensor:
+    labels = torch.full((batch, length), -100, dtype=torch.long)
+    for b in range(batch):
+        prompt = rng.randint(0, length - 1)
+        response = rng.randint(0, length - prompt)
+        labels[b, prompt : prompt + response] = torch.tensor([rng.randrange(vocab) for _ in range(response)])
+    return labels
+
+
+def reference_top_k(scores: torch.Tensor, mask: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Sorted-list version: valid positions in row-major order, best score first, earlier wins ties."""
+    flat = [(b, t) for b in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[b, t]]
+    out = torch.zeros(mask.shape)
+    if not flat:
+        return out
+    n_keep = min(len(flat), max(1, math.floor(ratio * len(flat) + 0.5)))
+    ranked = sorted(range(len(flat)), key=lambda i: (-float(scores[flat[i]]), i))
+    for i in ranked[:n_keep]:
+        out[flat[i]] = len(flat) / n_keep
+    return out
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_top_k_matches_sorted_list_with_ties(seed):
+    rng = random.Random(seed)
+    batch, length = rng.randint(1, 5), rng.randint(1, 30)
+    mask = torch.rand(batch, length, generator=torch.Generator().manual_seed(seed)) < rng.random()
+    # few distinct values: plenty of ties; garbage where masked must not matter
+    scores = torch.randint(-2, 3, (batch, length), generator=torch.Generator().manual_seed(seed + 1)).float()
+    scores[~mask] = 1e9
+    ratio = rng.choice([rng.random(), 0.5, 1.0, 1e-3])
+    weights = top_k_weights(scores, mask, ratio)
+    torch.testing.assert_close(weights, reference_top_k(scores, mask, ratio))
+    if mask.any():
+        assert weights[mask].mean().item() == pytest.approx(1.0)
+    assert (weights[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_soft_weights_match_numpy(seed):
+    rng = random.Random(seed)
+    batch, length = rng.randint(1, 5), rng.randint(1, 30)
+    mask = torch.rand(batch, length, generator=torch.Generator().manual_seed(seed)) < 0.7
+    scores = torch.randn(batch, length, generator=torch.Generator().manual_seed(seed + 1)) * 3
+    temperature = rng.uniform(0.2, 3.0)
+    weights = soft_weights(scores, mask, temperature)
+    m = mask.numpy()
+    expected = np.zeros(m.shape)
+    if m.any():
+        z = scores.numpy().astype(np.float64)[m] / temperature
+        e = np.exp(z - z.max())
+        expected[m] = m.sum() * e / e.sum()
+    np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def run_heads(fn, labels, n_heads, generator):
+    """Call fn the way mtp_forward_backward does: head 1 first, with model CE and target mask."""
+    masks = head_target_mask(labels, n_heads)
+    ces, outs = [], []
+    for k0 in range(n_heads):
+        ce = torch.rand(labels.shape, generator=generator) * 5 * masks[..., k0]
+        ces.append(ce)
+        outs.append(fn(k0, ce, masks[..., k0]))
+    return torch.stack(ces, -1), torch.stack(outs, -1), masks
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("selection", ["top_k", "soft"])
+def test_per_head_selection_uses_each_heads_excess(seed, selection):
+    rng = random.Random(seed)
+    n_heads = rng.randint(1, 4)
+    labels = random_labels(rng, rng.randint(1, 5), rng.randint(2, 30))
+    generator = torch.Generator().manual_seed(seed)
+    reference_ce = torch.rand(*labels.shape, n_heads, generator=generator) * 5
+    fn = Rho1TokenWeights(reference_ce, n_heads=n_heads, selection=selection, ratio=0.4, temperature=0.7)
+    ce, weights, masks = run_heads(fn, labels, n_heads, generator)
+    for k0 in range(n_heads):
+        excess = ce[..., k0] - reference_ce[..., k0]
+        if selection == "top_k":
+            expected = reference_top_k(excess, masks[..., k0], 0.4)
+        else:
+            expected = soft_weights(excess, masks[..., k0], 0.7)
+        torch.testing.assert_close(weights[..., k0], expected)
+    assert (weights[~masks] == 0).all()
+    torch.testing.assert_close(fn.as_tensor(), weights)
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("selection", ["top_k", "soft"])
+def test_head1_selection_is_shared_by_the_target_token(seed, selection):
+    rng = random.Random(seed)
+    n_heads = rng.randint(2, 4)
+    labels = random_labels(rng, rng.randint(1, 5), rng.randint(2, 30))
+    generator = torch.Generator().manual_seed(seed)
+    reference_ce = torch.rand(*labels.shape, 1, generator=generator) * 5  # head 1 only is enough
+    fn = Rho1TokenWeights(reference_ce, n_heads=n_heads, selection=selection, ratio=0.5, per_head=False)
+    ce, weights, masks = run_heads(fn, labels, n_heads, generator)
+    head1 = weights[..., 0]
+    batch, length = labels.shape
+    for b in range(batch):
+        for p in range(length):
+            for k in range(1, n_heads + 1):
+                j = p + k  # target token; head 1 predicts it at j - 1
+                expected = float(head1[b, j - 1]) if j < length and labels[b, j] != -100 else 0.0
+                assert float(weights[b, p, k - 1]) == pytest.approx(expected)
+
+
+def test_head1_selection_refuses_to_start_with_another_head():
+    fn = Rho1TokenWeights(torch.zeros(1, 4, 1), n_heads=2, per_head=False)
+    with pytest.raises(RuntimeError, match="head 1"):
+        fn(1, torch.zeros(1, 4), torch.ones(1, 4, dtype=torch.bool))
+
+
+def test_missing_reference_heads_are_refused():
+    with pytest.raises(ValueError, match="needs reference CE for 3 head"):
+        Rho1TokenWeights(torch.zeros(1, 4, 1), n_heads=3, per_head=True)
+    with pytest.raises(ValueError, match="context.reference_ce"):
+        Rho1Weighting().weights(object(), n_heads=2, context=WeightingContext())
+
+
+@pytest.fixture(scope="module")
+def micro_models():
+    torch.manual_seed(0)
+    return build_micro_model(48, 3, seed=0).eval(), build_micro_model(48, 3, seed=1).eval()
+
+
+def micro_batch(seed: int, vocab: int = 48):
+    rng = random.Random(seed)
+    batch, length = 3, 17
+    input_ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    labels = torch.full((batch, length), -100, dtype=torch.long)
+    for b in range(batch):
+        prompt, end = rng.randint(1, 6), rng.randint(8, length)
+        labels[b, prompt:end] = input_ids[b, prompt:end]
+        attention_mask[b, end:] = 0  # right padding
+    return input_ids, attention_mask, labels
+
+
+@torch.no_grad()
+def naive_head_ce(model, input_ids, attention_mask, labels, n_heads):
+    logits = model(input_ids, attention_mask=attention_mask, return_all_heads=True).logits
+    out = torch.zeros(*labels.shape, n_heads)
+    for k in range(1, n_heads + 1):
+        targets = torch.full_like(labels, -100)
+        targets[:, :-k] = labels[:, k:]
+        out[..., k - 1] = F.cross_entropy(logits[:, :, k - 1].transpose(1, 2), targets, reduction="none")
+    return out
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 1024])
+def test_reference_ce_matches_full_logits(micro_models, chunk_size):
+    _, reference = micro_models
+    input_ids, attention_mask, labels = micro_batch(0)
+    ce = reference_token_ce(reference, input_ids, labels, attention_mask=attention_mask, chunk_size=chunk_size)
+    expected = naive_head_ce(reference, input_ids, attention_mask, labels, 3)
+    torch.testing.assert_close(ce, expected, atol=1e-5, rtol=1e-5)
+    assert (ce[~head_target_mask(labels, 3)] == 0).all()
+    assert not ce.requires_grad
+
+
+@pytest.mark.parametrize("per_head", [True, False])
+def test_rho1_weights_in_the_memory_efficient_loss(micro_models, per_head):
+    """The callable inside mtp_forward_backward gives the loss of hand-built top-k weights."""
+    model, reference = micro_models
+    input_ids, attention_mask, labels = micro_batch(1)
+
+    class Batch:
+        pass
+
+    batch = Batch()
+    batch.input_ids, batch.attention_mask, batch.labels = input_ids, attention_mask, labels
+    scheme = Rho1Weighting(selection="top_k", ratio=0.3, per_head=per_head)
+    context = WeightingContext(reference_ce=scheme.reference_ce(reference, batch, n_heads=3, chunk_size=7))
+    assert context.reference_ce.shape[-1] == (3 if per_head else 1)
+    fn = scheme.weights(batch, n_heads=3, context=context)
+    model.zero_grad()
+    out = mtp_forward_backward(model, input_ids, labels, attention_mask=attention_mask, weights=fn)
+
+    masks = head_target_mask(labels, 3)
+    excess = naive_head_ce(model, input_ids, attention_mask, labels, 3) - naive_head_ce(
+        reference, input_ids, attention_mask, labels, 3
+    )
+    expected = torch.zeros(*labels.shape, 3)
+    if per_head:
+        for k0 in range(3):
+            expected[..., k0] = reference_top_k(excess[..., k0], masks[..., k0], 0.3)
+    else:
+        head1 = reference_top_k(excess[..., 0], masks[..., 0], 0.3)
+        for k0 in range(3):
+            expected[:, : labels.shape[1] - k0, k0] = head1[:, k0:]
+        expected = expected * masks
+    torch.testing.assert_close(fn.as_tensor(), expected)
+    loss, naive = mtp_loss_naive(model, input_ids, labels, attention_mask=attention_mask, weights=expected)
+    torch.testing.assert_close(out.loss, loss.detach(), atol=1e-5, rtol=1e-5)
+    stats = scheme.stats(fn, masks)
+    assert 0.0 < stats["selected"] < 1.0 and "excess_head1" in stats
