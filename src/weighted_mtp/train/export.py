@@ -1,0 +1,49 @@
+"""The trained model as a standalone directory that `load_model` reads back.
+
+Layout (the native checkpoint format): `model.safetensors` (LoRA adapters merged into the base
+weights), `config.json` (the model's ModelArgs), and one `<name>.safetensors` per extra trained
+module (a value head). Every rank takes part in gathering the weights; rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from weighted_mtp.config.schema import Config
+from weighted_mtp.io import atomic_directory
+from weighted_mtp.train.distributed import DistEnv, barrier
+from weighted_mtp.train.lora import lora_scaling, merge_lora_state_dict
+
+log = logging.getLogger(__name__)
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, gathered to full CPU tensors (a collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_trained_model(directory: Path, modules: nn.ModuleDict, config: Config, env: DistEnv) -> Path | None:
+    from safetensors.torch import save_file
+
+    from weighted_mtp.train.checkpoint import _unshare
+
+    lora = config.training.lora
+    scaling = lora_scaling(lora.r, lora.alpha)
+    states = {name: merge_lora_state_dict(full_state_dict(module), scaling) for name, module in modules.items()}
+    if env.is_main:
+        model = modules["model"]
+        with atomic_directory(directory) as tmp:
+            save_file(_unshare(states.pop("model")), tmp / "model.safetensors")
+            (tmp / "config.json").write_text(json.dumps(model.args.to_dict(), indent=2) + "\n")
+            for name, state in states.items():
+                save_file(_unshare(state), tmp / f"{name}.safetensors")
+        log.info("exported the trained model to %s", directory)
+    barrier(env)
+    return Path(directory)

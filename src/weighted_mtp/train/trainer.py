@@ -1,0 +1,600 @@
+"""The training loop every pipeline shares.
+
+A pipeline builds the model, the loaders and an `Objective` (the loss); the `Trainer` does the
+rest: which parameters train (full, LoRA or frozen per part), FSDP2 or data-parallel wrapping,
+AdamW with warmup + cosine, gradient accumulation and clipping, skipping non-finite steps,
+validation and early stopping, logging, and checkpoints from which a killed run resumes exactly.
+
+One step:  take `grad_accum_steps` batches -> per micro-batch: objective.forward_backward (it runs
+its own backward, gradients scaled by 1 / micro-batches) -> average gradients across ranks ->
+clip -> if loss and gradient norm are finite, optimizer step -> scheduler step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import random
+import resource
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from weighted_mtp.config import save_resolved_config
+from weighted_mtp.config.schema import Config
+from weighted_mtp.errors import CheckpointError, ConfigError, DataError, WMTPError
+from weighted_mtp.train import distributed as D
+from weighted_mtp.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    set_rng_state,
+)
+from weighted_mtp.train.lora import configure_training_modes
+from weighted_mtp.train.objective import Objective
+from weighted_mtp.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+_AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    run_dir: Path
+    metrics: dict[str, float] = field(default_factory=dict)  # the last step's
+    val_metrics: dict[str, float] = field(default_factory=dict)  # the last validation's
+    history: list[dict[str, float]] = field(default_factory=list)  # every step this process ran
+    nonfinite_skipped: int = 0
+    stopped_early: bool = False
+    resumed_from: Path | None = None
+    checkpoint: Path | None = None
+    model_dir: Path | None = None
+
+
+def split_batch(batch: Any, parts: int) -> list[Any]:
+    """Cut a batch into `parts` smaller ones by rows; pairs (rows 2i, 2i+1) stay together."""
+    if parts == 1:
+        return [batch]
+    rows = len(batch.input_ids)
+    unit = 2 if getattr(batch, "is_pair", False) else 1
+    size = max(unit, -(-rows // parts // unit) * unit)
+    pieces = []
+    for start in range(0, rows, size):
+        values = {}
+        for f in dataclasses.fields(batch):
+            value = getattr(batch, f.name)
+            if isinstance(value, torch.Tensor | list) and len(value) == rows:
+                value = value[start : start + size]
+            values[f.name] = value
+        pieces.append(type(batch)(**values))
+    return pieces
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: Config,
+        model: nn.Module,
+        objective: Objective,
+        train_loader: Any,
+        val_loader: Any | None = None,
+        tracker: Any | None = None,
+        *,
+        env: D.DistEnv | None = None,
+        s3_store: Any | None = None,
+        export_model: bool = True,
+    ) -> None:
+        self.config = config
+        self.training = config.training
+        self.env = env or D.DistEnv(device=D.resolve_device(config.device))
+        self.objective = objective
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        if tracker is None:
+            from weighted_mtp.tracking import NullTracker
+
+            tracker = NullTracker()
+        self.tracker = tracker
+        self.s3_store = s3_store
+        self.export_model = export_model
+        self.run_dir = Path(config.run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self._check_config()
+
+        seed_everything(config.seed)
+        extra = dict(objective.trainable_modules())
+        freeze, lora = self.training.freeze, self.training.lora
+        configure_training_modes(
+            model,
+            trunk="lora" if lora.enabled and freeze.trunk == "train" else freeze.trunk,
+            heads="lora" if lora.enabled and freeze.heads == "train" else freeze.heads,
+            lora_targets=lora.target_modules,
+            lora_r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            value_head=extra.get("value_head"),
+            value_head_mode=freeze.value_head,
+        )
+        device = self.env.device
+        model.to(device)
+        for module in extra.values():
+            module.to(device)
+        model.activation_checkpointing = config.model.activation_checkpointing
+        self.strategy = self.env.strategy if self.env.is_distributed else "none"
+        if self.strategy == "fsdp":
+            dist_cfg = config.distributed
+            D.shard_model(
+                model,
+                extra.values(),
+                self.env,
+                param_dtype=dist_cfg.param_dtype,
+                reduce_dtype=dist_cfg.reduce_dtype,
+                reshard_after_forward=dist_cfg.reshard_after_forward,
+            )
+        elif self.strategy == "ddp":
+            D.broadcast_parameters([model, *extra.values()], self.env)
+        self.model = model
+        self.modules = nn.ModuleDict({"model": model, **extra})
+        self.trainable = [p for p in self.modules.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(
+            self.modules.named_parameters(),
+            lr=self.training.lr,
+            weight_decay=self.training.weight_decay,
+            betas=tuple(self.training.betas),
+        )
+        self.total_steps = self._planned_steps()
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            warmup_steps=self.training.warmup_steps,
+            total_steps=self.total_steps,
+            min_lr_ratio=self.training.min_lr_ratio,
+        )
+
+        self.step = 0
+        self.epoch = 0
+        self.micro_splits = 1
+        self.nonfinite_total = 0
+        self.nonfinite_in_a_row = 0
+        self.best_metric: float | None = None
+        self.evals_without_improvement = 0
+        self.stopped_early = False
+        self.tracker_run_id: str | None = None
+        self._iterator: Iterator | None = None
+        self._last_saved_step = -1
+        self._last_eval_step = -1
+        self._last_checkpoint: Path | None = None
+        self._val_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ setup
+
+    def _check_config(self) -> None:
+        stopping = self.training.early_stopping
+        if stopping.metric is not None and (self.val_loader is None or self.training.eval_every is None):
+            raise ConfigError(
+                "training.early_stopping.metric needs validation: set training.eval_every and data.val_split"
+            )
+        if self.training.max_steps is None and len(self.train_loader) == 0:
+            raise DataError("the training data is empty: no batch to train on (check data.split / data.n_samples)")
+
+    def _planned_steps(self) -> int:
+        if self.training.max_steps is not None:
+            return self.training.max_steps
+        per_epoch = max(1, -(-len(self.train_loader) // self.training.grad_accum_steps))
+        return self.training.epochs * per_epoch
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        """Train to the end (max_steps, epochs or early stopping), resuming from a checkpoint if any.
+
+        A checkpoint in the run directory (or in the run's S3 prefix) is always resumed from;
+        `resume=True` additionally insists that there is one.
+        """
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved_config(self.config, self.run_dir)
+        resumed_from = self._restore(required=resume)
+        self.tracker.start(self.config, run_id=self.tracker_run_id)
+        self.tracker_run_id = self.tracker.run_id
+        history: list[dict[str, float]] = []
+        metrics: dict[str, float] = {}
+        status = "FAILED"
+        try:
+            with self._progress() as advance:
+                while self.step < self.total_steps and not self.stopped_early:
+                    batches = self._next_batches()
+                    if not batches:
+                        break
+                    metrics = self._train_step(batches)
+                    history.append(metrics)
+                    self._record(metrics)
+                    advance(metrics)
+                    if self.training.eval_every and self.step % self.training.eval_every == 0:
+                        self._validate()
+                    if self.training.save_every and self.step % self.training.save_every == 0:
+                        self._save()
+            if self.val_loader is not None and self._last_eval_step != self.step and not self.stopped_early:
+                self._validate()
+            if self._last_saved_step != self.step:
+                self._save()
+            model_dir = self._export() if self.export_model else None
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            if self.env.is_main and (self.run_dir / "metrics.jsonl").is_file():
+                with contextlib.suppress(Exception):
+                    self.tracker.log_artifact(self.run_dir / "metrics.jsonl")
+            self.tracker.end(status)
+        return TrainResult(
+            steps=self.step,
+            run_dir=self.run_dir,
+            metrics=metrics,
+            val_metrics=self._val_metrics,
+            history=history,
+            nonfinite_skipped=self.nonfinite_total,
+            stopped_early=self.stopped_early,
+            resumed_from=resumed_from,
+            checkpoint=self._last_checkpoint,
+            model_dir=model_dir,
+        )
+
+    # ------------------------------------------------------------------ data
+
+    def _next_batches(self) -> list[Any]:
+        """The next `grad_accum_steps` batches, moving on to the next epoch when one ends."""
+        batches: list[Any] = []
+        empty_epochs = 0
+        while len(batches) < self.training.grad_accum_steps:
+            if self._iterator is None:
+                if self.training.max_steps is None and self.epoch >= self.training.epochs:
+                    break
+                self.train_loader.set_epoch(self.epoch)
+                self._iterator = iter(self.train_loader)
+            try:
+                batches.append(next(self._iterator))
+                empty_epochs = 0
+            except StopIteration:
+                self._iterator = None
+                self.epoch += 1
+                empty_epochs += 1
+                if empty_epochs > 1:
+                    raise DataError("the training loader yielded no batch for a whole epoch") from None
+        return batches
+
+    # ------------------------------------------------------------------ one step
+
+    def _train_step(self, batches: list[Any]) -> dict[str, float]:
+        started = time.perf_counter()
+        while True:
+            try:
+                sums, tokens = self._accumulate(batches)
+                out_of_memory = False
+            except torch.OutOfMemoryError:
+                if self.strategy == "fsdp":
+                    raise WMTPError(
+                        "out of GPU memory under FSDP (the other ranks cannot retry in step); "
+                        "lower training.batch_size and raise training.grad_accum_steps"
+                    ) from None
+                out_of_memory = True
+            if self.strategy == "ddp":
+                out_of_memory = D.all_reduce_max(float(out_of_memory), self.env) > 0
+            if not out_of_memory:
+                break
+            self._halve_micro_batch(batches)
+
+        if self.strategy == "ddp":
+            D.all_reduce_gradients(self.trainable, self.env)
+        metrics = D.all_reduce_mean(sums, self.env)
+        tokens = D.all_reduce_sum({"tokens": float(tokens)}, self.env)["tokens"]
+        grad_norm = self._clip_gradients()
+        lr = self.scheduler.get_last_lr()[0]
+        if math.isfinite(metrics["loss"]) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_total += 1
+            self.nonfinite_in_a_row += 1
+            log.warning(
+                "step %d: non-finite %s; step skipped (%d in a row, %d in all)",
+                self.step + 1,
+                "loss" if not math.isfinite(metrics["loss"]) else "gradient norm",
+                self.nonfinite_in_a_row,
+                self.nonfinite_total,
+            )
+            if self.nonfinite_in_a_row >= self.training.max_nonfinite_in_a_row:
+                raise WMTPError(
+                    f"{self.nonfinite_in_a_row} non-finite steps in a row (training.max_nonfinite_in_a_row="
+                    f"{self.training.max_nonfinite_in_a_row}); lower training.lr or check the data"
+                )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+
+        elapsed = time.perf_counter() - started
+        metrics.update(
+            {
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": tokens,
+                "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+                "step_time_s": elapsed,
+                "memory/peak_gib": self._peak_memory_gib(),
+                "nonfinite_skipped": float(self.nonfinite_total),
+                "epoch": float(self.epoch),
+            }
+        )
+        return metrics
+
+    def _accumulate(self, batches: list[Any]) -> tuple[dict[str, float], int]:
+        micro = [piece for batch in batches for piece in split_batch(batch, self.micro_splits)]
+        scale = 1.0 / len(micro)
+        sums: dict[str, float] = defaultdict(float)
+        tokens = 0
+        self.modules.train()
+        for i, batch in enumerate(micro):
+            if self.strategy == "fsdp":
+                self._set_gradient_sync(i == len(micro) - 1)
+            batch = batch.to(self.env.device)
+            with self._autocast():
+                metrics = self.objective.forward_backward(self.model, batch, loss_scale=scale)
+            for key, value in metrics.items():
+                sums[key] += float(value) * scale
+            tokens += int(batch.attention_mask.sum())
+        if "loss" not in sums:
+            raise TypeError(f"{type(self.objective).__name__}.forward_backward must return a 'loss' metric")
+        return dict(sums), tokens
+
+    def _halve_micro_batch(self, batches: list[Any]) -> None:
+        rows = len(batches[0].input_ids)
+        unit = 2 if getattr(batches[0], "is_pair", False) else 1
+        if rows // self.micro_splits <= unit:
+            raise WMTPError(
+                f"out of GPU memory with a micro-batch of {unit} sequence(s); lower data.max_length "
+                "or enable model.activation_checkpointing / training.lora"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.micro_splits *= 2
+        log.warning(
+            "step %d: out of GPU memory; micro-batch halved to %d, accumulation doubled to %d micro-batches per step",
+            self.step + 1,
+            -(-rows // self.micro_splits),
+            self.training.grad_accum_steps * self.micro_splits,
+        )
+
+    def _set_gradient_sync(self, enabled: bool) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.modules.values():
+            if isinstance(module, FSDPModule):
+                module.set_requires_gradient_sync(enabled)
+
+    def _clip_gradients(self) -> float:
+        """Global gradient norm (over every rank's shards), clipped to training.grad_clip if set."""
+        max_norm = self.training.grad_clip if self.training.grad_clip is not None else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm, error_if_nonfinite=False)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _autocast(self):
+        device = self.env.device
+        if device.type == "cuda" and self.config.dtype in _AUTOCAST_DTYPES:
+            return torch.autocast("cuda", dtype=_AUTOCAST_DTYPES[self.config.dtype])
+        return contextlib.nullcontext()
+
+    def _peak_memory_gib(self) -> float:
+        if self.env.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.env.device) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+    # ------------------------------------------------------------------ validation
+
+    @torch.no_grad()
+    def _validate(self) -> dict[str, float]:
+        self.modules.eval()
+        sums: dict[str, float] = defaultdict(float)
+        n_batches = 0
+        self.val_loader.set_epoch(0)
+        for batch in self.val_loader:
+            with self._autocast():
+                metrics = self.objective.evaluate(self.model, batch.to(self.env.device))
+            for key, value in metrics.items():
+                sums[key] += float(value)
+            n_batches += 1
+        self.modules.train()
+        self._reshard()
+        local = {f"val/{key}": value / max(1, n_batches) for key, value in sums.items()}
+        metrics = D.all_reduce_mean(local, self.env)
+        self._val_metrics = metrics
+        self._last_eval_step = self.step
+        if self.env.is_main:
+            self.tracker.log_metrics(metrics, self.step)
+            self._append_jsonl({"step": self.step, **metrics})
+            log.info("step %d validation: %s", self.step, _format(metrics))
+        self._update_early_stopping(metrics)
+        return metrics
+
+    def _reshard(self) -> None:
+        """Free parameters a no-grad forward left gathered (the root is not resharded after forward)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.modules.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+    def _update_early_stopping(self, metrics: dict[str, float]) -> None:
+        stopping = self.training.early_stopping
+        if stopping.metric is None:
+            return
+        if stopping.metric not in metrics:
+            raise ConfigError(
+                f"training.early_stopping.metric: {stopping.metric!r} is not a validation metric "
+                f"(logged: {', '.join(sorted(metrics))})"
+            )
+        value = metrics[stopping.metric]
+        better = self.best_metric is None or (value < self.best_metric if stopping.mode == "min" else value > self.best_metric)
+        if better:
+            self.best_metric, self.evals_without_improvement = value, 0
+            return
+        self.evals_without_improvement += 1
+        if self.evals_without_improvement >= stopping.patience:
+            self.stopped_early = True
+            log.info(
+                "early stopping at step %d: %s has not improved on %.6g for %d validations",
+                self.step, stopping.metric, self.best_metric, self.evals_without_improvement,
+            )
+
+    # ------------------------------------------------------------------ logging
+
+    def _record(self, metrics: dict[str, float]) -> None:
+        if not self.env.is_main:
+            return
+        self._append_jsonl({"step": self.step, **metrics})
+        every = self.config.logging.every_n_steps
+        if self.step % every == 0 or self.step == self.total_steps:
+            self.tracker.log_metrics(metrics, self.step)
+            if not self._bar_enabled():
+                keys = ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "memory/peak_gib")
+                log.info("step %d/%d %s", self.step, self.total_steps, _format({k: metrics[k] for k in keys}))
+
+    def _append_jsonl(self, record: dict[str, float]) -> None:
+        """Every step's metrics in the run directory, readable without MLflow (a resumed run appends)."""
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _bar_enabled(self) -> bool:
+        mode = self.config.logging.progress_bar
+        return self.env.is_main and (mode == "always" or (mode == "auto" and sys.stderr.isatty()))
+
+    @contextlib.contextmanager
+    def _progress(self):
+        if not self._bar_enabled():
+            yield lambda metrics: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   TextColumn("{task.fields[status]}"))
+        with Progress(*columns, transient=False) as progress:
+            task = progress.add_task("train", total=self.total_steps, completed=self.step, status="")
+            yield lambda m: progress.update(
+                task, completed=self.step, status=f"loss {m['loss']:.4f}  {m['tokens_per_s']:,.0f} tok/s"
+            )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "scheduler": self.scheduler.state_dict(),
+            "micro_splits": self.micro_splits,
+            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "best_metric": self.best_metric,
+            "evals_without_improvement": self.evals_without_improvement,
+            "stopped_early": self.stopped_early,
+            "tracker_run_id": self.tracker_run_id,
+            "total_steps": self.total_steps,
+        }
+
+    def _save(self) -> Path:
+        path = save_checkpoint(
+            self.checkpoint_dir,
+            self.step,
+            modules=self.modules,
+            optimizer=self.optimizer,
+            trainer_state=self._trainer_state(),
+            loader_state=self.train_loader.state_dict(),
+            config=self.config,
+            env=self.env,
+            fmt=self.config.distributed.checkpoint_format,
+        )
+        self._last_saved_step = self.step
+        self._last_checkpoint = path
+        if self.env.is_main:
+            prune_checkpoints(self.checkpoint_dir, self.training.keep_last)
+            location = str(path)
+            if self.s3_store is not None:
+                location = self.s3_store.upload_checkpoint(path, path.name)
+                self.s3_store.prune_checkpoints(self.training.keep_last)
+            self.tracker.log_checkpoint(location, self.step)
+            log.info("step %d: checkpoint %s", self.step, location)
+        D.barrier(self.env)
+        return path
+
+    def _find_checkpoint(self) -> Path | None:
+        """The newest complete local checkpoint, else the newest one in S3 (downloaded first)."""
+        local = latest_checkpoint(self.checkpoint_dir)
+        if local is not None or self.s3_store is None:
+            return local
+        name = self.s3_store.latest_complete_checkpoint()
+        if name is None:
+            return None
+        return self.s3_store.download_checkpoint(name, self.checkpoint_dir / name)
+
+    def _restore(self, *, required: bool) -> Path | None:
+        found = self._find_checkpoint() if self.env.is_main else None
+        path = D.broadcast_object(found, self.env)
+        if path is None:
+            if required:
+                raise CheckpointError(f"{self.checkpoint_dir}: --resume given but there is no complete checkpoint")
+            return None
+        path = Path(path)
+        log.info("resuming from %s", path)
+        trainer_state, rank_state = load_checkpoint(path, modules=self.modules, optimizer=self.optimizer, env=self.env)
+        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        self.step = trainer_state["step"]
+        self.epoch = trainer_state["epoch"]
+        self.micro_splits = trainer_state["micro_splits"]
+        self.nonfinite_total = trainer_state["nonfinite_total"]
+        self.nonfinite_in_a_row = trainer_state["nonfinite_in_a_row"]
+        self.best_metric = trainer_state["best_metric"]
+        self.evals_without_improvement = trainer_state["evals_without_improvement"]
+        self.stopped_early = trainer_state["stopped_early"]
+        self.tracker_run_id = trainer_state["tracker_run_id"]
+        self._last_saved_step = self._last_eval_step = self.step
+        self._last_checkpoint = path
+        if rank_state["loader"] is not None:
+            self.train_loader.load_state_dict(rank_state["loader"])
+        set_rng_state(rank_state["rng"])
+        return path
+
+    # ------------------------------------------------------------------ export
+
+    def _export(self) -> Path | None:
+        """The trained model as a standalone directory (LoRA merged), registered with the tracker."""
+        from weighted_mtp.train.export import export_trained_model
+
+        model_dir = export_trained_model(self.run_dir / "final", self.modules, self.config, self.env)
+        if self.env.is_main and model_dir is not None and self.config.tracking.register_model:
+            self.tracker.register_model(model_dir, self.config.experiment.name)
+        return model_dir
+
+
+def _format(metrics: dict[str, float]) -> str:
+    return " ".join(f"{key} {value:.4g}" for key, value in metrics.items())
