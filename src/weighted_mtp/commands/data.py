@@ -40,14 +40,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def load_tokenizer(config, path: str | None) -> Any:
-    """The tokenizer whose token lengths the index records: --tokenizer, model.tokenizer, or the model's own."""
+    """The tokenizer whose token lengths the index records.
+
+    --tokenizer, else model.tokenizer, else the model path's own tokenizer file, else the named
+    model's tokenizer through the model loader.
+    """
+    from weighted_mtp.errors import ConfigError
     from weighted_mtp.models.tokenizer import Tokenizer
 
     explicit = path or config.model.tokenizer
     if explicit:
         return Tokenizer.from_file(explicit)
-    from weighted_mtp.models.loading import load_model
-
+    model_path = Path(config.model.name)
+    if model_path.is_file():
+        return Tokenizer.from_file(model_path)
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (model_path / name).is_file():
+            return Tokenizer.from_file(model_path / name)
+    try:
+        from weighted_mtp.models.loading import load_model
+    except ImportError:
+        raise ConfigError(
+            f"model.name {config.model.name!r}: cannot load its tokenizer here; pass --tokenizer PATH"
+        ) from None
     log.info("loading %s for its tokenizer", config.model.name)
     _, tokenizer = load_model(config.model.name, models_dir=config.paths.models)
     return tokenizer
@@ -95,14 +110,17 @@ def run_info(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"{args.dataset} ({directory})")
-    for column in ("split", "problems", "solutions", "correct", "incorrect", "with pairs", "resp. tokens mean/max",
-                   "difficulty: count"):
-        table.add_column(column)
+    table.add_column("split", no_wrap=True)
+    for column in ("problems", "solutions", "correct", "incorrect", "pairable", "tokens mean/max"):
+        table.add_column(column, justify="right")
     for s in summaries:
         table.add_row(
             s["split"], str(s["problems"]), str(s["solutions"]), str(s["correct"]), str(s["incorrect"]),
-            str(s["problems_with_pairs"]), f"{s['response_tokens_mean']:.1f} / {s['response_tokens_max']}",
-            ", ".join(f"{d}: {c}" for d, c in s["difficulty_histogram"].items()),
+            str(s["problems_with_pairs"]), f"{s['response_tokens_mean']:.0f}/{s['response_tokens_max']}",
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for s in summaries:
+        histogram = ", ".join(f"{d}: {c}" for d, c in s["difficulty_histogram"].items())
+        console.print(f"{s['split']}: problems by difficulty {{{histogram}}}", markup=False)
     return 0

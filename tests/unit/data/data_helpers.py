@@ -36,6 +36,14 @@ class BPETokenizer:
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
+    def save(self, directory: Path) -> Path:
+        """Write tokenizer.json + tokenizer_config.json, the files `Tokenizer.from_file` reads."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(directory / "tokenizer.json"))
+        config = {"bos_token": SPECIAL[1], "eos_token": SPECIAL[2], "pad_token": SPECIAL[0]}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+        return directory / "tokenizer.json"
+
     def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
