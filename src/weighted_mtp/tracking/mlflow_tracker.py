@@ -186,6 +186,7 @@ class MlflowTracker:
         self.register_models = register_models
         self._client: MlflowClient | None = None
         self._run_id: str | None = None
+        self._ended = False
         self._metric_failures = 0
 
     @property
@@ -202,7 +203,7 @@ class MlflowTracker:
         from mlflow.exceptions import MlflowException
 
         if self._run_id is not None:
-            raise RuntimeError("MlflowTracker.start() called twice")
+            raise RuntimeError("MlflowTracker.start() called twice; make a new tracker for a new run")
         scheme = urllib.parse.urlsplit(self.uri).scheme
         if scheme in ("http", "https"):
             check_server_reachable(self.uri)
@@ -266,24 +267,25 @@ class MlflowTracker:
         return {k: v for k, v in params.items() if k not in logged}
 
     def end(self, status: str = "FINISHED") -> None:
-        if self._client is None or self._run_id is None:
+        """Mark the run FINISHED (or FAILED, KILLED). `run_id` stays readable afterwards."""
+        if self._client is None or self._run_id is None or self._ended:
             return
         self._client.set_terminated(self._run_id, status=status)
+        self._ended = True
         if self._metric_failures:
             log.warning("%d metric batches could not be logged to %s", self._metric_failures, redact_uri(self.uri))
-        self._run_id = None
 
     # -- logging
 
     def _require_run(self) -> tuple[MlflowClient, str]:
-        if self._client is None or self._run_id is None:
+        if self._client is None or self._run_id is None or self._ended:
             raise RuntimeError("MlflowTracker used before start() or after end()")
         return self._client, self._run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        client, run_id = self._require_run()
         from mlflow.entities import Param
 
-        client, run_id = self._require_run()
         flat = flatten_params(params)
         items = [Param(key, value) for key, value in flat.items()]
         for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
@@ -291,9 +293,9 @@ class MlflowTracker:
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         """Numbers (or 0-d tensors) at a step. A store failure here is a warning: training goes on."""
+        client, run_id = self._require_run()
         from mlflow.entities import Metric
 
-        client, run_id = self._require_run()
         timestamp = int(time.time() * 1000)
         items = [Metric(key, float(value), timestamp, int(step)) for key, value in metrics.items()]
         try:
@@ -304,9 +306,9 @@ class MlflowTracker:
             log.warning("could not log metrics at step %d to %s: %s", step, redact_uri(self.uri), exc)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
+        client, run_id = self._require_run()
         from mlflow.entities import RunTag
 
-        client, run_id = self._require_run()
         items = [RunTag(key, _truncate(str(value), MAX_TAG_VALUE_LENGTH)) for key, value in tags.items()]
         for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
             client.log_batch(run_id, tags=items[start : start + MAX_PARAMS_PER_BATCH])

@@ -261,8 +261,9 @@ class S3Store:
             raise self._error(f"deleting checkpoint {name!r} from", exc) from None
 
     def prune_checkpoints(self, keep_last: int) -> list[str]:
-        """Keep the newest `keep_last` complete checkpoints; delete older ones and interrupted uploads
-        older than the newest complete one. Returns the names deleted."""
+        """Keep the newest `keep_last` complete checkpoints; delete older ones, and interrupted uploads
+        no newer than the newest complete one (uploads of a run are sequential, so those are leftovers).
+        Returns the names deleted."""
         if keep_last < 1:
             raise ValueError("keep_last must be at least 1")
         stored = self._stored_checkpoints()
@@ -272,7 +273,7 @@ class S3Store:
         doomed = complete[: max(0, len(complete) - keep_last)]
         if complete:
             newest = complete[-1].completed_at
-            doomed += [c for c in stored if c.completed_at is None and c.newest_object_at < newest]
+            doomed += [c for c in stored if c.completed_at is None and c.newest_object_at <= newest]
         for checkpoint in doomed:
             self.delete_checkpoint(checkpoint.name)
         if doomed:
