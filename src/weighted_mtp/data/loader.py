@@ -8,7 +8,9 @@ continues from the batch it stopped at without replaying the data before it.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,7 @@ class TrainLoader:
         rank: int = 0,
         world_size: int = 1,
         shuffle: bool = True,
+        num_workers: int = 0,
     ) -> None:
         self.is_pair = sampler in PAIR_SAMPLERS
         if self.is_pair and (batch_size < 2 or batch_size % 2):
@@ -70,6 +73,7 @@ class TrainLoader:
         self.pack = pack
         self.rank, self.world_size = rank, world_size
         self.shuffle = shuffle
+        self.num_workers = num_workers
         self._sampler_args = {
             "n_samples": n_samples,
             "max_pairs_per_problem": max_pairs_per_problem,
@@ -101,12 +105,29 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         units = self._units()
-        for start in range(self._batches_done * self.units_per_batch, len(units), self.units_per_batch):
-            batch = self._make_batch(units[start : start + self.units_per_batch])
+        starts = range(self._batches_done * self.units_per_batch, len(units), self.units_per_batch)
+        chunks = (units[start : start + self.units_per_batch] for start in starts)
+        batches = self._prefetched(chunks) if self.num_workers else map(self._make_batch, chunks)
+        for batch in batches:
             self._batches_done += 1
             yield batch
         self.epoch += 1
         self._batches_done = 0
+
+    def _prefetched(self, chunks: Iterator[np.ndarray]) -> Iterator[Batch]:
+        """Build up to 2 * num_workers batches ahead in threads (reading and tokenising release the GIL)."""
+        pending: deque[Future] = deque()
+        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="wmtp-data") as pool:
+            try:
+                for chunk in chunks:
+                    pending.append(pool.submit(self._make_batch, chunk))
+                    if len(pending) >= 2 * self.num_workers:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                for future in pending:
+                    future.cancel()
 
     def _make_batch(self, units: np.ndarray) -> Batch:
         records = self.index.read(units.reshape(-1))  # pairs flatten to correct, incorrect, correct, ...
@@ -200,4 +221,5 @@ def build_loader(config, tokenizer: Any, *, split: str, rank: int = 0, world_siz
         rank=rank,
         world_size=world_size,
         shuffle=shuffle,
+        num_workers=data.num_workers,
     )

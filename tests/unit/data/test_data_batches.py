@@ -147,6 +147,17 @@ def test_build_loader_prepares_then_yields_batches(config, tokenizer):
     assert _rows(list(build_loader(config, tokenizer, split="validation"))) == _rows(batches)
 
 
+def test_prefetching_threads_give_the_same_batches(config, tokenizer):
+    plain = _rows(list(build_loader(config, tokenizer, split="validation")))
+    threaded = config.model_copy(update={"data": config.data.model_copy(update={"num_workers": 2})})
+    loader = build_loader(threaded, tokenizer, split="validation")
+    assert _rows(list(loader)) == plain
+    iterator = iter(loader)  # epoch 1, abandoned after one batch: the pool shuts down cleanly
+    next(iterator)
+    iterator.close()
+    assert loader.state_dict()["batches_done"] == 1
+
+
 def test_resume_continues_exactly_where_it_stopped(config, tokenizer):
     uninterrupted = _rows(list(build_loader(config, tokenizer, split="validation")))
     first = build_loader(config, tokenizer, split="validation")
