@@ -52,26 +52,34 @@ def gae_advantages(
 ) -> tuple[Tensor, Tensor]:
     """GAE advantages and returns [B,T] at the step positions (0 elsewhere), float32.
 
-    A reverse scan over the columns that hold a step; gamma=lam=1 gives Monte-Carlo returns
-    (every return equals R), lam=0 gives one-step TD errors.
+    Each row's steps are gathered to the front (so gaps and padding vanish), the TD errors are
+    computed in one shot, and A_i = sum_j (gamma*lam)^(j-i) delta_j is one matmul with an upper
+    triangular [L,L] discount matrix (L = most steps in a row), in float64 so no TF32 setting
+    can touch it. gamma=lam=1 gives Monte-Carlo returns (every return is R); lam=0 gives TD(0).
     """
-    values = values.detach().float()
     mask = step_mask.bool()
-    batch = values.shape[0]
-    advantages = torch.zeros_like(values)
-    next_value = values.new_zeros(batch)
-    next_advantage = values.new_zeros(batch)
-    unpaid_reward = rewards.detach().float().to(values.device).clone()
-    for p in reversed(mask.any(dim=0).nonzero().flatten().tolist()):
-        is_step = mask[:, p]
-        delta = unpaid_reward + gamma * next_value - values[:, p]
-        advantage = delta + gamma * lam * next_advantage
-        advantages[:, p] = torch.where(is_step, advantage, 0.0)
-        next_value = torch.where(is_step, values[:, p], next_value)
-        next_advantage = torch.where(is_step, advantage, next_advantage)
-        unpaid_reward = torch.where(is_step, 0.0, unpaid_reward)
-    returns = torch.where(mask, advantages + values, 0.0)
-    return advantages, returns
+    batch = mask.shape[0]
+    steps_per_row = mask.sum(dim=1)
+    longest = int(steps_per_row.max()) if batch else 0
+    # positions of each row's steps, in order, then the rest (stable sort keeps the order)
+    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :longest]
+    rank = torch.arange(longest, device=mask.device)
+    is_step = rank[None, :] < steps_per_row[:, None]
+
+    step_values = torch.where(is_step, values.detach().double().gather(1, order), 0.0)
+    next_values = torch.nn.functional.pad(step_values[:, 1:], (0, 1))  # the terminal state is worth 0
+    is_last = rank[None, :] == (steps_per_row[:, None] - 1)
+    step_rewards = torch.where(is_last, rewards.detach().double().to(mask.device)[:, None], 0.0)
+    deltas = torch.where(is_step, step_rewards + gamma * next_values - step_values, 0.0)
+
+    offset = rank[None, :] - rank[:, None]  # [i, j] = j - i
+    powers = (gamma * lam) ** rank.double()
+    discount = torch.where(offset >= 0, powers[offset.clamp_min(0)], 0.0)
+    step_advantages = deltas @ discount.T
+
+    advantages = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device).scatter(1, order, step_advantages)
+    returns = torch.zeros_like(advantages).scatter(1, order, torch.where(is_step, step_advantages + step_values, 0.0))
+    return advantages.float(), returns.float()
 
 
 @torch.no_grad()
