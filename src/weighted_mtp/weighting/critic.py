@@ -12,10 +12,10 @@ last step:
     A_i     = sum_l (gamma * lambda)^l delta_{i+l}      returns_i = A_i + V[p_i]
 
 Why this indexing: the value is read *before* the token it judges, so A_i is the advantage of
-emitting token p_i + 1 and sits at the position where head 1 predicts that token — the weight
-needs no shift for head 1, and head k reads it at p - k + 1 like the labels. The prompt-only
-state (the last prompt position) gets a value and is trained; the state after the final token is
-terminal and is not. For a contiguous response, p_{i+1} = p_i + 1; if a row has gaps (tokens
+emitting token p_i + 1 and sits at the position where head 1 predicts that token: head 1 uses
+it as is, and head k at position p reads the weight stored at p+k-1 (for labels[p+k]). The
+prompt-only state (the last prompt position) gets a value and is trained; the state after the final
+token is terminal and is not. For a contiguous response, p_{i+1} = p_i + 1; if a row has gaps (tokens
 without loss inside the response) they are skipped: the next state is the next decision state.
 
 Everything is computed per micro-batch on each rank (z-scoring included) and is detached: the
@@ -67,7 +67,7 @@ def gae_advantages(
     is_step = rank[None, :] < steps_per_row[:, None]
 
     step_values = torch.where(is_step, values.detach().double().gather(1, order), 0.0)
-    next_values = torch.nn.functional.pad(step_values[:, 1:], (0, 1))  # the terminal state is worth 0
+    next_values = F.pad(step_values[:, 1:], (0, 1))  # the terminal state is worth 0
     is_last = rank[None, :] == (steps_per_row[:, None] - 1)
     step_rewards = torch.where(is_last, rewards.detach().double().to(mask.device)[:, None], 0.0)
     deltas = torch.where(is_step, step_rewards + gamma * next_values - step_values, 0.0)
