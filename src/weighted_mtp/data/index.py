@@ -108,6 +108,12 @@ class SplitIndex:
                 f"{self.paths.metadata}: field 'format' is {self.metadata.get('format')!r}, this version reads "
                 f"{FORMAT_VERSION}; run `wmtp data prepare` again"
             )
+        try:
+            self._load_tables()
+        except KeyError as exc:
+            raise DataError(f"{self.paths.metadata}: missing field {exc.args[0]!r}; run `wmtp data prepare` again") from None
+
+    def _load_tables(self) -> None:
         for key, path in (("jsonl", self.paths.jsonl), ("problems_file", self.paths.problems), ("rows_file", self.paths.rows)):
             check_file(path, self.metadata[key], self.paths.metadata)
         self.rows: np.ndarray = np.load(self.paths.rows, mmap_mode="r")

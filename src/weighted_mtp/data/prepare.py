@@ -99,6 +99,7 @@ def write_processed_split(
                 }
             )
             for is_correct, outputs in ((True, problem.correct), (False, problem.incorrect)):
+                lengths.extend(len(ids) for ids in _encode_all(tokenizer, outputs))
                 for output in outputs:
                     offsets.append(
                         solutions.write_line(
@@ -113,7 +114,6 @@ def write_processed_split(
                             }
                         )
                     )
-                    lengths.append(len(tokenizer.encode(output)))
                     problem_numbers.append(number)
                     correct.append(int(is_correct))
         if not offsets:
@@ -151,6 +151,14 @@ def write_processed_split(
         indent=None,
     )
     return SplitIndex(out_dir, split)
+
+
+def _encode_all(tokenizer: TextEncoder, texts: list[str]) -> list[list[int]]:
+    """One call for a problem's solutions when the tokenizer can batch (the Rust tokenizer runs them in parallel)."""
+    encode_batch = getattr(tokenizer, "encode_batch", None)
+    if encode_batch is not None and texts:
+        return encode_batch(texts)
+    return [tokenizer.encode(text) for text in texts]
 
 
 def _prompt_text(problem: Problem) -> str:

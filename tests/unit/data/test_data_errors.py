@@ -131,3 +131,15 @@ def test_copied_dataset_directory_still_opens(shared_data, tmp_path, tokenizer):
     copy = tmp_path / "copy"
     shutil.copytree(index.directory, copy, copy_function=shutil.copyfile)  # new mtimes
     assert SplitIndex(copy, "validation").read([4]) == index.read([4])
+
+
+def test_damaged_metadata(shared_data, tmp_path, tokenizer):
+    index = _prepare(_raw_mbpp(shared_data, tmp_path), tmp_path, tokenizer)
+    metadata = json.loads(index.paths.metadata.read_text())
+    del metadata["problems"]
+    index.paths.metadata.write_text(json.dumps(metadata))
+    with pytest.raises(DataError, match=r"validation_metadata\.json: missing field 'problems'"):
+        SplitIndex(index.directory, "validation")
+    index.paths.metadata.write_text("{")
+    with pytest.raises(DataError, match=r"validation_metadata\.json:1: malformed JSON"):
+        SplitIndex(index.directory, "validation")
