@@ -101,7 +101,10 @@ def _launch_mlflow(root: Path) -> _Launched:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Launch the MLflow server as soon as a selected test needs it: it starts while other tests run."""
-    if any("mlflow_server" in getattr(item, "fixturenames", ()) for item in session.items) and not _early_mlflow:
+    if (
+        any("mlflow_server" in getattr(item, "fixturenames", ()) for item in session.items)
+        and not _early_mlflow
+    ):
         _early_mlflow.append(_launch_mlflow(Path(tempfile.mkdtemp(prefix="wmtp-mlflow-server-"))))
 
 
@@ -117,7 +120,12 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     """`mlflow server` on 127.0.0.1:<free port>, SQLite backend and proxied artifacts in a temp dir."""
     launched = _early_mlflow[0] if _early_mlflow else _launch_mlflow(tmp_path_factory.mktemp("mlflow_server"))
     try:
-        _wait_until_up(f"{launched.server.uri}/health", launched.proc, launched.root / "server.log", MLFLOW_START_TIMEOUT_S)
+        _wait_until_up(
+            f"{launched.server.uri}/health",
+            launched.proc,
+            launched.root / "server.log",
+            MLFLOW_START_TIMEOUT_S,
+        )
         yield launched.server
     finally:
         _stop(launched.proc)
@@ -140,7 +148,9 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """moto's S3-compatible server as a separate process on 127.0.0.1:<free port>."""
     root = tmp_path_factory.mktemp("s3_server")
     port = free_port()
-    proc = _start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], root / "server.log", cwd=root)
+    proc = _start(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], root / "server.log", cwd=root
+    )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         _wait_until_up(f"{endpoint}/moto-api/", proc, root / "server.log", MOTO_START_TIMEOUT_S)

@@ -129,7 +129,15 @@ def test_upload_killed_midway_leaves_no_complete_checkpoint_and_prune_cleans_it(
     local = make_checkpoint(tmp_path / "ckpt", seed=5)
     ready = tmp_path / "second-file-in-flight"
     proc = subprocess.Popen(
-        [sys.executable, "-c", UPLOAD_THEN_HANG, s3_bucket["endpoint_url"], s3_bucket["bucket"], str(local), str(ready)],
+        [
+            sys.executable,
+            "-c",
+            UPLOAD_THEN_HANG,
+            s3_bucket["endpoint_url"],
+            s3_bucket["bucket"],
+            str(local),
+            str(ready),
+        ],
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")},
     )
     try:
@@ -171,8 +179,14 @@ def test_artifacts_round_trip(s3_bucket, tmp_path):
     (tmp_path / "report" / "eval.json").write_text('{"pass@1": 0.5}')
     (tmp_path / "report" / "plots").mkdir()
     (tmp_path / "report" / "plots" / "loss.svg").write_text("<svg/>")
-    assert store.upload_artifacts(tmp_path / "report", "eval/mbpp") == f"s3://{s3_bucket['bucket']}/runs/test/artifacts/eval/mbpp"
-    assert store.upload_artifact(tmp_path / "report" / "eval.json") == f"s3://{s3_bucket['bucket']}/runs/test/artifacts/eval.json"
+    assert (
+        store.upload_artifacts(tmp_path / "report", "eval/mbpp")
+        == f"s3://{s3_bucket['bucket']}/runs/test/artifacts/eval/mbpp"
+    )
+    assert (
+        store.upload_artifact(tmp_path / "report" / "eval.json")
+        == f"s3://{s3_bucket['bucket']}/runs/test/artifacts/eval.json"
+    )
     assert store.list_artifacts() == ["eval.json", "eval/mbpp/eval.json", "eval/mbpp/plots/loss.svg"]
     assert store.list_artifacts("eval/mbpp/plots") == ["eval/mbpp/plots/loss.svg"]
     out = store.download_artifact("eval/mbpp/plots/loss.svg", tmp_path / "down" / "loss.svg")
@@ -189,7 +203,9 @@ def test_credentials_never_appear_in_logs_or_errors(s3_bucket, aws_env, tmp_path
     store.prune_checkpoints(keep_last=1)
     errors = []
     for action in (
-        lambda: S3Store("no-such-bucket-wmtp", endpoint_url=s3_bucket["endpoint_url"], region="us-east-1").check(),
+        lambda: S3Store(
+            "no-such-bucket-wmtp", endpoint_url=s3_bucket["endpoint_url"], region="us-east-1"
+        ).check(),
         lambda: store.download_checkpoint("missing", tmp_path / "x"),
         lambda: store.upload_artifact(tmp_path / "missing.json"),
     ):
@@ -208,7 +224,9 @@ def test_missing_credentials_and_unreachable_endpoint_are_clear_errors(s3_server
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(WMTPError, match="no AWS credentials.*AWS_ACCESS_KEY_ID"):
-        build_s3_store(Config(s3={"bucket": "b", "endpoint_url": s3_server.endpoint_url, "region": "us-east-1"}))
+        build_s3_store(
+            Config(s3={"bucket": "b", "endpoint_url": s3_server.endpoint_url, "region": "us-east-1"})
+        )
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")

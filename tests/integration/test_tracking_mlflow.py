@@ -20,7 +20,6 @@ from weighted_mtp.tracking import MlflowTracker, build_tracker, flatten_params
 from weighted_mtp.tracking.mlflow_tracker import MAX_PARAM_VALUE_LENGTH
 
 
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -84,7 +83,9 @@ def test_embedded_sqlite_store_is_the_default(in_tmp_repo):
     client = MlflowClient(tracking_uri=config.tracking.uri)
     run = client.get_run(run_id)
     assert run.data.params["experiment.name"] == "embedded"
-    assert [m.value for m in client.get_metric_history(run_id, "val/loss")] == pytest.approx([1.0, 0.5, 1 / 3])
+    assert [m.value for m in client.get_metric_history(run_id, "val/loss")] == pytest.approx(
+        [1.0, 0.5, 1 / 3]
+    )
     artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
     assert store.resolve() in artifacts.resolve().parents
     assert (artifacts / "config.yaml").is_file() and (artifacts / "model" / "model.safetensors").is_file()
@@ -125,12 +126,16 @@ def test_run_on_server_logs_config_metrics_artifacts_and_model_version(mlflow_se
     assert float(params["training.lr"]) == 3e-4
     assert json.loads(params["data.difficulty_bins"]) == config.data.difficulty_bins
     assert params["tracking.uri"] == mlflow_server.uri
-    assert len(params["notes.long"]) == MAX_PARAM_VALUE_LENGTH and params["notes.long"].endswith("[truncated]")
+    assert len(params["notes.long"]) == MAX_PARAM_VALUE_LENGTH and params["notes.long"].endswith(
+        "[truncated]"
+    )
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     assert tags["checkpoint.latest"].endswith("step_000040") and tags["checkpoint.latest_step"] == "40"
     assert tags["wmtp.pipeline"] == "baseline"
 
-    history = rest_get(mlflow_server, "metrics/get-history", run_id=run_id, metric_key="train/loss")["metrics"]
+    history = rest_get(mlflow_server, "metrics/get-history", run_id=run_id, metric_key="train/loss")[
+        "metrics"
+    ]
     points = sorted((int(m["step"]), float(m["value"])) for m in history)
     assert points == [(10 * step, loss) for step, loss in enumerate(losses, start=1)]
 
@@ -142,7 +147,9 @@ def test_run_on_server_logs_config_metrics_artifacts_and_model_version(mlflow_se
     logged_config = Config.model_validate(yaml.safe_load(rest_artifact(mlflow_server, run_id, "config.yaml")))
     assert logged_config == config
 
-    version = rest_get(mlflow_server, "model-versions/get", name="wmtp-tracking-test", version="2")["model_version"]
+    version = rest_get(mlflow_server, "model-versions/get", name="wmtp-tracking-test", version="2")[
+        "model_version"
+    ]
     assert version["run_id"] == run_id
     assert version["source"] == f"runs:/{run_id}/model"
     assert version["status"] == "READY"
@@ -155,7 +162,9 @@ def test_resume_continues_the_same_run(mlflow_server):
     first.log_metrics({"train/loss": 3.0}, step=1)
     first.end(status="KILLED")
 
-    resumed_config = config.model_copy(update={"training": config.training.model_copy(update={"max_steps": 20})})
+    resumed_config = config.model_copy(
+        update={"training": config.training.model_copy(update={"max_steps": 20})}
+    )
     second = build_tracker(resumed_config)
     second.start(resumed_config, run_id=first.run_id)
     second.log_metrics({"train/loss": 2.0}, step=2)
@@ -168,8 +177,16 @@ def test_resume_continues_the_same_run(mlflow_server):
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     assert params["training.max_steps"] == "7"
     assert tags["resumed.training.max_steps"] == "20"
-    history = rest_get(mlflow_server, "metrics/get-history", run_id=run_id, metric_key="train/loss")["metrics"]
+    history = rest_get(mlflow_server, "metrics/get-history", run_id=run_id, metric_key="train/loss")[
+        "metrics"
+    ]
     assert sorted(m["value"] for m in history) == [2.0, 3.0]
+
+    unknown = "0" * 32  # e.g. a checkpoint written while tracking to another store
+    third = build_tracker(config)
+    third.start(config, run_id=unknown)
+    assert third.run_id not in (None, unknown, run_id)
+    third.end()
 
 
 def test_unreachable_server_is_a_clear_error_naming_the_uri():

@@ -45,7 +45,10 @@ def test_flatten_params_gives_dotted_keys_and_mlflow_sized_values():
 
 
 def test_uri_helpers():
-    assert redact_uri("https://user:s3cret@mlflow.example.com:8443/x") == "https://user:***@mlflow.example.com:8443/x"
+    assert (
+        redact_uri("https://user:s3cret@mlflow.example.com:8443/x")
+        == "https://user:***@mlflow.example.com:8443/x"
+    )
     assert redact_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     assert str(sqlite_path("sqlite:///storage/mlruns/mlflow.db")) == "storage/mlruns/mlflow.db"
     assert str(sqlite_path("sqlite:////abs/mlflow.db")) == "/abs/mlflow.db"

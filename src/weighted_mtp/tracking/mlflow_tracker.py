@@ -45,7 +45,9 @@ class Tracker(Protocol):
     @property
     def run_id(self) -> str | None: ...
 
-    def start(self, config: Config | Mapping[str, Any] | None = None, *, run_id: str | None = None) -> None: ...
+    def start(
+        self, config: Config | Mapping[str, Any] | None = None, *, run_id: str | None = None
+    ) -> None: ...
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
 
@@ -194,7 +196,8 @@ class MlflowTracker:
         return self._run_id
 
     def __repr__(self) -> str:
-        return f"MlflowTracker(uri={redact_uri(self.uri)!r}, experiment={self.experiment!r}, run_id={self._run_id!r})"
+        uri = redact_uri(self.uri)
+        return f"MlflowTracker(uri={uri!r}, experiment={self.experiment!r}, run_id={self._run_id!r})"
 
     # -- lifecycle
 
@@ -212,6 +215,9 @@ class MlflowTracker:
             db.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            if run_id is not None and not self._run_exists(run_id):
+                log.warning("MLflow run %s is not in %s; starting a new run", run_id, redact_uri(self.uri))
+                run_id = None
             if run_id is not None:
                 self._client.update_run(run_id, status="RUNNING")
                 self._run_id = run_id
@@ -226,6 +232,17 @@ class MlflowTracker:
         log.info("MLflow run %s in experiment %r at %s", self._run_id, self.experiment, redact_uri(self.uri))
         if config is not None:
             self._log_config(config, resumed=run_id is not None)
+
+    def _run_exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        assert self._client is not None
+        try:
+            return self._client.get_run(run_id).info.lifecycle_stage != "deleted"
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
 
     def _experiment_id(self, db: Path | None) -> str:
         """The experiment's id, created on first use; embedded stores keep artifacts beside the database."""
@@ -262,7 +279,9 @@ class MlflowTracker:
         logged = self._client.get_run(self._run_id).data.params
         changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
         if changed:
-            log.warning("resumed MLflow run %s with changed settings: %s", self._run_id, ", ".join(sorted(changed)))
+            log.warning(
+                "resumed MLflow run %s with changed settings: %s", self._run_id, ", ".join(sorted(changed))
+            )
             self.set_tags({f"resumed.{k}": v for k, v in changed.items()})
         return {k: v for k, v in params.items() if k not in logged}
 
@@ -273,7 +292,9 @@ class MlflowTracker:
         self._client.set_terminated(self._run_id, status=status)
         self._ended = True
         if self._metric_failures:
-            log.warning("%d metric batches could not be logged to %s", self._metric_failures, redact_uri(self.uri))
+            log.warning(
+                "%d metric batches could not be logged to %s", self._metric_failures, redact_uri(self.uri)
+            )
 
     # -- logging
 
@@ -353,10 +374,15 @@ class MlflowTracker:
             )
         except MlflowException as exc:
             if exc.error_code in ("ENDPOINT_NOT_FOUND", "FEATURE_DISABLED", "NOT_IMPLEMENTED"):
-                log.warning("the MLflow store at %s has no model registry; %r not registered",
-                            redact_uri(self.uri), name)
+                log.warning(
+                    "the MLflow store at %s has no model registry; %r not registered",
+                    redact_uri(self.uri),
+                    name,
+                )
                 return None
-            raise WMTPError(f"tracking: registering model {name!r} at {redact_uri(self.uri)} failed: {exc.message}") from None
+            raise WMTPError(
+                f"tracking: registering model {name!r} at {redact_uri(self.uri)} failed: {exc.message}"
+            ) from None
         self.set_tags({"registered_model": f"{name}/{version.version}"})
         log.info("registered model %r version %s", name, version.version)
         return str(version.version)

@@ -60,13 +60,15 @@ def file_sha256(path: Path) -> str:
 
 
 def _natural_key(name: str) -> list[Any]:
-    """"step_20" before "step_100": digit runs compare as numbers."""
+    """ "step_20" before "step_100": digit runs compare as numbers."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def _check_name(name: str) -> None:
     if not name or "/" in name or name in (".", "..") or name.strip() != name:
-        raise CheckpointError(f"invalid checkpoint name {name!r}: use a single path component, e.g. step_000100")
+        raise CheckpointError(
+            f"invalid checkpoint name {name!r}: use a single path component, e.g. step_000100"
+        )
 
 
 class S3Store:
@@ -165,11 +167,17 @@ class S3Store:
         except (BotoCoreError, ClientError) as exc:
             raise self._error(f"uploading checkpoint {name!r} to", exc) from None
         except OSError as exc:
-            raise CheckpointError(f"{local_dir}: uploading checkpoint {name!r} failed reading a file: {exc}") from exc
+            raise CheckpointError(
+                f"{local_dir}: uploading checkpoint {name!r} failed reading a file: {exc}"
+            ) from exc
         total = sum(f["size"] for f in manifest_files)
         log.info(
             "uploaded checkpoint %s (%d files, %.1f MB) to %s in %.1fs",
-            name, len(files), total / 1e6, self.uri(CHECKPOINTS, name), time.monotonic() - started,
+            name,
+            len(files),
+            total / 1e6,
+            self.uri(CHECKPOINTS, name),
+            time.monotonic() - started,
         )
         return self.uri(CHECKPOINTS, name)
 
@@ -192,7 +200,8 @@ class S3Store:
         manifest = self._manifest(name)
         if manifest is None:
             raise CheckpointError(
-                f"{self.uri(CHECKPOINTS, name)}: no complete checkpoint (never uploaded, or its upload was interrupted)"
+                f"{self.uri(CHECKPOINTS, name)}: no complete checkpoint "
+                "(never uploaded, or its upload was interrupted)"
             )
         local_dir = Path(local_dir)
         try:
@@ -200,7 +209,9 @@ class S3Store:
                 for entry in manifest["files"]:
                     target = tmp / entry["path"]
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    self._client.download_file(self.bucket, self._key(CHECKPOINTS, name, entry["path"]), str(target))
+                    self._client.download_file(
+                        self.bucket, self._key(CHECKPOINTS, name, entry["path"]), str(target)
+                    )
                     if target.stat().st_size != entry["size"] or file_sha256(target) != entry["sha256"]:
                         raise CheckpointError(
                             f"{self.uri(CHECKPOINTS, name, entry['path'])}: content does not match its manifest"
@@ -216,7 +227,9 @@ class S3Store:
         base = self._key(CHECKPOINTS) + "/"
         found: dict[str, _StoredCheckpoint] = {}
         try:
-            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+            for page in self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=base
+            ):
                 for obj in page.get("Contents", []):
                     name, _, rest = obj["Key"][len(base) :].partition("/")
                     entry = found.setdefault(name, _StoredCheckpoint(name, None, obj["LastModified"], []))
@@ -253,7 +266,9 @@ class S3Store:
             self._client.delete_object(Bucket=self.bucket, Key=prefix + MARKER)
             keys = [
                 obj["Key"]
-                for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+                for page in self._client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=prefix
+                )
                 for obj in page.get("Contents", [])
             ]
             self._delete_keys(keys)
@@ -268,7 +283,8 @@ class S3Store:
             raise ValueError("keep_last must be at least 1")
         stored = self._stored_checkpoints()
         complete = sorted(
-            (c for c in stored if c.completed_at is not None), key=lambda c: (c.completed_at, _natural_key(c.name))
+            (c for c in stored if c.completed_at is not None),
+            key=lambda c: (c.completed_at, _natural_key(c.name)),
         )
         doomed = complete[: max(0, len(complete) - keep_last)]
         if complete:
@@ -315,7 +331,9 @@ class S3Store:
         try:
             return sorted(
                 obj["Key"][len(base) :]
-                for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+                for page in self._client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=prefix
+                )
                 for obj in page.get("Contents", [])
             )
         except (BotoCoreError, ClientError) as exc:
