@@ -58,6 +58,7 @@ def train_with_objective(config: Config, make_objective: ObjectiveFactory, *, re
             build_tracker(config, env.rank),
             env=env,
             s3_store=run_s3_store(config) if env.is_main else None,
+            tokenizer=tokenizer,
         )
         return trainer.fit(resume=resume)
     finally:

@@ -99,7 +99,7 @@ def trainable_state_dict(modules: nn.Module, *, full: bool = True) -> dict[str, 
     return get_model_state_dict(modules, options=_options(full, ignore_frozen_params=True))
 
 
-def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def distinct_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors that share memory (tied embeddings): give each its own copy."""
     seen: set[int] = set()
     out = {}
@@ -156,7 +156,7 @@ def save_checkpoint(
         model_state = trainable_state_dict(modules, full=True)
         optim_state = get_optimizer_state_dict(modules, optimizer, options=_options(True))
         if env.is_main:
-            save_file(_unshare(model_state), tmp / "model.safetensors")
+            save_file(distinct_tensors(model_state), tmp / "model.safetensors")
             torch.save(optim_state, tmp / "optimizer.pt")
     torch.save({"rng": rng_state(), "loader": loader_state}, tmp / f"rank_{env.rank}.pt")
     if env.is_main:

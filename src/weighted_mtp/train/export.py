@@ -1,8 +1,9 @@
 """The trained model as a standalone directory that `load_model` reads back.
 
-Layout (the native checkpoint format): `model.safetensors` (LoRA adapters merged into the base
-weights), `config.json` (the model's ModelArgs), and one `<name>.safetensors` per extra trained
-module (a value head). Every rank takes part in gathering the weights; rank 0 writes.
+Layout: the native checkpoint format of `weighted_mtp.models.checkpoints.native` (`model.safetensors`
+with LoRA adapters merged into the base weights, `config.json`, the tokenizer), plus one
+`<name>.safetensors` per extra trained module (a value head). Every rank takes part in gathering
+the weights; rank 0 writes.
 """
 
 from __future__ import annotations
@@ -29,21 +30,32 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def export_trained_model(directory: Path, modules: nn.ModuleDict, config: Config, env: DistEnv) -> Path | None:
+def export_trained_model(
+    directory: Path, modules: nn.ModuleDict, config: Config, env: DistEnv, tokenizer=None
+) -> Path:
     from safetensors.torch import save_file
 
-    from weighted_mtp.train.checkpoint import _unshare
+    from weighted_mtp.models.checkpoints.native import FORMAT, WEIGHTS
+    from weighted_mtp.train.checkpoint import distinct_tensors
 
     lora = config.training.lora
     scaling = lora_scaling(lora.r, lora.alpha)
     states = {name: merge_lora_state_dict(full_state_dict(module), scaling) for name, module in modules.items()}
     if env.is_main:
-        model = modules["model"]
+        args = modules["model"].args
+        model_state = states.pop("model")
+        if args.tie_embeddings:
+            model_state.pop("output.weight", None)  # the embedding matrix itself
         with atomic_directory(directory) as tmp:
-            save_file(_unshare(states.pop("model")), tmp / "model.safetensors")
-            (tmp / "config.json").write_text(json.dumps(model.args.to_dict(), indent=2) + "\n")
+            save_file(distinct_tensors(model_state), tmp / WEIGHTS, metadata={"format": "pt"})
+            dtype = str(next(iter(model_state.values())).dtype).removeprefix("torch.")
+            manifest = {"format": FORMAT, "model_args": args.to_dict(), "dtype": dtype,
+                        "extra": {"modules": sorted(states), "experiment": config.experiment.name}}
+            (tmp / "config.json").write_text(json.dumps(manifest, indent=2) + "\n")
             for name, state in states.items():
-                save_file(_unshare(state), tmp / f"{name}.safetensors")
+                save_file(distinct_tensors(state), tmp / f"{name}.safetensors")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
         log.info("exported the trained model to %s", directory)
     barrier(env)
     return Path(directory)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -82,12 +86,72 @@ def print_plan(plan: RunPlan, config: Config, console: Console) -> None:
     console.print(table)
 
 
+def _scratch_paths(config: Config, scratch: Path) -> Config:
+    """The config with every path the build would write under pointed at `scratch`, unless what the
+    build needs is already there: a dry run reads existing storage and writes nothing."""
+    from weighted_mtp.data.index import SplitPaths
+    from weighted_mtp.data.prepare import processed_dir
+
+    paths = config.paths
+    updates: dict[str, Path] = {}
+    named_model = config.model.name in ("micro", "smollm2-135m")
+    if named_model and not (paths.models / "smollm2-135m" / "tokenizer.json").is_file():
+        updates["models"] = scratch / "models"
+    splits = [config.data.split]
+    if not all(
+        SplitPaths.of(processed_dir(paths.datasets, config.data.dataset), split).metadata.is_file() for split in splits
+    ):
+        updates["datasets"] = scratch / "datasets"
+    return config.model_copy(update={"paths": paths.model_copy(update=updates)}) if updates else config
+
+
+def one_training_step(config: Config, console: Console) -> dict[str, float]:
+    """Build the model, the data and the pipeline's objective, and run one forward and backward pass."""
+    from weighted_mtp.data import build_loader
+    from weighted_mtp.models.loading import load_model_from_config
+    from weighted_mtp.pipelines import objective_factory
+    from weighted_mtp.train import distributed as D
+    from weighted_mtp.train.trainer import seed_everything
+
+    seed_everything(config.seed)
+    start = time.perf_counter()
+    env = D.DistEnv(device=D.resolve_device(config.device))
+    model, tokenizer = load_model_from_config(config)
+    model.to(env.device)
+    loader = build_loader(config, tokenizer, split=config.data.split)
+    objective = objective_factory(config.experiment.pipeline)(config, model, tokenizer, env)
+    batch = next(iter(loader)).to(env.device)
+    step_start = time.perf_counter()
+    metrics = objective.forward_backward(model, batch, loss_scale=1.0)
+    step_s = time.perf_counter() - step_start
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    for module in objective.trainable_modules().values():
+        parameters += [p for p in module.parameters() if p.grad is not None]
+    grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters]))) if parameters else 0.0
+    tokens = int(batch.attention_mask.sum())
+    summary = {
+        "loss": float(metrics["loss"]),
+        "grad_norm": grad_norm,
+        "batch_shape": tuple(batch.input_ids.shape),
+        "tokens": tokens,
+        "step_s": step_s,
+        "build_s": step_start - start,
+    }
+    console.print(
+        f"one step on one batch {summary['batch_shape']} ({tokens} tokens): loss {summary['loss']:.4f}, "
+        f"grad norm {grad_norm:.4f}, forward+backward {step_s:.2f} s (build {summary['build_s']:.1f} s)"
+    )
+    return summary
+
+
 def dry_run(resolved: ResolvedConfig) -> int:
-    """Validate, print the resolved config and the plan, and write nothing."""
+    """Validate, print the resolved config and the plan, run one step on one batch; write nothing."""
     config = resolved.config
     console = Console(soft_wrap=True)
     console.print("# resolved configuration (layers: " + " < ".join(["schema defaults", *resolved.sources]) + ")")
     console.print(config_to_yaml(config), markup=False, highlight=False, end="")
     print_plan(make_plan(config), config, console)
+    with tempfile.TemporaryDirectory(prefix="wmtp-dry-run-") as scratch:
+        one_training_step(_scratch_paths(config, Path(scratch)), console)
     log.info("dry run: nothing written")
     return 0

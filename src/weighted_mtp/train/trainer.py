@@ -102,6 +102,7 @@ class Trainer:
         *,
         env: D.DistEnv | None = None,
         s3_store: Any | None = None,
+        tokenizer: Any | None = None,
         export_model: bool = True,
     ) -> None:
         self.config = config
@@ -116,6 +117,7 @@ class Trainer:
             tracker = NullTracker()
         self.tracker = tracker
         self.s3_store = s3_store
+        self.tokenizer = tokenizer
         self.export_model = export_model
         self.run_dir = Path(config.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -586,11 +588,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ export
 
-    def _export(self) -> Path | None:
+    def _export(self) -> Path:
         """The trained model as a standalone directory (LoRA merged), registered with the tracker."""
         from weighted_mtp.train.export import export_trained_model
 
-        model_dir = export_trained_model(self.run_dir / "final", self.modules, self.config, self.env)
+        model_dir = export_trained_model(
+            self.run_dir / "final", self.modules, self.config, self.env, tokenizer=self.tokenizer
+        )
         if self.env.is_main and model_dir is not None and self.config.tracking.register_model:
             self.tracker.register_model(model_dir, self.config.experiment.name)
         return model_dir
