@@ -1,0 +1,265 @@
+"""Batched sampling with the KV cache: greedy, temperature, top-p, n samples, stop sequences.
+
+Prompts of different lengths are left-padded into one batch; the padding is masked out as keys
+(RoPE is relative, so a left-padded row computes the same logits as the row alone). Each row
+samples from its own `torch.Generator`, seeded from (seed, prompt index, sample index), so a
+sample does not depend on the batch it ran in, nor on `batch_size`. Rows that finish leave the
+batch (their cache rows are dropped), so a long straggler does not drag finished rows along.
+
+- `generate`: text in, `Completion`s out; `n_samples` per prompt, stop sequences checked on the
+  decoded text, `batch_size` rows at a time.
+- `generate_ids`: token ids in and out, one batch; what `generate` and the rollout code build on.
+- `sample_next`: the sampling rule alone (greedy, temperature, nucleus), for reuse and tests.
+
+Self-speculative decoding (greedy, batch size 1) lives in `speculative.py`; `generate` uses it
+when asked with `speculative=True` and `temperature == 0`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+FinishReason = Literal["stop", "eos", "length"]
+# stop_when(row, generated_ids) -> True to end that row (e.g. a stop sequence appeared in its text)
+StopFn = Callable[[int, list[int]], bool]
+
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass
+class GeneratedIds:
+    """One row's new tokens (the token that ended it included) and why it ended."""
+
+    token_ids: list[int]
+    finish_reason: FinishReason
+
+
+@dataclass
+class Completion:
+    """One sample for one prompt.
+
+    `text` is the decoded completion, cut before the first stop sequence (special tokens skipped);
+    `token_ids` are every token generated, the one that ended generation included; `finish_reason`
+    is "stop" (a stop sequence), "eos" (a stop token such as EOS) or "length" (max_new_tokens).
+    """
+
+    text: str
+    token_ids: list[int] = field(repr=False)
+    finish_reason: FinishReason
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "n_tokens": self.n_tokens, "finish_reason": self.finish_reason}
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """A generator seed for one (prompt, sample): independent of batching and of the other rows."""
+    digest = hashlib.blake2b(f"{seed}:{prompt_index}:{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def nucleus_mask(sorted_probs: Tensor, top_p: float) -> Tensor:
+    """For probabilities sorted in descending order: keep the smallest prefix whose mass reaches top_p.
+
+    A token is kept when the mass strictly before it is below top_p, so the most likely token always is.
+    """
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    return mass_before < top_p
+
+
+def sample_next(
+    logits: Tensor, *, temperature: float, top_p: float = 1.0, generators: Sequence[torch.Generator] = ()
+) -> Tensor:
+    """Next token per row from logits [B, V]: argmax when temperature == 0, else nucleus sampling.
+
+    Sampling inverts the cumulative distribution at one uniform draw per row from that row's own
+    generator, which keeps a row's samples independent of the rest of the batch.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    if len(generators) != logits.shape[0]:
+        raise ValueError(f"sampling needs one generator per row: {len(generators)} for {logits.shape[0]} rows")
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        probs = probs * nucleus_mask(probs, top_p)
+    else:
+        order = None  # inverting the CDF in vocabulary order is just as valid, and skips the sort
+    cdf = probs.cumsum(dim=-1)
+    uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).to(cdf.device)
+    targets = (uniform * cdf[:, -1].double()).to(cdf.dtype)
+    picks = torch.searchsorted(cdf, targets[:, None], right=True).clamp_max(cdf.shape[-1] - 1)
+    return (order.gather(-1, picks) if order is not None else picks).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- token ids
+
+
+def _drop_rows(cache, keep: Tensor) -> None:
+    """Keep only the rows `keep` of every K/V buffer (trunk, head 1 and extra heads)."""
+    for layer in (*cache.layers, *cache.extra_heads):
+        layer.k = layer.k.index_select(0, keep)
+        layer.v = layer.v.index_select(0, keep)
+    cache.batch_size = int(keep.numel())
+
+
+@torch.inference_mode()
+def generate_ids(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_ids: Collection[int] = (),
+    stop_when: StopFn | None = None,
+    seeds: Sequence[int] | None = None,
+    seed: int = 0,
+    pad_id: int = 0,
+) -> list[GeneratedIds]:
+    """Continue every prompt (one row each, all in one batch) by up to `max_new_tokens` tokens.
+
+    A row ends at a token in `stop_ids` ("eos"), when `stop_when(row, ids)` says so ("stop"), or at
+    `max_new_tokens` ("length"). `seeds` gives each row's generator seed (default: derived from
+    `seed` and the row index); unused when greedy. Every prompt needs at least one token.
+    """
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (e.g. BOS)")
+    if not prompts:
+        return []
+    device = model.tok_embeddings.weight.device
+    n_rows, longest = len(prompts), max(len(p) for p in prompts)
+    seeds = list(seeds) if seeds is not None else [row_seed(seed, row, 0) for row in range(n_rows)]
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    stop_ids = set(stop_ids)
+
+    tokens = torch.full((n_rows, longest), pad_id, dtype=torch.long, device=device)
+    mask = torch.ones((n_rows, longest + max_new_tokens), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        tokens[row, longest - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[row, : longest - len(prompt)] = 0
+    padded = bool((mask == 0).any())
+
+    results: list[GeneratedIds | None] = [None] * n_rows
+    generated: list[list[int]] = [[] for _ in range(n_rows)]
+    active = list(range(n_rows))  # original row of each batch row
+    cache = model.new_cache(n_rows, longest + max_new_tokens)
+    logits = model(tokens, cache=cache, attention_mask=mask if padded else None).logits[:, -1, 0]
+    position = longest
+    for step in range(max_new_tokens):
+        next_tokens = sample_next(
+            logits, temperature=temperature, top_p=top_p, generators=[generators[r] for r in active]
+        )
+        still_running: list[int] = []
+        for batch_row, (row, token) in enumerate(zip(active, next_tokens.tolist())):
+            generated[row].append(token)
+            if token in stop_ids:
+                results[row] = GeneratedIds(generated[row], "eos")
+            elif stop_when is not None and stop_when(row, generated[row]):
+                results[row] = GeneratedIds(generated[row], "stop")
+            elif step + 1 == max_new_tokens:
+                results[row] = GeneratedIds(generated[row], "length")
+            else:
+                still_running.append(batch_row)
+        if not still_running:
+            break
+        if len(still_running) < len(active):
+            keep = torch.tensor(still_running, device=device)
+            _drop_rows(cache, keep)
+            mask, next_tokens = mask.index_select(0, keep), next_tokens.index_select(0, keep)
+            active = [active[i] for i in still_running]
+            padded = bool((mask == 0).any())
+        logits = model(
+            next_tokens[:, None], start_pos=position, cache=cache, attention_mask=mask if padded else None
+        ).logits[:, -1, 0]
+        position += 1
+    return [r for r in results if r is not None]
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def _first_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Where the earliest stop sequence starts in text, or None."""
+    found = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return min(found) if found else None
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    n_samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    stop: Sequence[str] = (),
+    seed: int = 0,
+    batch_size: int | None = None,
+    add_bos: bool = False,
+    speculative: bool = False,
+) -> list[list[Completion]]:
+    """`n_samples` completions per prompt: result[i][j] is sample j of prompts[i].
+
+    Greedy when temperature == 0 (then the n samples are one decode, repeated). A sample ends at the
+    tokenizer's stop tokens (EOS and end-of-turn), at any string of `stop` in its decoded text (the
+    text is cut before it), or after `max_new_tokens`. Rows run `batch_size` at a time (default
+    32), longest prompts first; results do not depend on the batch size. `speculative=True` decodes
+    greedy samples one prompt at a time with the model's own MTP heads (same tokens, fewer forwards).
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be at least 1, got {n_samples}")
+    stop = [s for s in stop if s]
+    encoded = tokenizer.encode_batch(prompts, add_bos=add_bos)
+    distinct = 1 if temperature == 0 else n_samples
+    rows = [(i, j) for i in range(len(prompts)) for j in range(distinct)]
+    rows.sort(key=lambda row: -len(encoded[row[0]]))
+    batch_size = batch_size or DEFAULT_BATCH_SIZE
+
+    def stop_in_text(ids: list[int]) -> bool:
+        return _first_stop(tokenizer.decode(ids), stop) is not None
+
+    outputs: dict[tuple[int, int], GeneratedIds] = {}
+    if speculative and temperature == 0 and model.n_future_tokens > 1:
+        from weighted_mtp.eval.speculative import speculative_generate_ids
+
+        for prompt_index, sample_index in rows:
+            outputs[prompt_index, sample_index], _ = speculative_generate_ids(
+                model, encoded[prompt_index], max_new_tokens=max_new_tokens, stop_ids=tokenizer.stop_ids,
+                stop_when=(lambda _row, ids: stop_in_text(ids)) if stop else None,
+            )
+    else:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            generated = generate_ids(
+                model, [encoded[i] for i, _ in batch], max_new_tokens=max_new_tokens, temperature=temperature,
+                top_p=top_p, stop_ids=tokenizer.stop_ids, seeds=[row_seed(seed, i, j) for i, j in batch],
+                stop_when=(lambda _row, ids: stop_in_text(ids)) if stop else None, pad_id=tokenizer.pad_id,
+            )
+            outputs.update(zip(batch, generated))
+
+    completions: list[list[Completion]] = []
+    for i in range(len(prompts)):
+        samples = []
+        for j in range(n_samples):
+            result = outputs[i, j if distinct > 1 else 0]
+            text = tokenizer.decode(result.token_ids)
+            cut = _first_stop(text, stop)
+            samples.append(Completion(text if cut is None else text[:cut], list(result.token_ids), result.finish_reason))
+        completions.append(samples)
+    return completions
