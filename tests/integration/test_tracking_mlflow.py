@@ -102,6 +102,7 @@ def test_run_on_server_logs_config_metrics_artifacts_and_model_version(mlflow_se
     losses = [2.5, 2.1, 1.7, 1.6]
     for step, loss in enumerate(losses, start=1):
         tracker.log_metrics({"train/loss": loss, "train/head_1/ce": loss + 0.1}, step=step * 10)
+    tracker.log_metrics({"eval/pass@1": 0.25, "train/nonfinite": float("nan")}, step=40)
     long_value = "x" * (MAX_PARAM_VALUE_LENGTH + 500)
     tracker.log_params({"notes": {"long": long_value}})
     (tmp_path / "plots").mkdir()
@@ -138,6 +139,10 @@ def test_run_on_server_logs_config_metrics_artifacts_and_model_version(mlflow_se
     ]
     points = sorted((int(m["step"]), float(m["value"])) for m in history)
     assert points == [(10 * step, loss) for step, loss in enumerate(losses, start=1)]
+    pass_at_1 = rest_get(mlflow_server, "metrics/get-history", run_id=run_id, metric_key="eval/pass_at_1")
+    assert [float(m["value"]) for m in pass_at_1["metrics"]] == [0.25]
+    latest = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert str(latest["train/nonfinite"]).lower() == "nan"
 
     files = all_artifacts(mlflow_server, run_id)
     assert set(files) == {

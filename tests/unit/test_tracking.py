@@ -9,7 +9,7 @@ import pytest
 from weighted_mtp.config.schema import Config
 from weighted_mtp.errors import WMTPError
 from weighted_mtp.tracking import MlflowTracker, NullTracker, Tracker, build_tracker, flatten_params
-from weighted_mtp.tracking.mlflow_tracker import MAX_PARAM_VALUE_LENGTH, redact_uri, sqlite_path
+from weighted_mtp.tracking.mlflow_tracker import MAX_PARAM_VALUE_LENGTH, mlflow_key, redact_uri, sqlite_path
 
 
 def test_build_tracker_uses_mlflow_only_on_rank_zero_with_tracking_enabled():
@@ -42,6 +42,12 @@ def test_flatten_params_gives_dotted_keys_and_mlflow_sized_values():
     config_params = flatten_params(Config().model_dump(mode="json"))
     assert config_params["training.lr"] == str(Config().training.lr)
     assert all(len(v) <= MAX_PARAM_VALUE_LENGTH for v in config_params.values())
+
+
+def test_mlflow_key_makes_any_name_acceptable():
+    assert mlflow_key("eval/pass@1") == "eval/pass_at_1"
+    assert mlflow_key("train/head_2/ce") == "train/head_2/ce"
+    assert mlflow_key("val loss (ema)") == "val loss _ema_"
 
 
 def test_uri_helpers():

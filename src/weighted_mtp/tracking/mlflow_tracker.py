@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 import urllib.error
@@ -120,6 +121,11 @@ def _param_value(value: Any) -> str:
     else:
         text = str(value)
     return _truncate(text, MAX_PARAM_VALUE_LENGTH)
+
+
+def mlflow_key(key: str) -> str:
+    """A metric/param/tag name MLflow accepts: `eval/pass@1` -> `eval/pass_at_1`; other odd characters -> `_`."""
+    return re.sub(r"[^/\w.\- :]", "_", key.replace("@", "_at_"))
 
 
 def _truncate(text: str, limit: int) -> str:
@@ -308,7 +314,7 @@ class MlflowTracker:
         from mlflow.entities import Param
 
         flat = flatten_params(params)
-        items = [Param(key, value) for key, value in flat.items()]
+        items = [Param(mlflow_key(key), value) for key, value in flat.items()]
         for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
             client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
 
@@ -318,7 +324,9 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         timestamp = int(time.time() * 1000)
-        items = [Metric(key, float(value), timestamp, int(step)) for key, value in metrics.items()]
+        items = [
+            Metric(mlflow_key(key), float(value), timestamp, int(step)) for key, value in metrics.items()
+        ]
         try:
             for start in range(0, len(items), MAX_METRICS_PER_BATCH):
                 client.log_batch(run_id, metrics=items[start : start + MAX_METRICS_PER_BATCH])
@@ -330,7 +338,10 @@ class MlflowTracker:
         client, run_id = self._require_run()
         from mlflow.entities import RunTag
 
-        items = [RunTag(key, _truncate(str(value), MAX_TAG_VALUE_LENGTH)) for key, value in tags.items()]
+        items = [
+            RunTag(mlflow_key(key), _truncate(str(value), MAX_TAG_VALUE_LENGTH))
+            for key, value in tags.items()
+        ]
         for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
             client.log_batch(run_id, tags=items[start : start + MAX_PARAMS_PER_BATCH])
 
