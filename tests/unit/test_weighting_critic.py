@@ -272,3 +272,44 @@ def test_bce_matches_torch_on_logits():
     loss = critic_pretrain_loss(values, torch.tensor([1.0]), mask, kind="bce")
     expected = F.binary_cross_entropy_with_logits(values[:, :2], torch.ones(1, 2))
     torch.testing.assert_close(loss, expected)
+
+
+def test_critic_weights_and_value_loss_in_the_memory_efficient_loss():
+    """The docs' recipe: weights from no-grad values, value loss as trunk_loss_fn; equals the naive loss."""
+    from weighted_mtp.config.schema import ValueHeadConfig
+    from weighted_mtp.losses import mtp_forward_backward, mtp_loss_naive
+    from weighted_mtp.models.transformer import build_micro_model
+    from weighted_mtp.models.value_head import build_value_head
+
+    model = build_micro_model(40, 3, seed=0)
+    value_head = build_value_head(ValueHeadConfig(type="mlp"), model.args.dim)
+    rng = random.Random(0)
+    input_ids = torch.randint(0, 40, (4, 15), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(input_ids, -100)
+    attention_mask = torch.ones_like(input_ids)
+    for b in range(4):
+        prompt, end = rng.randint(1, 5), rng.randint(7, 15)
+        labels[b, prompt:end] = input_ids[b, prompt:end]
+        attention_mask[b, end:] = 0
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0])
+
+    scheme = CriticWeighting(gamma=1.0, lam=0.95, clip_min=0.1, clip_max=3.0)
+    with torch.no_grad():
+        old_values = value_head(model.trunk_forward(input_ids, attention_mask=attention_mask))
+    targets = scheme.targets(old_values, rewards, labels, n_heads=3)
+
+    def trunk_loss(h):
+        return 0.5 * value_loss(value_head(h), old_values, targets.returns, targets.step_mask, 0.2)
+
+    kwargs = dict(attention_mask=attention_mask, weights=targets.weights, head_weights=[1.0, 0.5, 0.25],
+                  trunk_loss_fn=trunk_loss)
+    out = mtp_forward_backward(model, input_ids, labels, **kwargs)
+    grads = [p.grad.clone() for p in value_head.parameters()]
+    model.zero_grad()
+    value_head.zero_grad()
+    loss, naive = mtp_loss_naive(model, input_ids, labels, **kwargs)
+    loss.backward()
+    torch.testing.assert_close(out.loss, loss.detach(), atol=1e-5, rtol=1e-5)
+    assert out.aux_loss.item() > 0
+    for fast, slow in zip(grads, [p.grad for p in value_head.parameters()]):
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)

@@ -219,3 +219,20 @@ def test_rho1_weights_in_the_memory_efficient_loss(micro_models, per_head):
     torch.testing.assert_close(out.loss, loss.detach(), atol=1e-5, rtol=1e-5)
     stats = scheme.stats(fn, masks)
     assert 0.0 < stats["selected"] < 1.0 and "excess_head1" in stats
+
+
+def test_per_head_with_a_one_head_reference_is_a_config_error(micro_models):
+    from weighted_mtp.errors import ConfigError
+
+    model, _ = micro_models
+    one_head = build_micro_model(48, 1, seed=2)
+    input_ids, attention_mask, labels = micro_batch(2)
+
+    class Batch:
+        pass
+
+    batch = Batch()
+    batch.input_ids, batch.attention_mask, batch.labels = input_ids, attention_mask, labels
+    with pytest.raises(ConfigError, match="rho1.per_head"):
+        Rho1Weighting(per_head=True).reference_ce(one_head, batch, n_heads=3)
+    assert Rho1Weighting(per_head=False).reference_ce(one_head, batch, n_heads=3).shape == (*labels.shape, 1)

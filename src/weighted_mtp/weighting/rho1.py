@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from weighted_mtp.errors import ConfigError
 from weighted_mtp.registry import WEIGHTING_SCHEMES
 from weighted_mtp.weighting.base import (
     IGNORE_INDEX,
@@ -182,6 +183,11 @@ class Rho1Weighting:
 
     def reference_ce(self, reference_model: nn.Module, batch: BatchLike, *, n_heads: int, chunk_size: int = 1024) -> Tensor:
         """The reference CE this scheme needs: every head with per_head, else head 1 only."""
+        if self.per_head and reference_model.n_future_tokens < n_heads:
+            raise ConfigError(
+                f"rho1.per_head is true but the reference model has {reference_model.n_future_tokens} head(s) "
+                f"for {n_heads} trained heads; set rho1.per_head: false or use a reference with {n_heads} heads"
+            )
         return reference_token_ce(
             reference_model,
             batch.input_ids,
