@@ -49,10 +49,22 @@ def _wait_until_up(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: 
     pytest.fail(f"server at {url} did not come up within {timeout_s:.0f}s (exit code {proc.poll()}):\n{tail}")
 
 
+# Runs the server in the background of its own process group and kills the group once pytest is gone,
+# so a test session killed with SIGKILL leaves no server behind on a shared machine.
+_WATCHDOG = (
+    'pytest_pid=$1; shift; "$@" & while kill -0 "$pytest_pid" 2>/dev/null; do sleep 2; done; kill -9 0'
+)
+
+
 def _start(cmd: list[str], log_path: Path, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     with open(log_path, "wb") as log_file:
         return subprocess.Popen(
-            cmd, cwd=cwd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            ["sh", "-c", _WATCHDOG, "watchdog", str(os.getpid()), *cmd],
+            cwd=cwd,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
 
 
