@@ -1,8 +1,9 @@
 """Cost of computing token weights next to the training step they feed.
 
 For a right-padded batch it times: the critic targets (GAE + z-score/exp/clip + head mapping), GAE
-alone as a matmul (the library's) against a reverse column scan and the plain Python double loop, the Rho-1 callable for every head,
-the uniform weights, and one `mtp_forward_backward` step of a micro model on the same batch.
+alone as a matmul (the library's) against a reverse column scan and the plain Python double loop,
+the Rho-1 callable for every head, the uniform weights, and one `mtp_forward_backward` step of a
+micro model on the same batch.
 
     .venv/bin/python benchmarks/bench_weighting.py [--batch 8 --length 512 --heads 4 --repeats 5]
 """
@@ -49,14 +50,16 @@ def python_gae(values: list, rewards: list, labels: list, gamma: float, lam: flo
     for b in range(len(labels)):
         steps = [p for p in range(len(labels[b]) - 1) if labels[b][p + 1] != -100]
         v = [values[b][p] for p in steps] + [0.0]
-        deltas = [(rewards[b] if i == len(steps) - 1 else 0.0) + gamma * v[i + 1] - v[i] for i in range(len(steps))]
+        r = [0.0] * (len(steps) - 1) + [rewards[b]]
+        deltas = [r[i] + gamma * v[i + 1] - v[i] for i in range(len(steps))]
         [sum((gamma * lam) ** l * deltas[i + l] for l in range(len(steps) - i)) for i in range(len(steps))]
 
 
-def scan_gae(values: torch.Tensor, rewards: torch.Tensor, step_mask: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+def scan_gae(values: torch.Tensor, rewards: torch.Tensor, step_mask: torch.Tensor, gamma: float, lam: float):
     """The alternative to the matmul: a reverse scan over the columns, B rows at a time."""
     advantages = torch.zeros_like(values)
-    next_value, next_advantage, unpaid = values.new_zeros(len(values)), values.new_zeros(len(values)), rewards.clone()
+    next_value, next_advantage = values.new_zeros(len(values)), values.new_zeros(len(values))
+    unpaid = rewards.clone()
     for p in reversed(step_mask.any(dim=0).nonzero().flatten().tolist()):
         is_step = step_mask[:, p]
         advantage = unpaid + gamma * next_value - values[:, p] + gamma * lam * next_advantage
@@ -109,7 +112,8 @@ def main() -> None:
     lists = (values.tolist(), batch.rewards.tolist(), batch.labels.tolist())
     rows = {
         "critic targets (GAE + weights)": best_of(
-            lambda: critic_targets(values, batch.rewards, batch.labels, n_heads=n, gamma=1.0, lam=0.95), args.repeats
+            lambda: critic_targets(values, batch.rewards, batch.labels, n_heads=n, gamma=1.0, lam=0.95),
+            args.repeats,
         ),
         "GAE only (matmul)": best_of(
             lambda: gae_advantages(values, batch.rewards, step_mask, gamma=1.0, lam=0.95), args.repeats
@@ -119,7 +123,9 @@ def main() -> None:
         ),
         "GAE only, plain Python double loop": best_of(lambda: python_gae(*lists, 1.0, 0.95), 1),
         "rho1 top-k, all heads": best_of(rho1, args.repeats),
-        "uniform": best_of(lambda: UniformWeighting().weights(batch, n_heads=n, context=WeightingContext()), args.repeats),
+        "uniform": best_of(
+            lambda: UniformWeighting().weights(batch, n_heads=n, context=WeightingContext()), args.repeats
+        ),
         "micro model mtp_forward_backward": best_of(step, args.repeats),
     }
     torch.testing.assert_close(
@@ -127,11 +133,13 @@ def main() -> None:
         gae_advantages(values, batch.rewards, step_mask, gamma=1.0, lam=0.95)[0], atol=1e-4, rtol=1e-4,
     )
     steps = int(step_mask.sum())
-    print(f"batch {args.batch} x {args.length}, {n} heads, {steps} response tokens, {torch.get_num_threads()} threads")
+    threads = torch.get_num_threads()
+    print(f"batch {args.batch} x {args.length}, {n} heads, {steps} response tokens, {threads} threads")
     step_time = rows["micro model mtp_forward_backward"]
     gae_time = rows["GAE only (matmul)"]
     for name, seconds in rows.items():
-        print(f"{name:<36} {seconds * 1e3:10.2f} ms   {seconds / step_time:8.3f} x step   {seconds / gae_time:8.2f} x GAE matmul")
+        ratios = f"{seconds / step_time:8.3f} x step   {seconds / gae_time:8.2f} x GAE matmul"
+        print(f"{name:<36} {seconds * 1e3:10.2f} ms   {ratios}")
 
 
 if __name__ == "__main__":

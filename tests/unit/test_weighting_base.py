@@ -55,7 +55,8 @@ def test_registry_holds_every_scheme():
 def test_unknown_scheme_names_the_choices():
     config = Config()
     config.weighting.scheme = "rho-1"
-    with pytest.raises(UnknownComponentError, match=r"unknown weighting scheme 'rho-1'; did you mean 'rho1'\?"):
+    expected = r"unknown weighting scheme 'rho-1'; did you mean 'rho1'\?"
+    with pytest.raises(UnknownComponentError, match=expected):
         build_weighting(config)
 
 
@@ -108,7 +109,8 @@ def test_weight_stats_against_numpy():
 def test_weight_stats_edge_cases():
     mask = torch.ones(1, 4, 1, dtype=torch.bool)
     assert weight_stats(torch.ones(1, 4, 1), mask)["entropy"] == pytest.approx(1.0)
-    assert weight_stats(torch.tensor([[[0.0], [0.0], [5.0], [0.0]]]).view(1, 4, 1), mask)["entropy"] == pytest.approx(0.0)
+    one_token = torch.tensor([0.0, 0.0, 5.0, 0.0]).view(1, 4, 1)
+    assert weight_stats(one_token, mask)["entropy"] == pytest.approx(0.0)
     assert weight_stats(torch.ones(1, 4, 1), torch.zeros(1, 4, 1, dtype=torch.bool))["tokens"] == 0.0
 
 
@@ -133,7 +135,8 @@ def all_scheme_weights(batch: Batch, n_heads: int) -> dict[str, torch.Tensor]:
     }
     for selection in ("top_k", "soft"):
         for per_head in (True, False):
-            fn = Rho1Weighting(selection=selection, per_head=per_head).weights(batch, n_heads=n_heads, context=context)
+            scheme = Rho1Weighting(selection=selection, per_head=per_head)
+            fn = scheme.weights(batch, n_heads=n_heads, context=context)
             assert isinstance(fn, Rho1TokenWeights)
             for k0 in range(n_heads):
                 ce = torch.rand(shape, generator=generator) * 5 + 100 * ~masks[..., k0]

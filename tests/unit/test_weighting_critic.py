@@ -116,7 +116,12 @@ def test_token_weights_match_numpy(seed, normalization):
     advantages = torch.randn(values.shape, generator=torch.Generator().manual_seed(seed)) * 2
     temperature, clip_min, clip_max = rng.uniform(0.3, 2.0), rng.uniform(0.0, 0.5), rng.uniform(1.5, 4.0)
     weights = advantage_token_weights(
-        advantages, mask, temperature=temperature, normalization=normalization, clip_min=clip_min, clip_max=clip_max
+        advantages,
+        mask,
+        temperature=temperature,
+        normalization=normalization,
+        clip_min=clip_min,
+        clip_max=clip_max,
     )
     a = advantages.numpy().astype(np.float64)
     m = mask.numpy()
@@ -129,7 +134,9 @@ def test_token_weights_match_numpy(seed, normalization):
 def test_extreme_advantages_clip_instead_of_overflowing():
     advantages = torch.tensor([[1e4, -1e4, 0.0]])
     mask = torch.tensor([[True, True, True]])
-    w = advantage_token_weights(advantages, mask, temperature=0.01, normalization="none", clip_min=0.1, clip_max=3.0)
+    w = advantage_token_weights(
+        advantages, mask, temperature=0.01, normalization="none", clip_min=0.1, clip_max=3.0
+    )
     assert w.tolist() == [[3.0, pytest.approx(0.1), 1.0]]
 
 
@@ -137,7 +144,9 @@ def test_extreme_advantages_clip_instead_of_overflowing():
 def test_critic_weights_per_head_follow_the_target_token(seed):
     rng, labels, values, rewards = random_case(seed, gaps=seed % 2 == 1)
     n_heads = rng.randint(1, 4)
-    out = critic_targets(values, rewards, labels, n_heads=n_heads, gamma=0.99, lam=0.95, clip_min=0.1, clip_max=3.0)
+    out = critic_targets(
+        values, rewards, labels, n_heads=n_heads, gamma=0.99, lam=0.95, clip_min=0.1, clip_max=3.0
+    )
     batch, length = labels.shape
     for b in range(batch):
         # weight of the token at index j is stored where head 1 predicts it: position j-1
@@ -180,8 +189,8 @@ def test_scheme_reads_config_and_context(tmp_path):
 
 def reference_value_loss(values, old_values, returns, mask, clip_range):
     terms = []
-    for v, o, g, m in zip(values.flatten().tolist(), old_values.flatten().tolist(), returns.flatten().tolist(),
-                          mask.flatten().tolist()):
+    columns = (values, old_values, returns, mask)
+    for v, o, g, m in zip(*(c.flatten().tolist() for c in columns)):
         if not m:
             continue
         unclipped = (v - g) ** 2
@@ -202,8 +211,8 @@ def test_value_loss_matches_hand_written(seed, clip_range):
     values = (old_values + 0.3 * torch.randn(old_values.shape, generator=torch.Generator().manual_seed(seed)))
     values.requires_grad_(True)
     loss = value_loss(values, old_values, returns, mask, clip_range)
-    assert loss.item() == pytest.approx(reference_value_loss(values.detach(), old_values, returns, mask, clip_range),
-                                        rel=1e-5, abs=1e-7)
+    expected = reference_value_loss(values.detach(), old_values, returns, mask, clip_range)
+    assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
     loss.backward()
     assert (values.grad[~mask] == 0).all()
 
@@ -263,7 +272,9 @@ def test_unknown_options_are_refused():
     with pytest.raises(ValueError, match="critic loss"):
         critic_pretrain_loss(torch.zeros(1, 3), torch.ones(1), mask, kind="hinge")
     with pytest.raises(ValueError, match="normalization"):
-        advantage_token_weights(torch.zeros(1, 3), mask, temperature=1.0, normalization="rank", clip_min=0, clip_max=1)
+        advantage_token_weights(
+            torch.zeros(1, 3), mask, temperature=1.0, normalization="rank", clip_min=0, clip_max=1
+        )
 
 
 def test_bce_matches_torch_on_logits():

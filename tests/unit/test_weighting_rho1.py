@@ -176,7 +176,9 @@ def naive_head_ce(model, input_ids, attention_mask, labels, n_heads):
 def test_reference_ce_matches_full_logits(micro_models, chunk_size):
     _, reference = micro_models
     input_ids, attention_mask, labels = micro_batch(0)
-    ce = reference_token_ce(reference, input_ids, labels, attention_mask=attention_mask, chunk_size=chunk_size)
+    ce = reference_token_ce(
+        reference, input_ids, labels, attention_mask=attention_mask, chunk_size=chunk_size
+    )
     expected = naive_head_ce(reference, input_ids, attention_mask, labels, 3)
     torch.testing.assert_close(ce, expected, atol=1e-5, rtol=1e-5)
     assert (ce[~head_target_mask(labels, 3)] == 0).all()

@@ -77,9 +77,9 @@ def gae_advantages(
     discount = torch.where(offset >= 0, powers[offset.clamp_min(0)], 0.0)
     step_advantages = deltas @ discount.T
 
-    advantages = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device).scatter(1, order, step_advantages)
-    returns = torch.zeros_like(advantages).scatter(1, order, torch.where(is_step, step_advantages + step_values, 0.0))
-    return advantages.float(), returns.float()
+    step_returns = torch.where(is_step, step_advantages + step_values, 0.0)
+    placed = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device)
+    return placed.scatter(1, order, step_advantages).float(), placed.scatter(1, order, step_returns).float()
 
 
 @torch.no_grad()
@@ -142,7 +142,8 @@ def critic_targets(
         clip_min=clip_min,
         clip_max=clip_max,
     )
-    return CriticTargets(advantages, returns, step_mask, token_weights, spread_over_heads(token_weights, n_heads))
+    weights = spread_over_heads(token_weights, n_heads)
+    return CriticTargets(advantages, returns, step_mask, token_weights, weights)
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:

@@ -69,7 +69,8 @@ def reference_token_ce(
         per_token = torch.empty(targets_k.shape, dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            per_token[rows] = F.cross_entropy(model.output(hidden[rows]).float(), targets_k[rows], reduction="none")
+            logits = model.output(hidden[rows]).float()
+            per_token[rows] = F.cross_entropy(logits, targets_k[rows], reduction="none")
         token_ce[..., k0][valid] = per_token
     return token_ce
 
@@ -115,7 +116,8 @@ class Rho1TokenWeights:
         needed = n_heads if per_head else 1
         if reference_ce.shape[-1] < needed:
             raise ValueError(
-                f"rho1 with per_head={per_head} needs reference CE for {needed} head(s), got {reference_ce.shape[-1]}"
+                f"rho1 with per_head={per_head} needs reference CE for {needed} head(s), "
+                f"got {reference_ce.shape[-1]}"
             )
         if selection not in ("top_k", "soft"):
             raise ValueError(f"unknown rho1 selection {selection!r} (expected top_k or soft)")
@@ -181,12 +183,15 @@ class Rho1Weighting:
             per_head=section.per_head,
         )
 
-    def reference_ce(self, reference_model: nn.Module, batch: BatchLike, *, n_heads: int, chunk_size: int = 1024) -> Tensor:
+    def reference_ce(
+        self, reference_model: nn.Module, batch: BatchLike, *, n_heads: int, chunk_size: int = 1024
+    ) -> Tensor:
         """The reference CE this scheme needs: every head with per_head, else head 1 only."""
         if self.per_head and reference_model.n_future_tokens < n_heads:
             raise ConfigError(
-                f"rho1.per_head is true but the reference model has {reference_model.n_future_tokens} head(s) "
-                f"for {n_heads} trained heads; set rho1.per_head: false or use a reference with {n_heads} heads"
+                f"rho1.per_head is true but the reference model has {reference_model.n_future_tokens} "
+                f"head(s) for {n_heads} trained heads; set rho1.per_head: false or use a reference with "
+                f"{n_heads} heads"
             )
         return reference_token_ce(
             reference_model,
