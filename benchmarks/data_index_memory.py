@@ -41,7 +41,7 @@ def generate(directory: Path, size_bytes: int, seed: int = 0) -> Path:
 
     rng = random.Random(seed)
     words = [f"w{i}" for i in range(5000)] + ["for", "in", "range", "if", "else", "return", "print", "=", "+"]
-    line_overhead = 200  # JSON keys, problem id, tests_ref: a slight overestimate, so the file is never short
+    line_overhead = 120  # JSON keys, problem id, tests_ref: an underestimate, so the file is never short
 
     def problems():
         """CodeContests-like: ~2 KB statements, 1-3 KB programs, 4-40 solutions a problem, until size_bytes."""

@@ -1,4 +1,4 @@
-"""Helpers for the data tests: a real BPE tokenizer behind the Tokenizer interface, and dataset writers."""
+"""Helpers for the data tests: a small real BPE tokenizer, and dataset writers."""
 
 from __future__ import annotations
 
@@ -10,43 +10,28 @@ from pathlib import Path
 SPECIAL = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
 
-class BPETokenizer:
-    """A `tokenizers` byte-level BPE behind the project's Tokenizer interface."""
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
-    has_chat_template = True
 
-    def __init__(self, texts: Sequence[str], vocab_size: int = 800) -> None:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_bpe(texts: Sequence[str], directory: Path, vocab_size: int = 800) -> Path:
+    """Train a byte-level BPE and write tokenizer.json + tokenizer_config.json (what `Tokenizer.from_file` reads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        )
-        tok.train_from_iterator(texts, trainer=trainer)
-        self._tok = tok
-        self.vocab_size = tok.get_vocab_size()
-        self.pad_id, self.bos_id, self.eos_id = (tok.token_to_id(t) for t in SPECIAL[:3])
-
-    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_id, *ids] if add_bos else ids
-
-    def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
-
-    def save(self, directory: Path) -> Path:
-        """Write tokenizer.json + tokenizer_config.json, the files `Tokenizer.from_file` reads."""
-        directory.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(directory / "tokenizer.json"))
-        config = {"bos_token": SPECIAL[1], "eos_token": SPECIAL[2], "pad_token": SPECIAL[0]}
-        (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-        return directory / "tokenizer.json"
-
-    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
-        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"bos_token": SPECIAL[1], "eos_token": SPECIAL[2], "pad_token": SPECIAL[0], "chat_template": CHAT_TEMPLATE}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return directory / "tokenizer.json"
 
 
 def mbpp_texts(shared_data: Path) -> list[str]:

@@ -23,9 +23,8 @@ def gguf_path() -> Path:
     return paths[0]
 
 
-def test_prepare_then_info(in_tmp_repo, shared_data, tokenizer, capsys):
+def test_prepare_then_info(in_tmp_repo, shared_data, tokenizer, tokenizer_file, capsys):
     overrides = [f"paths.raw_data={shared_data}", "paths.datasets=storage/datasets"]
-    tokenizer_file = tokenizer.save(in_tmp_repo / "tok")
     code = main(["data", "prepare", "mbpp", *overrides, "--split", "validation", "--tokenizer", str(tokenizer_file)])
     assert code == 0
     out = capsys.readouterr().out
