@@ -55,7 +55,7 @@ def test_registry_holds_every_scheme():
 def test_unknown_scheme_names_the_choices():
     config = Config()
     config.weighting.scheme = "rho-1"
-    expected = r"unknown weighting scheme 'rho-1'; did you mean 'rho1'\?"
+    expected = r"^weighting.scheme: unknown weighting scheme 'rho-1'; did you mean 'rho1'\?"
     with pytest.raises(UnknownComponentError, match=expected):
         build_weighting(config)
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor
 
+from weighted_mtp.errors import UnknownComponentError
 from weighted_mtp.losses import IGNORE_INDEX, head_targets
 from weighted_mtp.registry import WEIGHTING_SCHEMES
 
@@ -64,7 +65,11 @@ class WeightingScheme(Protocol):
 
 def build_weighting(config: Config) -> WeightingScheme:
     """The scheme named by `weighting.scheme`, set up from its config section."""
-    return WEIGHTING_SCHEMES.get(config.weighting.scheme).from_config(config)
+    try:
+        scheme_cls = WEIGHTING_SCHEMES.get(config.weighting.scheme)
+    except UnknownComponentError as err:
+        raise UnknownComponentError(f"weighting.scheme: {err}") from None
+    return scheme_cls.from_config(config)
 
 
 def discounted_head_weights(n_heads: int, discount: float) -> list[float]:
