@@ -255,3 +255,12 @@ def test_stop_sequences_cut_the_text_and_end_the_row(char_tokenizer: Tokenizer) 
     # the other row is unaffected unless it produces the same stop sequence
     if stop not in full[1][0].text:
         assert stopped[1][0] == full[1][0]
+
+
+def test_speculative_generate_gives_the_same_completions(char_tokenizer: Tokenizer) -> None:
+    model = small_model(vocab_size=char_tokenizer.vocab_size, n_future_tokens=3, seed=4)
+    prompts = ["def add(a, b):", "for i in range"]
+    plain = generate(model, char_tokenizer, prompts, n_samples=2, max_new_tokens=16, stop=["\n\n", "ab"])
+    fast = generate(model, char_tokenizer, prompts, n_samples=2, max_new_tokens=16, stop=["\n\n", "ab"],
+                    speculative=True)
+    assert fast == plain

@@ -1,0 +1,146 @@
+"""Self-speculative greedy decoding with the model's own MTP heads.
+
+Blockwise parallel decoding (Stern et al. 2018) as Gloeckle et al. (2024, section 3.2, appendix A)
+apply it to multi-token prediction: at the last accepted position, head 1 gives the next token `g`
+(certain: it is the greedy token) and heads 2..n draft the n - 1 tokens after it. One forward of the
+trunk and head 1 over the block [g, draft_2, ..., draft_n] then verifies every draft at once: head 1's
+greedy token at each block position is what plain greedy decoding would produce there, so the drafts
+are accepted while they match it. The accepted prefix is kept, head 1's own token after it becomes the
+next `g`, and heads 2..n run over the accepted positions only, which keeps their caches exactly as if
+every token had been decoded one by one and gives the next drafts. Rejected positions are never
+cleaned up: the next block is written over them (`start_pos` rolls back), and attention never looks
+past the block being computed.
+
+The output is token for token the output of plain greedy decoding (up to floating-point ties: the
+block forward computes the same values with different matrix shapes). Batch size 1, greedy only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from weighted_mtp.eval.generation import GeneratedIds, StopFn
+
+
+@dataclass
+class SpeculativeStats:
+    """Counters over one or more decodes.
+
+    `drafted[i]` counts the verifications that checked head i+2's draft; `accepted[i]` those in which
+    it was accepted, which needs every earlier draft of the block accepted too. So
+    tokens per verification = 1 + sum(accepted) / verifications.
+    """
+
+    n_heads: int
+    forwards: int = 0  # model calls (the prompt's prefill included); plain greedy makes one per token
+    new_tokens: int = 0
+    drafted: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.drafted = self.drafted or [0] * (self.n_heads - 1)
+        self.accepted = self.accepted or [0] * (self.n_heads - 1)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.new_tokens / self.forwards if self.forwards else 0.0
+
+    @property
+    def acceptance_rates(self) -> list[float]:
+        """Per draft head (heads 2..n): the fraction of its drafts that were accepted."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted, self.drafted)]
+
+    def record(self, n_drafts: int, n_accepted: int) -> None:
+        for i in range(n_drafts):
+            self.drafted[i] += 1
+            self.accepted[i] += i < n_accepted
+
+    def add(self, other: SpeculativeStats) -> None:
+        self.forwards += other.forwards
+        self.new_tokens += other.new_tokens
+        self.drafted = [a + b for a, b in zip(self.drafted, other.drafted)]
+        self.accepted = [a + b for a, b in zip(self.accepted, other.accepted)]
+
+    def to_dict(self) -> dict:
+        return {"n_heads": self.n_heads, "forwards": self.forwards, "new_tokens": self.new_tokens,
+                "tokens_per_forward": self.tokens_per_forward, "acceptance_rates": self.acceptance_rates}
+
+
+def _greedy(model, hidden: Tensor) -> list[int]:
+    """Greedy tokens from head outputs [T, D] (shared norm and unembedding)."""
+    return model.logits(hidden).argmax(dim=-1).tolist()
+
+
+def _draft(model, h_trunk: Tensor, n_heads: int, start_pos: int, cache) -> list[int]:
+    """Run heads 2..n_heads over h_trunk [1, T, D] (writing their caches); their tokens at the last position."""
+    if n_heads == 1:
+        return []
+    last = [model.head_forward(k, h_trunk, start_pos=start_pos, cache=cache)[0, -1] for k in range(1, n_heads)]
+    return _greedy(model, torch.stack(last))
+
+
+@torch.inference_mode()
+def speculative_generate_ids(
+    model,
+    prompt: Sequence[int],
+    *,
+    max_new_tokens: int = 256,
+    stop_ids: Collection[int] = (),
+    stop_when: StopFn | None = None,
+    n_heads: int | None = None,
+) -> tuple[GeneratedIds, SpeculativeStats]:
+    """Greedy continuation of one prompt, drafting with heads 2..n_heads (default: all the model has).
+
+    Ends like `generate_ids`: a token in `stop_ids` ("eos"), `stop_when(0, ids)` ("stop"), or
+    `max_new_tokens` ("length"); returns the new tokens and the decode's counters.
+    """
+    n_heads = n_heads or model.n_future_tokens
+    if not 1 <= n_heads <= model.n_future_tokens:
+        raise ValueError(f"n_heads must be in [1, {model.n_future_tokens}], got {n_heads}")
+    if not prompt:
+        raise ValueError("the prompt needs at least one token (e.g. BOS)")
+    stop_ids = set(stop_ids)
+    device = model.tok_embeddings.weight.device
+    stats = SpeculativeStats(n_heads)
+    cache = model.new_cache(1, len(prompt) + max_new_tokens + n_heads)
+
+    h_trunk = model.trunk_forward(torch.tensor([list(prompt)], device=device), cache=cache)
+    next_token = _greedy(model, model.head_forward(0, h_trunk, cache=cache)[0, -1:])[0]
+    drafts = _draft(model, h_trunk, n_heads, 0, cache)
+    stats.forwards += 1
+    position = len(prompt)  # where next_token goes
+    generated: list[int] = []
+
+    def finished(token: int) -> GeneratedIds | None:
+        generated.append(token)
+        stats.new_tokens += 1
+        if token in stop_ids:
+            return GeneratedIds(generated, "eos")
+        if stop_when is not None and stop_when(0, generated):
+            return GeneratedIds(generated, "stop")
+        if len(generated) == max_new_tokens:
+            return GeneratedIds(generated, "length")
+        return None
+
+    while True:
+        if (result := finished(next_token)) is not None:
+            return result, stats
+        drafts = drafts[: max_new_tokens - len(generated) - 1]  # no point verifying past the budget
+        block = torch.tensor([[next_token, *drafts]], device=device)
+        h_trunk = model.trunk_forward(block, start_pos=position, cache=cache)
+        verified = _greedy(model, model.head_forward(0, h_trunk, start_pos=position, cache=cache)[0])
+        stats.forwards += 1
+        n_accepted = 0
+        while n_accepted < len(drafts) and drafts[n_accepted] == verified[n_accepted]:
+            n_accepted += 1
+        stats.record(len(drafts), n_accepted)
+        for token in drafts[:n_accepted]:
+            if (result := finished(token)) is not None:
+                return result, stats
+        next_token = verified[n_accepted]
+        drafts = _draft(model, h_trunk[:, : n_accepted + 1], n_heads, position, cache)
+        position += n_accepted + 1

@@ -1,0 +1,124 @@
+"""Self-speculative decoding gives plain greedy's tokens, with random heads and with trained ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from weighted_mtp.eval.generation import generate_ids
+from weighted_mtp.eval.speculative import SpeculativeStats, speculative_generate_ids
+from weighted_mtp.losses import mtp_forward_backward
+from weighted_mtp.models.transformer import ModelArgs, MTPTransformer
+
+VOCAB = 24
+WORDS = [[3, 7, 1, 9, 4, 12], [5, 2, 8, 8, 6], [10, 11, 13, 3, 2, 7, 1]]  # fixed "words" in random order
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_model(n_future_tokens: int = 4, seed: int = 0, std: float = 0.1) -> MTPTransformer:
+    args = ModelArgs(dim=48, n_layers=2 + n_future_tokens, n_heads=6, n_kv_heads=2, vocab_size=VOCAB,
+                     ffn_hidden_dim=96, rope_theta=1000.0, n_future_tokens=n_future_tokens)
+    model = MTPTransformer(args)
+    model.init_weights(seed, std=std)
+    return model.eval()
+
+
+def word_sequences(n: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """Words drawn at random, so tokens inside a word are predictable and the word after it is not."""
+    rows = []
+    for _ in range(n):
+        row: list[int] = []
+        while len(row) < length:
+            row += WORDS[int(torch.randint(0, len(WORDS), (1,), generator=generator))]
+        rows.append(row[:length])
+    return torch.tensor(rows)
+
+
+@pytest.fixture(scope="module")
+def trained_model() -> MTPTransformer:
+    """A model whose extra heads have learned the words, so most drafts inside a word are accepted."""
+    torch.manual_seed(0)
+    model = small_model(std=0.02).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        batch = word_sequences(8, 32, generator)
+        optimizer.zero_grad()
+        mtp_forward_backward(model, batch, batch.clone())
+        optimizer.step()
+    return model.eval()
+
+
+def greedy(model: MTPTransformer, prompt: list[int], max_new_tokens: int, **kwargs) -> list[int]:
+    return generate_ids(model, [prompt], max_new_tokens=max_new_tokens, **kwargs)[0].token_ids
+
+
+def test_random_heads_give_plain_greedy_tokens_for_every_number_of_heads() -> None:
+    model = small_model(seed=1)
+    generator = torch.Generator().manual_seed(1)
+    for n_heads in (1, 2, 4):
+        for length in (1, 5, 11):
+            prompt = torch.randint(0, VOCAB, (length,), generator=generator).tolist()
+            result, stats = speculative_generate_ids(model, prompt, max_new_tokens=30, n_heads=n_heads)
+            assert result.token_ids == greedy(model, prompt, 30), (n_heads, length)
+            assert result.finish_reason == "length"
+            assert stats.new_tokens == 30 and len(stats.acceptance_rates) == n_heads - 1
+    # one head: nothing to draft, so exactly one forward per token
+    assert speculative_generate_ids(model, [1, 2], max_new_tokens=7, n_heads=1)[1].forwards == 7
+
+
+def test_trained_heads_are_accepted_and_output_is_still_plain_greedy(trained_model: MTPTransformer) -> None:
+    total = SpeculativeStats(trained_model.n_future_tokens)
+    generator = torch.Generator().manual_seed(5)
+    for prompt in word_sequences(4, 9, generator).tolist():
+        result, stats = speculative_generate_ids(trained_model, prompt, max_new_tokens=60)
+        assert result.token_ids == greedy(trained_model, prompt, 60)
+        total.add(stats)
+    rates = total.acceptance_rates
+    # mostly accepted, but word boundaries reject some drafts: both branches of verification ran
+    assert rates[0] > 0.6 and min(rates) < 1.0, rates
+    accepted = total.accepted
+    assert all(a >= b for a, b in zip(accepted, accepted[1:]))  # a later draft needs every earlier one
+    assert total.tokens_per_forward > 2.0, total.to_dict()
+    assert total.new_tokens == 4 * 60
+
+
+def test_tokens_counted_per_forward_add_up(trained_model: MTPTransformer) -> None:
+    prompt = WORDS[0] + WORDS[1]
+    result, stats = speculative_generate_ids(trained_model, prompt, max_new_tokens=50)
+    # the prefill yields one token; each verification yields its accepted drafts plus head 1's token,
+    # except the last one, which may stop at the budget before using head 1's token
+    verifications = stats.forwards - 1
+    produced = 1 + verifications + sum(stats.accepted)
+    assert produced - 1 <= stats.new_tokens <= produced
+    assert stats.new_tokens == len(result.token_ids) == 50
+
+
+def test_stops_and_budget_match_plain_greedy(trained_model: MTPTransformer) -> None:
+    prompt = WORDS[2] + WORDS[0][:2]
+    plain = greedy(trained_model, prompt, 40)
+    for max_new_tokens in (1, 2, 3, 5, 9):  # budgets that end in the middle of a drafted block
+        result, _ = speculative_generate_ids(trained_model, prompt, max_new_tokens=max_new_tokens)
+        assert result.token_ids == plain[:max_new_tokens] and result.finish_reason == "length"
+    stop_token = plain[13]
+    result, _ = speculative_generate_ids(trained_model, prompt, max_new_tokens=40, stop_ids={stop_token})
+    assert result.token_ids == greedy(trained_model, prompt, 40, stop_ids={stop_token})
+    assert result.finish_reason == "eos" and result.token_ids[-1] == stop_token
+    result, _ = speculative_generate_ids(trained_model, prompt, max_new_tokens=40,
+                                         stop_when=lambda row, ids: len(ids) >= 2 and ids[-2:] == plain[10:12])
+    assert result.finish_reason == "stop" and result.token_ids == plain[:12]
+
+
+def test_bad_arguments_are_rejected() -> None:
+    model = small_model()
+    with pytest.raises(ValueError, match="n_heads"):
+        speculative_generate_ids(model, [1], n_heads=5)
+    with pytest.raises(ValueError, match="at least one token"):
+        speculative_generate_ids(model, [])
