@@ -185,16 +185,15 @@ def hf_config(args: ModelArgs, *, n_layers: int, bos_id: int | None, eos_id: int
     return config
 
 
-def export_hf(model: MTPTransformer, directory: Path, tokenizer=None) -> Path:
-    """Write head 1 as a `LlamaForCausalLM` directory; extra heads go to `mtp_heads.safetensors`."""
+def hf_state_dict(model: MTPTransformer) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(head 1 as LlamaForCausalLM tensors, extra head tensors under our names), on CPU."""
     args = model.args
-    n_layers = len(model.layers)  # trunk + head 1: the plain next-token model
     hf_tensors: dict[str, Tensor] = {}
     extra: dict[str, Tensor] = {}
     for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().to("cpu").contiguous()
+        tensor = tensor.detach().to("cpu")
         if name.startswith("extra_heads."):
-            extra[name] = tensor
+            extra[name] = tensor.contiguous()
             continue
         if name == "output.weight" and args.tie_embeddings:
             continue
@@ -203,10 +202,17 @@ def export_hf(model: MTPTransformer, directory: Path, tokenizer=None) -> Path:
         elif name.endswith("attention.wk.weight"):
             tensor = to_hf_rotary(tensor, args.n_kv_heads)
         hf_tensors[hf_name(name)] = tensor.contiguous()
+    return hf_tensors, extra
+
+
+def export_hf(model: MTPTransformer, directory: Path, tokenizer=None) -> Path:
+    """Write head 1 as a `LlamaForCausalLM` directory; extra heads go to `mtp_heads.safetensors`."""
+    args = model.args
+    hf_tensors, extra = hf_state_dict(model)
     dtype = model.tok_embeddings.weight.dtype
     with atomic_directory(directory) as tmp:
         save_file(hf_tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = hf_config(args, n_layers=n_layers, dtype=dtype,
+        config = hf_config(args, n_layers=len(model.layers), dtype=dtype,
                            bos_id=getattr(tokenizer, "bos_id", None), eos_id=getattr(tokenizer, "eos_id", None),
                            pad_id=getattr(tokenizer, "pad_id", None))
         atomic_write_json(tmp / "config.json", config)
