@@ -1,0 +1,193 @@
+"""`wmtp eval`: pass@k of a model, of completions produced elsewhere, or of the gold solutions.
+
+  wmtp eval --model smollm2-135m --benchmark mbpp --n-samples 10 --k 1,5,10
+  wmtp eval --samples samples.jsonl --benchmark humaneval     # one JSON a line: task_id, completion
+  wmtp eval --reference-solutions --benchmark mbpp --split test   # self-check of the harness
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from weighted_mtp.commands.common import add_config_arguments, resolve
+from weighted_mtp.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="evaluate pass@k on mbpp, humaneval or codecontests")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="checkpoint directory, model file or named model (smollm2-135m, micro)")
+    source.add_argument("--samples", type=Path, help="JSONL of completions: task_id and completion per line")
+    source.add_argument("--reference-solutions", action="store_true", help="run the benchmark's gold solutions")
+    parser.add_argument("--benchmark", help="mbpp, humaneval or codecontests (default: evaluation.benchmark)")
+    parser.add_argument("--split", help="default: evaluation.split")
+    parser.add_argument("--n-samples", type=int, help="samples per problem (default: evaluation.n_samples)")
+    parser.add_argument("--k", help="comma-separated k for pass@k, e.g. 1,5,10 (default: evaluation.k)")
+    parser.add_argument("--temperature", type=float, help="0 is greedy (default: evaluation.temperature)")
+    parser.add_argument("--top-p", type=float, help="default: evaluation.top_p")
+    parser.add_argument("--max-new-tokens", type=int, help="default: evaluation.max_new_tokens")
+    parser.add_argument("--template", help="prompt template: mbpp_fewshot, alpaca, chat (default: data.prompt_template)")
+    parser.add_argument("--speculative", action="store_true", help="greedy self-speculative decoding with the MTP heads")
+    parser.add_argument("--limit", type=int, help="evaluate the first N problems only")
+    parser.add_argument("--workers", type=int, help="sandbox workers (default: evaluation.workers, else all cores)")
+    parser.add_argument("--timeout", type=float, help="CPU seconds per program (default: evaluation.timeout_s)")
+    parser.add_argument("--output", type=Path, help="report path (default: <runs>/eval/<benchmark>-<split>-<time>.json)")
+    add_config_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from weighted_mtp.eval.benchmarks import get_benchmark
+    from weighted_mtp.eval.report import evaluate_completions
+    from weighted_mtp.eval.sandbox import Limits, Sandbox
+
+    config = resolve(args).config
+    settings = config.evaluation
+    name = args.benchmark or settings.benchmark
+    benchmark = get_benchmark(name)
+    split = args.split or (settings.split if settings.split in _splits(name) else benchmark.default_split)
+    ks = _parse_k(args.k) if args.k else list(settings.k)
+    limit = args.limit or settings.limit
+    problems = benchmark.load(config.paths.raw_data, split, limit)
+    if not problems:
+        raise DataError(f"{name} {split}: no problems under {config.paths.raw_data}")
+    metadata: dict = {"source": "reference" if args.reference_solutions else "samples" if args.samples else "model"}
+
+    if args.reference_solutions:
+        completions = {benchmark.task_id(p): [benchmark.reference(p)] for p in problems if benchmark.reference(p)}
+        ks = [1]
+    elif args.samples:
+        completions = _read_samples(args.samples, {benchmark.task_id(p) for p in problems}, limit is not None)
+        metadata["samples_file"] = str(args.samples)
+    else:
+        completions, generation = _generate(args, config, benchmark, problems)
+        metadata.update(generation)
+
+    console = Console(stderr=True)
+    limits = Limits(timeout_s=args.timeout or settings.timeout_s)
+    with Sandbox(args.workers or settings.workers, limits) as sandbox, _progress(console, config) as progress:
+        total = sum(len(v) for v in completions.values())
+        task = progress.add_task(f"running {name} {split}", total=total)
+        report = evaluate_completions(
+            benchmark, problems, completions, sandbox, ks, split=split,
+            are_programs=args.reference_solutions, on_result=lambda _: progress.advance(task), metadata=metadata,
+        )
+    output = args.output or config.paths.runs / "eval" / f"{name}-{split}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    report.write(output)
+    console.print(report.summary_table())
+    console.print(f"report: {output}")
+    _track(config, report, output, metadata)
+    return 0
+
+
+def _splits(name: str) -> tuple[str, ...]:
+    from weighted_mtp.registry import DATASETS
+
+    return DATASETS.get(name).splits
+
+
+def _parse_k(text: str) -> list[int]:
+    try:
+        ks = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise ConfigError(f"--k: expected comma-separated integers, got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise ConfigError(f"--k: every k must be >= 1, got {text!r}")
+    return ks
+
+
+def _read_samples(path: Path, known: set[str], limited: bool) -> dict[str, list[str]]:
+    """Completions grouped by task id, in file order. Task ids may be given as 11, "11" or "mbpp/11"."""
+    completions: dict[str, list[str]] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            task_id, completion = str(row["task_id"]), row["completion"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"{path}:{line_no}: expected a JSON object with task_id and completion") from None
+        if not isinstance(completion, str):
+            raise DataError(f"{path}:{line_no}: completion should be a string")
+        task_id = task_id.removeprefix("mbpp/")
+        if task_id not in known:
+            if limited:
+                continue
+            raise DataError(f"{path}:{line_no}: task_id {task_id!r} is not in this benchmark split")
+        completions.setdefault(task_id, []).append(completion)
+    if not completions:
+        raise DataError(f"{path}: no completions for this benchmark split")
+    return completions
+
+
+def _generate(args, config, benchmark, problems) -> tuple[dict[str, list[str]], dict]:
+    import torch
+
+    from weighted_mtp.eval.generation import generate
+    from weighted_mtp.models.loading import load_model, resolve_device
+
+    settings = config.evaluation
+    n_samples = args.n_samples or settings.n_samples
+    temperature = settings.temperature if args.temperature is None else args.temperature
+    top_p = args.top_p or settings.top_p
+    max_new_tokens = args.max_new_tokens or settings.max_new_tokens
+    template = args.template or config.data.prompt_template
+    model, tokenizer = load_model(
+        args.model, models_dir=config.paths.models, device=resolve_device(config.device),
+        dtype=getattr(torch, config.dtype), seed=config.seed,
+    )
+    model.eval()
+    prompts = [benchmark.prompt(p, template, tokenizer) for p in problems]
+    start = time.monotonic()
+    samples = generate(
+        model, tokenizer, prompts, n_samples=n_samples, temperature=temperature, top_p=top_p,
+        max_new_tokens=max_new_tokens, stop=benchmark.stop_sequences(template), seed=config.seed,
+        speculative=args.speculative or settings.speculative,
+    )
+    elapsed = time.monotonic() - start
+    completions = {benchmark.task_id(p): [c.text for c in row] for p, row in zip(problems, samples)}
+    n_tokens = sum(c.n_tokens for row in samples for c in row)
+    return completions, {
+        "model": args.model, "n_samples": n_samples, "temperature": temperature, "top_p": top_p,
+        "max_new_tokens": max_new_tokens, "template": template, "seed": config.seed,
+        "generation_s": elapsed, "generated_tokens": n_tokens, "tokens_per_s": n_tokens / max(elapsed, 1e-9),
+    }
+
+
+def _progress(console, config):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    disable = config.logging.progress_bar == "never" or (config.logging.progress_bar == "auto" and not console.is_terminal)
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=console, disable=disable,
+    )
+
+
+def _track(config, report, output: Path, metadata: dict) -> None:
+    from weighted_mtp.tracking import build_tracker
+
+    tracker = build_tracker(config)
+    tracker.start()
+    try:
+        tracker.log_params({"eval.benchmark": report.benchmark, "eval.split": report.split, **{
+            f"eval.{key}": value for key, value in metadata.items() if not isinstance(value, float)
+        }})
+        tracker.log_metrics(report.metrics(), step=0)
+        tracker.log_artifact(output, artifact_path="eval")
+    except BaseException:
+        tracker.end(status="FAILED")
+        raise
+    tracker.end()

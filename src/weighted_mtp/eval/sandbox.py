@@ -1,0 +1,408 @@
+"""Run untrusted generated programs against their tests, fast and contained.
+
+Two kinds of test: an `AssertProgram` (MBPP, HumanEval: the program text ends with its asserts; it
+passes when they all complete) and a `StdioProgram` (CodeContests: each input is fed on stdin and the
+output compared after whitespace normalisation).
+
+Design: each worker is a fork server (`sandbox_worker.py`), a fresh interpreter that has imported
+only the standard library, set up the shared isolation once, and forks one child per program. The
+child runs as the worker's own unprivileged uid (as root), with CPU, memory, file-size and process
+limits, in a fresh directory with a clean environment. A pass is decided from what the tests did: the
+child writes a per-program random nonce to a private pipe only after the whole program, asserts
+included, ran to the end, so `sys.exit(0)`, `os._exit(0)` or a crash before the asserts is a fail.
+See docs/evaluation.md for the threat model.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import pwd
+import queue
+import select
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+WORKER_SCRIPT = Path(__file__).with_name("sandbox_worker.py")
+WORKER_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "PYTHONHASHSEED": "0",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+# Workers run programs as uids from this range, one uid per live worker (held by a lock file), so a
+# worker can kill every process its program left behind without touching anyone else's.
+UID_RANGE = range(64000, 65000)
+UID_LOCK_DIR = Path(tempfile.gettempdir()) / "weighted-mtp-sandbox-uids"
+CHILD_SETUP_FAILED = 125
+SPECIAL_SIGNALS = {signal.SIGXFSZ: "FileSizeLimit"}
+HARNESS_GRACE_S = 30.0
+
+_already_logged: set[str] = set()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """`timeout_s` is the program's CPU-time budget (whole seconds, rounded up; as judges count it,
+    so a loaded machine does not turn a correct program into a timeout); the wall clock allows
+    `wall_clock_factor` times as much, which catches programs that sleep or block."""
+
+    timeout_s: float = 10.0
+    wall_clock_factor: float = 3.0
+    memory_mb: int = 2048
+    file_size_mb: int = 16
+    max_processes: int = 64
+    output_limit_bytes: int = 64 * 1024
+    scratch_mb: int = 256
+
+
+@dataclass(frozen=True)
+class AssertProgram:
+    """A program whose text ends with its tests; it passes when every statement ran to the end."""
+
+    source: str
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class StdioProgram:
+    """A program fed each case's input on stdin; it passes when every output matches."""
+
+    source: str
+    cases: tuple[tuple[str, str], ...]
+    timeout_s: float | None = None
+
+
+Program = AssertProgram | StdioProgram
+Status = Literal["passed", "failed", "timeout"]
+
+
+@dataclass
+class ExecutionResult:
+    status: Status
+    error_class: str | None = None
+    error_message: str = ""
+    exit_code: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    duration_s: float = 0.0
+    cases_passed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def normalize_output(text: str) -> str:
+    """Whitespace normalisation for stdin/stdout problems: runs of whitespace are one separator."""
+    return " ".join(text.split())
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself could not start (not caused by a program)."""
+
+
+class Sandbox:
+    """A pool of fork-server workers. Use as a context manager, or call `close()`."""
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        limits: Limits = Limits(),
+        *,
+        unprivileged_user: bool = True,
+        isolate_network: bool = True,
+        private_tmp: bool = True,
+    ) -> None:
+        self.limits = limits
+        self._options = dict(
+            unprivileged_user=unprivileged_user, isolate_network=isolate_network, private_tmp=private_tmp
+        )
+        n_workers = workers or len(os.sched_getaffinity(0))
+        self._workers = [_Worker(self.limits, **self._options) for _ in range(n_workers)]
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        try:
+            for worker in self._workers:
+                worker.start()
+                self._idle.put(worker)
+        except BaseException:
+            self.close()
+            raise
+        self.applied = self._workers[0].applied
+        for feature, reason in self.applied.items():
+            if reason is not None:
+                _log_once(f"sandbox: {feature} not applied ({reason})")
+
+    @property
+    def n_workers(self) -> int:
+        return len(self._workers)
+
+    def run(self, program: Program) -> ExecutionResult:
+        worker = self._idle.get()
+        try:
+            return _run_on(worker, program, self.limits)
+        finally:
+            self._idle.put(worker)
+
+    def run_many(
+        self, programs: Sequence[Program], on_result: Callable[[int, ExecutionResult], None] | None = None
+    ) -> list[ExecutionResult]:
+        """Run programs in parallel; results come back in input order, `on_result` as each finishes."""
+        results: list[ExecutionResult | None] = [None] * len(programs)
+        lock = threading.Lock()
+
+        def task(index: int) -> None:
+            result = self.run(programs[index])
+            results[index] = result
+            if on_result is not None:
+                with lock:
+                    on_result(index, result)
+
+        with ThreadPoolExecutor(max_workers=self.n_workers) as pool:
+            for future in [pool.submit(task, i) for i in range(len(programs))]:
+                future.result()
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        for worker in self._workers:
+            worker.stop()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_programs(programs: Iterable[Program], workers: int | None = None, limits: Limits = Limits()) -> list[ExecutionResult]:
+    with Sandbox(workers, limits) as sandbox:
+        return sandbox.run_many(list(programs))
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+def _run_on(worker: _Worker, program: Program, limits: Limits) -> ExecutionResult:
+    timeout = program.timeout_s or limits.timeout_s
+    if isinstance(program, AssertProgram):
+        return _assert_verdict(worker.execute(program.source, None, timeout, limits.output_limit_bytes))
+    duration = 0.0
+    for index, (case_input, expected) in enumerate(program.cases):
+        output_limit = max(limits.output_limit_bytes, 2 * len(expected.encode()) + 4096)
+        reply = worker.execute(program.source, case_input, timeout, output_limit)
+        result = _stdio_verdict(reply, expected)
+        duration += result.duration_s
+        result.duration_s, result.cases_passed = duration, index + (result.passed)
+        if not result.passed:
+            result.extra["failed_case"] = index
+            return result
+    return ExecutionResult("passed", duration_s=duration, cases_passed=len(program.cases), exit_code=0)
+
+
+def _base_result(reply: dict) -> ExecutionResult | None:
+    """The verdict when the run went wrong whatever the test kind, else None."""
+    if "sandbox_error" in reply:
+        return ExecutionResult("failed", "SandboxError", reply["sandbox_error"])
+    fields = dict(
+        exit_code=reply["exit_code"], stdout=reply["stdout"], stderr=reply["stderr"], duration_s=reply["duration_s"]
+    )
+    if reply["timed_out"]:
+        return ExecutionResult("timeout", "WallClockLimit", "wall-clock limit reached", **fields)
+    error, code = reply["error"], reply["exit_code"]
+    if error is not None and (code != 0 or not reply["tests_completed"]):
+        return ExecutionResult("failed", error["type"], error["message"], **fields)
+    if code in (-signal.SIGXCPU, -signal.SIGKILL) and reply["cpu_s"] >= reply["cpu_time_s"] - 0.05:
+        return ExecutionResult("timeout", "CPUTimeLimit", "CPU-time limit reached", **fields)
+    if code < 0:
+        sig = signal.Signals(-code)
+        return ExecutionResult("failed", SPECIAL_SIGNALS.get(sig, f"Killed:{sig.name}"), "", **fields)
+    if code == CHILD_SETUP_FAILED and not reply["tests_completed"]:
+        return ExecutionResult("failed", "SandboxSetupFailed", "", **fields)
+    if code != 0:
+        return ExecutionResult("failed", "NonZeroExit", f"exit status {code}", **fields)
+    return None
+
+
+def _assert_verdict(reply: dict) -> ExecutionResult:
+    failed = _base_result(reply)
+    if failed is not None:
+        return failed
+    result = ExecutionResult(
+        "passed", None, "", reply["exit_code"], reply["stdout"], reply["stderr"], reply["duration_s"]
+    )
+    if not reply["tests_completed"]:
+        result.status, result.error_class = "failed", "ExitedBeforeTestsCompleted"
+        result.error_message = "the process ended with status 0 before its tests ran to the end"
+    return result
+
+
+def _stdio_verdict(reply: dict, expected: str) -> ExecutionResult:
+    failed = _base_result(reply)
+    if failed is not None:
+        return failed
+    result = ExecutionResult("passed", None, "", 0, reply["stdout"], reply["stderr"], reply["duration_s"])
+    if reply["stdout_truncated"]:
+        result.status, result.error_class = "failed", "OutputLimitExceeded"
+    elif normalize_output(reply["stdout"]) != normalize_output(expected):
+        result.status, result.error_class = "failed", "WrongAnswer"
+    return result
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+class _Worker:
+    """Harness side of one fork server: starts it, talks to it, restarts it if it dies."""
+
+    def __init__(self, limits: Limits, *, unprivileged_user: bool, isolate_network: bool, private_tmp: bool) -> None:
+        self.limits = limits
+        self.isolate_network, self.private_tmp = isolate_network, private_tmp
+        self.uid: int | None = None
+        self._uid_lock: int | None = None
+        if unprivileged_user and os.geteuid() == 0:
+            self.uid, self._uid_lock = _claim_uid()
+        self.process: subprocess.Popen | None = None
+        self.applied: dict[str, str | None] = {}
+
+    def start(self) -> None:
+        request_r, request_w = os.pipe()
+        reply_r, reply_w = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-s", "-P", str(WORKER_SCRIPT), str(request_r), str(reply_w)],
+                pass_fds=(request_r, reply_w),
+                env=WORKER_ENV,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            os.close(request_r)
+            os.close(reply_w)
+        self._request, self._reply = request_w, reply_r
+        settings = {
+            "uid": self.uid,
+            "isolate_network": self.isolate_network,
+            "private_tmp": self.private_tmp,
+            "scratch_mb": self.limits.scratch_mb,
+        }
+        self._send(settings)
+        hello = self._receive(deadline=HARNESS_GRACE_S)
+        if hello is None:
+            self.stop()
+            raise SandboxError("the sandbox worker did not start (see its messages above)")
+        self.applied = hello["applied"]
+
+    def execute(self, source: str, stdin: str | None, timeout_s: float, output_limit: int) -> dict:
+        limits = {
+            "memory_mb": self.limits.memory_mb,
+            "file_size_mb": self.limits.file_size_mb,
+            "max_processes": self.limits.max_processes,
+            "output_limit_bytes": output_limit,
+        }
+        wall_time_s = timeout_s * self.limits.wall_clock_factor
+        request = {"source": source, "stdin": stdin, "cpu_time_s": timeout_s, "wall_time_s": wall_time_s, "limits": limits}
+        try:
+            self._send(request)
+            reply = self._receive(deadline=wall_time_s + HARNESS_GRACE_S)
+        except OSError as exc:
+            reply, why = None, str(exc)
+        else:
+            why = "no reply"
+        if reply is None:
+            log.warning("sandbox worker died or hung (%s); restarting it", why)
+            self.stop(release_uid=False, kill=True)
+            self.start()
+            return {"sandbox_error": f"the sandbox worker died while running this program ({why})"}
+        reply["cpu_time_s"] = max(1, math.ceil(timeout_s))
+        return reply
+
+    def _send(self, obj: dict) -> None:
+        data = json.dumps(obj).encode()
+        data = struct.pack(">I", len(data)) + data
+        while data:
+            data = data[os.write(self._request, data) :]
+
+    def _receive(self, deadline: float) -> dict | None:
+        header = self._read_exactly(4, deadline)
+        if header is None:
+            return None
+        body = self._read_exactly(struct.unpack(">I", header)[0], deadline)
+        return None if body is None else json.loads(body)
+
+    def _read_exactly(self, n: int, timeout: float) -> bytes | None:
+        chunks, remaining = [], n
+        while remaining:
+            ready, _, _ = select.select([self._reply], [], [], timeout)
+            if not ready:
+                return None
+            chunk = os.read(self._reply, min(remaining, 1 << 20))
+            if not chunk:
+                return None
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+
+    def stop(self, release_uid: bool = True, kill: bool = False) -> None:
+        if self.process is not None:
+            for fd in (self._request, self._reply):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            if kill:
+                self.process.kill()
+            try:
+                self.process.wait(timeout=HARNESS_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+        if release_uid and self._uid_lock is not None:
+            os.close(self._uid_lock)
+            self._uid_lock = None
+
+
+def _claim_uid() -> tuple[int, int]:
+    """Take a uid from UID_RANGE that has no account and no other live worker (across processes)."""
+    UID_LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
+    for uid in UID_RANGE:
+        try:
+            pwd.getpwuid(uid)
+            continue
+        except KeyError:
+            pass
+        fd = os.open(UID_LOCK_DIR / str(uid), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return uid, fd
+        except BlockingIOError:
+            os.close(fd)
+    raise SandboxError(f"every sandbox uid in {UID_RANGE.start}-{UID_RANGE.stop - 1} is in use")
+
+
+def _log_once(message: str) -> None:
+    if message not in _already_logged:
+        _already_logged.add(message)
+        log.warning(message)

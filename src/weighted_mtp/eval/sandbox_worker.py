@@ -1,0 +1,584 @@
+"""The sandbox's fork server: one per worker, started by `sandbox.py` as a fresh interpreter.
+
+It imports only the standard library, applies the isolation that is shared by every program once
+(a private network and mount namespace, a private /tmp, a seccomp filter that refuses network
+sockets), then forks one child per program. The child drops to the worker's unprivileged uid, sets
+its resource limits, enters a fresh working directory with a clean environment and runs the program
+in-process as `__main__`. Forking an already-started interpreter is what makes the sandbox fast;
+the child never inherits anything the harness has (no modules, no environment, no file descriptors).
+
+Protocol on two inherited file descriptors: 4-byte big-endian length + UTF-8 JSON, one request and
+one reply per program. This file runs as a script (`python sandbox_worker.py REQ_FD RESP_FD`), so it
+must not import from `weighted_mtp`.
+"""
+
+import ctypes
+import ctypes.util
+import errno
+import json
+import math
+import os
+import platform
+import resource
+import select
+import shutil
+import signal
+import struct
+import sys
+import tempfile
+import time
+import traceback
+import types
+
+VERDICT_FD = 3
+CHILD_SETUP_FAILED = 125
+READ_CHUNK = 65536
+VERDICT_LIMIT = 4096
+SCRATCH_ROOTS = ("/tmp", "/var/tmp", "/dev/shm")
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 1 << 12, 1 << 14, 1 << 18
+MNT_DETACH = 2
+PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 22, 36, 38
+SECCOMP_MODE_FILTER = 2
+SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_ERRNO = 0x00050000
+AF_UNIX = 1
+# (audit arch, socket syscall numbers): x86_64 also accepts x32 numbers, which have bit 30 set.
+SECCOMP_ARCHES = {"x86_64": (0xC000003E, (41, 41 | 0x40000000)), "aarch64": (0xC00000B7, (198, 198))}
+
+libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def read_message(fd):
+    header = read_exactly(fd, 4)
+    if header is None:
+        return None
+    return json.loads(read_exactly(fd, struct.unpack(">I", header)[0]).decode())
+
+
+def read_exactly(fd, n):
+    chunks, remaining = [], n
+    while remaining:
+        chunk = os.read(fd, remaining)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def write_message(fd, obj):
+    data = json.dumps(obj).encode()
+    data = struct.pack(">I", len(data)) + data
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def check(result, what):
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+# ----------------------------------------------------------------------------- isolation, once
+
+
+def enter_namespaces(as_root):
+    """A private network namespace (no interfaces but a down loopback) and mount namespace."""
+    if as_root:
+        check(libc.unshare(CLONE_NEWNS | CLONE_NEWNET), "unshare(mount, network)")
+        return
+    uid, gid = os.getuid(), os.getgid()
+    check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET), "unshare(user, mount, network)")
+    for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"{uid} {uid} 1"),
+                       ("/proc/self/gid_map", f"{gid} {gid} 1")):
+        with open(path, "w") as handle:
+            handle.write(text)
+
+
+def make_mounts_private():
+    check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
+
+
+def expose_interpreter(uid):
+    """Let the unprivileged uid import the standard library and site-packages when they live under
+    a directory it cannot enter (e.g. a pyenv under a 0700 /root): hide that directory behind an
+    empty tmpfs and bind-mount only the interpreter's own directories back into it."""
+    needed = []
+    for path in sorted({os.path.realpath(p) for p in [sys.base_prefix, sys.prefix, *sys.path] if os.path.isdir(p)}):
+        if not any(path.startswith(outer + "/") for outer in needed):
+            needed.append(path)
+    hidden = {}
+    for path in needed:
+        parts = path.strip("/").split("/")
+        for depth in range(1, len(parts)):
+            ancestor = "/" + "/".join(parts[:depth])
+            if not os.stat(ancestor).st_mode & 0o001:
+                hidden.setdefault(ancestor, []).append(path)
+                break
+    if not hidden:
+        return
+    staging = tempfile.mkdtemp(prefix="wmtp-sandbox-expose-")
+    try:
+        staged = []
+        for ancestor, paths in hidden.items():
+            for path in paths:
+                stage = os.path.join(staging, str(len(staged)))
+                os.mkdir(stage)
+                check(libc.mount(path.encode(), stage.encode(), None, MS_BIND | MS_REC, None), f"bind {path}")
+                staged.append((stage, path))
+        for ancestor in hidden:
+            check(libc.mount(b"tmpfs", ancestor.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=755"), f"hide {ancestor}")
+        for stage, path in staged:
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            check(libc.mount(stage.encode(), path.encode(), None, MS_BIND | MS_REC, None), f"expose {path}")
+            check(libc.umount2(stage.encode(), MNT_DETACH), f"detach {stage}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def mount_private_scratch(size_mb):
+    """Fresh tmpfs over the world-writable directories, so nothing a program writes there is shared."""
+    for root in SCRATCH_ROOTS:
+        if os.path.isdir(root):
+            options = f"size={size_mb}m,mode=1777".encode()
+            check(libc.mount(b"tmpfs", root.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options), f"tmpfs on {root}")
+
+
+class SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+
+def install_socket_filter():
+    """seccomp: socket() for any family but AF_UNIX fails with EACCES; foreign-arch syscalls fail."""
+    arch, (socket_nr, socket_nr_alt) = SECCOMP_ARCHES[platform.machine()]
+    ld, jeq, ret = 0x20, 0x15, 0x06
+    program = [
+        (ld, 0, 0, 4),  # 0: seccomp_data.arch
+        (jeq, 1, 0, arch),  # 1: our arch -> 3
+        (ret, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM),  # 2
+        (ld, 0, 0, 0),  # 3: seccomp_data.nr
+        (jeq, 1, 0, socket_nr),  # 4: socket -> 6
+        (jeq, 0, 3, socket_nr_alt),  # 5: else -> 9 (allow)
+        (ld, 0, 0, 16),  # 6: args[0] (family), low 32 bits
+        (jeq, 1, 0, AF_UNIX),  # 7: AF_UNIX -> 9
+        (ret, 0, 0, SECCOMP_RET_ERRNO | errno.EACCES),  # 8
+        (ret, 0, 0, SECCOMP_RET_ALLOW),  # 9
+    ]
+    filters = (SockFilter * len(program))(*[SockFilter(*insn) for insn in program])
+    prog = SockFprog(len(program), filters)
+    check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    check(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0), "seccomp")
+
+
+def set_up(settings):
+    """Apply what the system allows; return {feature: None if applied else why not}."""
+    as_root = os.geteuid() == 0
+    report = {}
+    check(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "subreaper")
+    uid = settings.get("uid")
+    if uid is None:
+        report["unprivileged user"] = "not running as root" if not as_root else "disabled"
+    else:
+        report["unprivileged user"] = try_drop_test(uid)
+        if report["unprivileged user"] is not None:
+            settings["uid"] = None
+    namespaces = None
+    if settings["isolate_network"]:
+        namespaces = capture(enter_namespaces, as_root)
+        report["network namespace"] = namespaces
+    else:
+        report["network namespace"] = "disabled"
+    private_mounts = capture(make_mounts_private) if namespaces is None and settings["isolate_network"] else "no namespace"
+    if settings["uid"] is not None:
+        if private_mounts is None:
+            report["interpreter visible to the unprivileged user"] = capture(expose_interpreter, settings["uid"])
+        if not can_import_as(settings["uid"]):
+            report["unprivileged user"] = "the interpreter's files are not readable by an unprivileged user"
+            settings["uid"] = None
+    report["process-count limit"] = None if settings["uid"] is not None else "needs a dedicated uid"
+    report["kill by uid"] = report["process-count limit"]
+    if settings["private_tmp"] and private_mounts is None:
+        report["private /tmp"] = capture(mount_private_scratch, settings["scratch_mb"])
+    else:
+        report["private /tmp"] = "disabled" if not settings["private_tmp"] else "needs a mount namespace"
+    if platform.machine() not in SECCOMP_ARCHES:
+        report["socket filter"] = f"seccomp filter not written for {platform.machine()}"
+    else:
+        report["socket filter"] = capture(install_socket_filter)
+    return report
+
+
+def capture(fn, *args):
+    try:
+        fn(*args)
+        return None
+    except (OSError, KeyError) as exc:
+        return str(exc)
+
+
+def can_import_as(uid):
+    """Whether a child running as `uid` can read the standard library and site-packages."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            readable = all(os.access(p, os.R_OK | os.X_OK) for p in sys.path if os.path.isdir(p))
+            os._exit(0 if readable else 1)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def try_drop_test(uid):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return None if os.waitstatus_to_exitcode(status) == 0 else f"setuid({uid}) failed"
+
+
+# ----------------------------------------------------------------------------- one program
+
+
+def clean_environment(workdir):
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        "LANG": "C.UTF-8",
+        "PYTHONHASHSEED": "0",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+
+
+def child(request, settings, workdir, stdin_path, out_w, err_w, verdict_w, nonce):
+    """Runs in the forked child; never returns."""
+    exit_now, write = os._exit, os.write
+    try:
+        os.setsid()
+        stdin_fd = os.open(stdin_path or os.devnull, os.O_RDONLY)
+        os.dup2(stdin_fd, 0)
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        os.dup2(verdict_w, VERDICT_FD)
+        os.closerange(VERDICT_FD + 1, os.sysconf("SC_OPEN_MAX"))
+        limits = request["limits"]
+        cpu = max(1, math.ceil(request["cpu_time_s"]))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        memory = limits["memory_mb"] << 20
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+        size = limits["file_size_mb"] << 20
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        uid = settings["uid"]
+        if uid is not None:
+            resource.setrlimit(resource.RLIMIT_NPROC, (limits["max_processes"], limits["max_processes"]))
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        os.chdir(workdir)
+        os.environ.clear()
+        os.environ.update(clean_environment(workdir))
+        main = types.ModuleType("__main__")
+        main.__file__ = os.path.join(workdir, "program.py")
+        main.__builtins__ = __builtins__
+        sys.modules["__main__"] = main
+        sys.argv = [main.__file__]
+        sys.path.insert(0, workdir)
+        source, is_stdio = request["source"], request["stdin"] is not None
+    except BaseException:
+        exit_now(CHILD_SETUP_FAILED)
+    exit_code = run_as_main(source, main.__dict__, is_stdio, write)
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    if exit_code == 0:
+        write(VERDICT_FD, nonce)
+    exit_now(exit_code)
+
+
+def run_as_main(source, namespace, is_stdio, write):
+    """Execute the program; return its exit code. Any exception, SystemExit included, is a failure in
+    assert mode (the tests did not all run); in stdin/stdout mode SystemExit(0) is a normal exit."""
+    try:
+        exec(compile(source, "program.py", "exec", dont_inherit=True, optimize=0), namespace)
+        return 0
+    except SystemExit as exc:
+        if is_stdio and exc.code in (None, 0):
+            return 0
+        report_error(write, exc)
+        return exc.code if isinstance(exc.code, int) and 0 < exc.code < 256 else 1
+    except BaseException as exc:
+        report_error(write, exc)
+        try:
+            traceback.print_exc()
+        except BaseException:
+            pass
+        return 1
+
+
+def report_error(write, exc):
+    try:
+        message = str(exc)[:500]
+    except BaseException:
+        message = ""
+    try:
+        write(VERDICT_FD, b"E" + json.dumps({"type": type(exc).__name__, "message": message}).encode())
+    except BaseException:
+        pass
+
+
+def run_program(request, settings):
+    nonce = os.urandom(16).hex().encode()
+    scratch = settings["scratch_dir"]
+    workdir = tempfile.mkdtemp(prefix="program-", dir=scratch)
+    uid = settings["uid"]
+    if uid is not None:
+        os.chown(workdir, uid, uid)
+    stdin_path = None
+    if request["stdin"] is not None:
+        stdin_path = os.path.join(workdir, ".stdin")
+        with open(stdin_path, "w", encoding="utf-8") as handle:
+            handle.write(request["stdin"])
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    verdict_r, verdict_w = os.pipe()
+    start = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child(request, settings, workdir, stdin_path, out_w, err_w, verdict_w, nonce)
+        finally:
+            os._exit(CHILD_SETUP_FAILED)
+    for fd in (out_w, err_w, verdict_w):
+        os.close(fd)
+    try:
+        limit = request["limits"]["output_limit_bytes"]
+        streams = {out_r: Capture(limit), err_r: Capture(limit), verdict_r: Capture(VERDICT_LIMIT)}
+        status, usage, timed_out = supervise(pid, streams, start + request["wall_time_s"])
+        duration = time.monotonic() - start
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            _, status, usage = os.wait4(pid, 0)
+        if last_pid() != pid:
+            kill_everything_left(pid, uid)
+        drain(streams, time.monotonic() + 1.0)
+    finally:
+        for fd in (out_r, err_r, verdict_r):
+            os.close(fd)
+        shutil.rmtree(workdir, ignore_errors=True)
+    verdict = streams[verdict_r].data
+    return {
+        "timed_out": timed_out,
+        "exit_code": os.waitstatus_to_exitcode(status),
+        "tests_completed": nonce in verdict,
+        "error": parse_error(verdict),
+        "stdout": streams[out_r].text(),
+        "stderr": streams[err_r].text(),
+        "stdout_truncated": streams[out_r].truncated,
+        "duration_s": duration,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+    }
+
+
+class Capture:
+    """Keeps the first `limit` bytes of a stream and counts (but drops) the rest."""
+
+    def __init__(self, limit):
+        self.limit, self.data, self.truncated, self.open = limit, b"", False, True
+
+    def feed(self, chunk):
+        room = self.limit - len(self.data)
+        if len(chunk) > room:
+            self.truncated = True
+        if room > 0:
+            self.data += chunk[:room]
+
+    def text(self):
+        return self.data.decode("utf-8", errors="replace")
+
+
+def supervise(pid, streams, deadline):
+    """Collect output until the child exits or the deadline passes; return (wait status, resource
+    usage, timed_out)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None, None, True
+            watched = [fd for fd, capture in streams.items() if capture.open] + [pidfd]
+            ready, _, _ = select.select(watched, [], [], remaining)
+            for fd in ready:
+                if fd != pidfd:
+                    read_into(fd, streams[fd])
+            if pidfd in ready:
+                _, status, usage = os.wait4(pid, 0)
+                return status, usage, False
+    finally:
+        os.close(pidfd)
+
+
+def read_into(fd, capture):
+    chunk = os.read(fd, READ_CHUNK)
+    if chunk:
+        capture.feed(chunk)
+    else:
+        capture.open = False
+
+
+def drain(streams, deadline):
+    """Read what is left once every writer is dead (bounded, in case one escaped)."""
+    while any(capture.open for capture in streams.values()):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        ready, _, _ = select.select([fd for fd, c in streams.items() if c.open], [], [], remaining)
+        for fd in ready:
+            read_into(fd, streams[fd])
+
+
+def last_pid():
+    """The last pid the kernel handed out. If it is still the program's own pid once the program has
+    ended, the program created no process or thread, so nothing can be left behind and the sweep
+    below is skipped (a busy machine moves it often; that only costs the sweep)."""
+    try:
+        with open("/proc/sys/kernel/ns_last_pid", "rb") as handle:
+            return int(handle.read())
+    except (OSError, ValueError):
+        return None
+
+
+def kill_everything_left(pid, uid):
+    """SIGKILL the program's process group, then every process of the worker's uid (catches
+    processes that left the group with setsid), or, without a dedicated uid, every process that
+    was reparented to this subreaper. Reap the zombies."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    give_up = time.monotonic() + 5.0
+    while time.monotonic() < give_up:
+        if uid is not None:
+            kill_all_of_uid(uid)
+        reap_zombies()
+        left = processes_of_uid(uid) if uid is not None else kill_adopted_children()
+        if not left:
+            return
+        time.sleep(0.001)
+
+
+def reap_zombies():
+    while True:
+        try:
+            child_pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if child_pid == 0:
+            return
+
+
+def kill_all_of_uid(uid):
+    """kill(-1) from a process of that uid signals exactly the processes of that uid (its return
+    value says nothing: it succeeds whenever any other process exists, signalled or not)."""
+    reaper = os.fork()
+    if reaper == 0:
+        try:
+            os.setresuid(uid, uid, uid)
+            os.kill(-1, signal.SIGKILL)
+        finally:
+            os._exit(0)
+    os.waitpid(reaper, 0)
+
+
+def processes_of_uid(uid):
+    found = False
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if entry.name.isdigit():
+                try:
+                    found = found or entry.stat().st_uid == uid
+                except OSError:
+                    pass
+    return found
+
+
+def kill_adopted_children():
+    me = str(os.getpid())
+    found = False
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:
+            found = True
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return found
+
+
+def parse_error(verdict):
+    if verdict.startswith(b"E"):
+        try:
+            error, _ = json.JSONDecoder().raw_decode(verdict[1:].decode("utf-8", errors="replace"))
+            return {"type": str(error["type"]), "message": str(error["message"])}
+        except (ValueError, KeyError, TypeError):
+            pass
+    return None
+
+
+def main():
+    request_fd, reply_fd = int(sys.argv[1]), int(sys.argv[2])
+    for fd in (0, 1):
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, fd)
+        os.close(null)
+    settings = read_message(request_fd)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 1024), min(hard, 1024)))
+    report = set_up(settings)
+    settings["scratch_dir"] = tempfile.mkdtemp(prefix="wmtp-sandbox-")
+    os.chmod(settings["scratch_dir"], 0o711)
+    write_message(reply_fd, {"applied": report, "pid": os.getpid()})
+    try:
+        while (request := read_message(request_fd)) is not None:
+            try:
+                reply = run_program(request, settings)
+            except Exception as exc:
+                reply = {"sandbox_error": f"{type(exc).__name__}: {exc}"}
+            write_message(reply_fd, reply)
+    finally:
+        shutil.rmtree(settings["scratch_dir"], ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
