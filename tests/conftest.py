@@ -7,6 +7,13 @@ from pathlib import Path
 
 import pytest
 
+# Tests use tiny models: one thread is faster than two fighting over a shared 2-core machine, and
+# subprocesses (torchrun ranks, CLI runs) inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,9 +37,14 @@ def repo_root() -> Path:
 
 @pytest.fixture
 def in_tmp_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Run in a temporary directory holding a copy of configs/, so runs write under tmp_path/storage."""
+    """Run in a temporary checkout holding a copy of configs/, with the offline data at ../shared as in
+    CI, so the default config works unchanged and runs write under <returned path>/storage."""
     import shutil
 
-    shutil.copytree(REPO_ROOT / "configs", tmp_path / "configs")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO_ROOT / "configs", repo / "configs")
+    shared = shared_data_dir().parent
+    if shared.is_dir():
+        (tmp_path / "shared").symlink_to(shared, target_is_directory=True)
+    monkeypatch.chdir(repo)
+    return repo

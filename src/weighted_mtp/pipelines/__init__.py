@@ -1,7 +1,8 @@
-"""Experiment pipelines: each builds its model, data and objective and hands them to the Trainer.
+"""Experiment pipelines. A pipeline says only what differs between experiments: its objective.
 
-`PIPELINES` maps `experiment.pipeline` to a function `(config, resume) -> TrainResult`; importing
-this package fills it.
+`PIPELINES` maps `experiment.pipeline` to an objective factory `(config, model, tokenizer, env) ->
+Objective`; `train_with_objective` does everything else the same way for every experiment. Importing
+this package fills the registry.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import importlib
 import logging
 
 from weighted_mtp.config.schema import Config
+from weighted_mtp.pipelines.common import ObjectiveFactory, train_with_objective
 from weighted_mtp.registry import PIPELINES
 
 log = logging.getLogger(__name__)
@@ -25,13 +27,16 @@ for _name in _MODULES:
             raise
 
 
+def objective_factory(pipeline: str) -> ObjectiveFactory:
+    return PIPELINES.get(pipeline)
+
+
 def run_pipeline(config: Config, resume: bool = False) -> int:
-    """Run the experiment's pipeline; the exit status for the CLI."""
-    pipeline = PIPELINES.get(config.experiment.pipeline)
-    result = pipeline(config, resume=resume)
+    """Train the experiment's pipeline; the exit status for the CLI."""
+    result = train_with_objective(config, objective_factory(config.experiment.pipeline), resume=resume)
     if result is not None:
         log.info("%s: %d steps, run directory %s", config.experiment.name, result.steps, result.run_dir)
     return 0
 
 
-__all__ = ["PIPELINES", "run_pipeline"]
+__all__ = ["PIPELINES", "objective_factory", "run_pipeline"]
