@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weighted_mtp.models.transformer import ModelArgs, MTPTransformer, build_micro_model
+from weighted_mtp.models.transformer import ModelArgs, MTPTransformer, attention_bias, build_micro_model
 
 
 def small_model(n_future_tokens: int = 3, seed: int = 0, **overrides) -> MTPTransformer:
@@ -81,6 +81,19 @@ def test_left_padding_with_key_mask_equals_unpadded_sequence() -> None:
         step = model(padded[:, t:t + 1], start_pos=t, cache=cache, attention_mask=mask[:1, :t + 1],
                      return_all_heads=True)
         torch.testing.assert_close(step.logits[0, 0], alone.logits[0, t - pad], atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_right_padding_needs_no_mask_and_gives_the_same_logits() -> None:
+    model = small_model()
+    tokens = torch.randint(0, 97, (2, 10))
+    mask = torch.ones_like(tokens)
+    mask[0, 6:] = 0
+    assert attention_bias(0, 10, mask, tokens.device) is None  # the fused causal path
+    assert attention_bias(0, 10, mask.flip(1), tokens.device) is not None  # left padding keeps its mask
+    out = model(tokens, attention_mask=mask, return_all_heads=True).logits
+    alone = model(tokens[:1, :6], return_all_heads=True).logits
+    torch.testing.assert_close(out[0, :6], alone[0], atol=1e-5, rtol=1e-5)
 
 
 def test_head_forward_matches_forward_and_heads_differ() -> None:

@@ -160,6 +160,13 @@ class KVCache:
         return self.layers[-1] if k == 0 else self.extra_heads[k - 1]
 
 
+def is_right_padding(attention_mask: Tensor) -> bool:
+    """Every row is ones then zeros (training batches): causal attention alone keeps real tokens off
+    the padding, so no mask is needed and SDPA can use its fused causal kernels."""
+    mask = attention_mask.bool()
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
 def attention_bias(
     start_pos: int, length: int, attention_mask: Tensor | None, device: torch.device
 ) -> Tensor | None:
@@ -169,6 +176,8 @@ def attention_bias(
     query may attend to its own position, so a left-padding query has one key and yields finite values.
     """
     total = start_pos + length
+    if attention_mask is not None and start_pos == 0 and is_right_padding(attention_mask[:, :total]):
+        attention_mask = None
     if attention_mask is None and (start_pos == 0 or length == 1):
         return None
     query_pos = torch.arange(start_pos, total, device=device)[:, None]
