@@ -21,6 +21,7 @@ import random
 import resource
 import sys
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -331,7 +332,10 @@ class Trainer:
                     f"{self.training.max_nonfinite_in_a_row}); lower training.lr or check the data"
                 )
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # a skipped first step would otherwise warn that the scheduler stepped before the optimizer
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.scheduler.step()
         self.step += 1
 
         elapsed = time.perf_counter() - started
