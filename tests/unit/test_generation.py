@@ -135,6 +135,8 @@ def test_bad_arguments_are_rejected() -> None:
         generate_ids(model, [[1, 2], []])
     with pytest.raises(ValueError, match="top_p"):
         generate_ids(model, [[1, 2]], top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_ids(model, [[1, 2]], max_new_tokens=0)
     assert generate_ids(model, []) == []
 
 

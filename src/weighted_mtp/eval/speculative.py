@@ -103,6 +103,8 @@ def speculative_generate_ids(
         raise ValueError(f"n_heads must be in [1, {model.n_future_tokens}], got {n_heads}")
     if not prompt:
         raise ValueError("the prompt needs at least one token (e.g. BOS)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     stop_ids = set(stop_ids)
     device = model.tok_embeddings.weight.device
     stats = SpeculativeStats(n_heads)
