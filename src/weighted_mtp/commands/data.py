@@ -40,32 +40,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def load_tokenizer(config, path: str | None) -> Any:
-    """The tokenizer whose token lengths the index records.
+    """The tokenizer whose token lengths the index records: --tokenizer, else the model's own."""
+    from weighted_mtp.models.loading import load_tokenizer as load_model_tokenizer
 
-    --tokenizer, else model.tokenizer, else the model path's own tokenizer file, else the named
-    model's tokenizer through the model loader.
-    """
-    from weighted_mtp.errors import ConfigError
-    from weighted_mtp.models.tokenizer import Tokenizer
-
-    explicit = path or config.model.tokenizer
-    if explicit:
-        return Tokenizer.from_file(explicit)
-    model_path = Path(config.model.name)
-    if model_path.is_file():
-        return Tokenizer.from_file(model_path)
-    for name in ("tokenizer.json", "tokenizer.model"):
-        if (model_path / name).is_file():
-            return Tokenizer.from_file(model_path / name)
-    try:
-        from weighted_mtp.models.loading import load_model
-    except ImportError:
-        raise ConfigError(
-            f"model.name {config.model.name!r}: cannot load its tokenizer here; pass --tokenizer PATH"
-        ) from None
-    log.info("loading %s for its tokenizer", config.model.name)
-    _, tokenizer = load_model(config.model.name, models_dir=config.paths.models)
-    return tokenizer
+    return load_model_tokenizer(config.model.name, models_dir=config.paths.models, tokenizer=path or config.model.tokenizer)
 
 
 def run_prepare(args: argparse.Namespace) -> int:
