@@ -94,7 +94,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc_dtype = lse.dtype
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if want_weight else None
+        grad_weight = None  # [V, D] in acc_dtype, summed over chunks in place: one V x D buffer at a time
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             h = hidden[rows]
@@ -107,10 +107,15 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if want_hidden:
                 grad_hidden[rows] = grad_logits @ weight
             if want_weight:
-                grad_weight += (grad_logits.T @ h).to(acc_dtype)
+                if grad_weight is None:
+                    grad_weight = (grad_logits.T @ h).to(acc_dtype)
+                elif h.dtype == acc_dtype:
+                    grad_weight.addmm_(grad_logits.T, h)
+                else:
+                    grad_weight += (grad_logits.T @ h).to(acc_dtype)
             del grad_logits
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+        if want_weight:
+            grad_weight = torch.zeros_like(weight) if grad_weight is None else grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None
 
 
