@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from weighted_mtp.errors import CheckpointError
-from weighted_mtp.models.checkpoints import build_model, read_checkpoint
-from weighted_mtp.models.checkpoints import hf, native
+from weighted_mtp.models.checkpoints import build_model, hf, native, read_checkpoint
 from weighted_mtp.models.loading import load_model
 from weighted_mtp.models.transformer import ModelArgs, MTPTransformer
 

@@ -9,8 +9,8 @@ from weighted_mtp.models.transformer import ModelArgs, MTPTransformer, attention
 
 
 def small_model(n_future_tokens: int = 3, seed: int = 0, **overrides) -> MTPTransformer:
-    args = dict(dim=48, n_layers=5, n_heads=6, n_kv_heads=2, vocab_size=97, ffn_hidden_dim=80,
-                rope_theta=500.0, n_future_tokens=n_future_tokens)
+    args = {"dim": 48, "n_layers": 5, "n_heads": 6, "n_kv_heads": 2, "vocab_size": 97, "ffn_hidden_dim": 80,
+                "rope_theta": 500.0, "n_future_tokens": n_future_tokens}
     args.update(overrides)
     model = MTPTransformer(ModelArgs(**args))
     model.init_weights(seed, std=0.1)

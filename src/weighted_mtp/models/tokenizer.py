@@ -226,9 +226,8 @@ class _SentencePieceBackend:
 
 
 def _from_gguf(path: Path) -> Tokenizer:
-    from tokenizers import AddedToken, Regex, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders
 
     from weighted_mtp.models.checkpoints.gguf import read_gguf
 
@@ -294,7 +293,7 @@ def _from_tokenizer_json(path: Path) -> Tokenizer:
 
     try:
         tokenizer = HFTokenizer.from_file(str(path))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 -- tokenizers raises a bare Exception for a bad file
         raise CheckpointError(f"{path}: not a valid tokenizer.json ({exc})") from None
     config_path = path.with_name("tokenizer_config.json")
     config: dict[str, Any] = {}

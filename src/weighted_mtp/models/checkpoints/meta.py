@@ -7,6 +7,7 @@ dim 1; norms are replicated. Loading concatenates along those dims.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -68,7 +69,7 @@ def load(path: Path) -> RawCheckpoint:
     for shard_path in shard_paths:
         try:
             shards.append(torch.load(shard_path, map_location="cpu", mmap=True, weights_only=True))
-        except Exception as exc:  # torch raises many types for a corrupt or truncated file
+        except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
             raise CheckpointError(f"{shard_path}: cannot read checkpoint shard ({type(exc).__name__}: {exc})") from None
     state = merge_shards(shards, shard_paths)
 
