@@ -178,8 +178,8 @@ class Stage1Config(Section):
     """Critic pre-training: the value head learns to predict whether a solution passes."""
 
     enabled: bool = False
-    steps: int | None = Field(None, gt=0)
-    lr: float | None = Field(None, gt=0)
+    steps: int | None = Field(None, gt=0, description="The critic run's training.max_steps, when set.")
+    lr: float | None = Field(None, gt=0, description="The critic run's training.lr, when set.")
     loss: Literal["mse", "bce"] = "mse"
     reward_on: Literal["last_token", "every_token"] = "every_token"
 
@@ -273,6 +273,16 @@ class Config(Section):
     rho1: Rho1Config = Field(default_factory=Rho1Config)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @model_validator(mode="after")
+    def _stage1_is_the_critic_run(self) -> Config:
+        """The critic pipeline is stage 1: stage1.steps / stage1.lr, when set, are its max_steps / lr."""
+        if self.experiment.pipeline == "critic":
+            if self.stage1.steps is not None:
+                self.training.max_steps = self.stage1.steps
+            if self.stage1.lr is not None:
+                self.training.lr = self.stage1.lr
+        return self
 
     @property
     def run_dir(self) -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from weighted_mtp.config import save_resolved_config
 from weighted_mtp.config.schema import Config
 from weighted_mtp.io import atomic_directory
 from weighted_mtp.train.distributed import DistEnv, barrier
@@ -56,6 +57,7 @@ def export_trained_model(
                 save_file(distinct_tensors(state), tmp / f"{name}.safetensors")
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+            save_resolved_config(config, tmp)  # what produced it (e.g. a value head's type and loss)
         log.info("exported the trained model to %s", directory)
     barrier(env)
     return Path(directory)

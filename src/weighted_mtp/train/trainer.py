@@ -434,6 +434,9 @@ class Trainer:
         self.modules.train()
         self._reshard()
         local = {f"val/{key}": value / max(1, n_batches) for key, value in sums.items()}
+        summary = getattr(self.objective, "evaluation_summary", None)  # metrics of the whole pass (AUC)
+        if summary is not None:
+            local.update({f"val/{key}": value for key, value in summary().items()})
         metrics = D.all_reduce_mean(local, self.env)
         self._val_metrics = metrics
         self._last_eval_step = self.step

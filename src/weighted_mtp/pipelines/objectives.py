@@ -1,0 +1,330 @@
+"""The objectives of the critic, verifiable and Rho-1 pipelines (the baseline's is in train/objective.py).
+
+- `CriticObjective`  stage 1: a value head on the trunk regresses each solution's pass/fail reward;
+                     the language-model heads are not run.
+- `VerifiableObjective` MTP loss weighted by the critic's GAE advantages, exp(A / beta) z-scored and
+                     clipped, plus continual value learning (PPO-style clipped value loss).
+- `Rho1Objective`    MTP loss on the tokens whose loss most exceeds a frozen reference model's.
+
+Objectives with a value head also collect, over one validation pass, how well the value at the last
+response step predicts pass/fail (ROC AUC and accuracy at 0.5); the trainer asks for these with
+`evaluation_summary()` after the pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from weighted_mtp.data import Batch
+from weighted_mtp.losses import MTPLossOutput, mtp_evaluate, mtp_forward_backward
+from weighted_mtp.train.objective import loss_metrics
+from weighted_mtp.weighting import (
+    CriticTargets,
+    CriticWeighting,
+    Rho1TokenWeights,
+    Rho1Weighting,
+    WeightingContext,
+    critic_pretrain_loss,
+    head_target_mask,
+    response_step_mask,
+    value_loss,
+)
+from weighted_mtp.weighting.critic import last_true
+
+ValueLossKind = Literal["mse", "bce"]
+
+
+# ----------------------------------------------------------------------------- value metrics
+
+
+def roc_auc(scores: Tensor, labels: Tensor) -> float:
+    """P(score of a random positive > score of a random negative), ties counting one half.
+
+    The Mann-Whitney statistic from average ranks; NaN when either class is absent.
+    """
+    scores, labels = scores.double().flatten(), labels.bool().flatten()
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = torch.argsort(scores)
+    sorted_scores = scores[order]
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    # tied scores share the mean of their ranks
+    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    first_rank = torch.cumsum(counts, 0) - counts + 1
+    mean_rank = (first_rank + (counts - 1) / 2).double()
+    ranks[order] = mean_rank[inverse]
+    rank_sum = ranks[labels].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def value_estimates(raw: Tensor, kind: ValueLossKind) -> Tensor:
+    """The value head's output as an estimate of the reward: a BCE-trained head outputs logits."""
+    return torch.sigmoid(raw) if kind == "bce" else raw
+
+
+def last_step_values(values: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The value at each row's last response step (the state before its final token), and which
+    rows have one (a row whose response was cut away entirely has none)."""
+    last = last_true(response_step_mask(labels))
+    has_step = last.any(dim=1)
+    return (values * last).sum(dim=1), has_step
+
+
+class PassFailMetrics:
+    """Collects last-step values and rewards over a validation pass; `summary()` scores and resets."""
+
+    def __init__(self) -> None:
+        self._values: list[Tensor] = []
+        self._passed: list[Tensor] = []
+
+    def add(self, estimates: Tensor, batch: Batch) -> None:
+        values, has_step = last_step_values(estimates.detach().float(), batch.labels)
+        self._values.append(values[has_step].cpu())
+        self._passed.append((batch.rewards[has_step] > 0.5).cpu())
+
+    def summary(self) -> dict[str, float]:
+        if not self._values:
+            return {}
+        values, passed = torch.cat(self._values), torch.cat(self._passed)
+        self._values, self._passed = [], []
+        return {
+            "value/auc": roc_auc(values, passed),
+            "value/accuracy": float(((values > 0.5) == passed).float().mean()),
+            "value/pass_rate": float(passed.float().mean()),
+        }
+
+
+def _prefixed(prefix: str, stats: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}/{key}": value for key, value in stats.items() if key != "tokens"}
+
+
+# ----------------------------------------------------------------------------- critic (stage 1)
+
+
+class CriticObjective:
+    """The value head learns P(pass | prefix) at every response step (or only the last one)."""
+
+    def __init__(
+        self,
+        value_head: nn.Module,
+        *,
+        loss: ValueLossKind = "mse",
+        reward_on: Literal["every_token", "last_token"] = "every_token",
+    ) -> None:
+        self.value_head = value_head
+        self.loss, self.reward_on = loss, reward_on
+        self.pass_fail = PassFailMetrics()
+
+    def _loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+        hidden = model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)
+        raw = self.value_head(hidden)
+        mask = response_step_mask(batch.labels)
+        return critic_pretrain_loss(raw, batch.rewards, mask, self.loss, self.reward_on), raw
+
+    def forward_backward(self, model: nn.Module, batch: Batch, *, loss_scale: float) -> dict[str, float]:
+        loss, raw = self._loss(model, batch)
+        (loss * loss_scale).backward()
+        estimates = value_estimates(raw.detach(), self.loss)
+        step_mask = response_step_mask(batch.labels)
+        return {"loss": loss.item(), "value/mean": float(estimates[step_mask].mean()) if step_mask.any() else 0.0}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batch: Batch) -> dict[str, float]:
+        loss, raw = self._loss(model, batch)
+        self.pass_fail.add(value_estimates(raw, self.loss), batch)
+        return {"loss": loss.item()}
+
+    def evaluation_summary(self) -> dict[str, float]:
+        return self.pass_fail.summary()
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"value_head": self.value_head}
+
+
+# ----------------------------------------------------------------------------- verifiable critic WMTP
+
+
+class _TrunkTap:
+    """The model, except that `trunk_forward` hands its output to `on_trunk` before returning it.
+
+    `mtp_forward_backward` runs the trunk itself, but the token weights come from the critic's
+    values on that very trunk output and are needed before the first head's loss: the tap computes
+    them there, so the trunk runs once.
+    """
+
+    def __init__(self, model: nn.Module, on_trunk: Callable[[Tensor], None]) -> None:
+        self._model = model
+        self._on_trunk = on_trunk
+
+    def trunk_forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        hidden = self._model.trunk_forward(*args, **kwargs)
+        self._on_trunk(hidden)
+        return hidden
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+class VerifiableObjective:
+    """Critic-weighted MTP with continual value learning.
+
+    Per micro-batch: trunk -> values V (no grad; the "old" values) -> GAE advantages and returns ->
+    token weights clip(exp(z(A) / beta)) -> weighted MTP loss, head by head -> value loss
+    coefficient * 0.5 * max((V' - G)^2, (V_clip - G)^2) on the same trunk output, V' with grad and
+    V_clip = V + clamp(V' - V, +-clip_range). The value loss trains the value head and, when the
+    trunk trains, the trunk too.
+    """
+
+    def __init__(
+        self,
+        value_head: nn.Module,
+        weighting: CriticWeighting,
+        *,
+        value_kind: ValueLossKind = "mse",
+        value_loss_coefficient: float = 0.5,
+        value_clip_range: float | None = 0.2,
+        train_values: bool = True,
+        head_weights: Sequence[float] | None = None,
+        chunk_size: int = 1024,
+    ) -> None:
+        self.value_head = value_head
+        self.weighting = weighting
+        self.value_kind = value_kind
+        self.value_loss_coefficient = value_loss_coefficient
+        self.value_clip_range = value_clip_range
+        self.train_values = train_values
+        self.head_weights = list(head_weights) if head_weights is not None else None
+        self.chunk_size = chunk_size
+        self.pass_fail = PassFailMetrics()
+
+    def _values(self, hidden: Tensor) -> Tensor:
+        return value_estimates(self.value_head(hidden), self.value_kind)
+
+    def _run(self, loss_fn: Callable[..., MTPLossOutput], model: nn.Module, batch: Batch, **kwargs: Any):
+        """One weighted MTP pass with the critic in the loop; returns the loss output and what it used."""
+        n_heads = model.n_future_tokens
+        used: dict[str, Any] = {}
+
+        def on_trunk(hidden: Tensor) -> None:
+            with torch.no_grad():
+                used["old_values"] = self._values(hidden.detach())
+            used["targets"] = self.weighting.targets(used["old_values"], batch.rewards, batch.labels, n_heads=n_heads)
+
+        def token_weights(k0: int, _ce: Tensor, _mask: Tensor) -> Tensor:
+            return used["targets"].weights[..., k0]
+
+        def clipped_value_loss(hidden: Tensor) -> Tensor:
+            targets: CriticTargets = used["targets"]
+            loss = value_loss(
+                self._values(hidden), used["old_values"], targets.returns, targets.step_mask, self.value_clip_range
+            )
+            used["value_loss"] = loss.detach()
+            return self.value_loss_coefficient * loss
+
+        out = loss_fn(
+            _TrunkTap(model, on_trunk),
+            batch.input_ids,
+            batch.labels,
+            attention_mask=batch.attention_mask,
+            weights=token_weights,
+            head_weights=self.head_weights,
+            chunk_size=self.chunk_size,
+            trunk_loss_fn=clipped_value_loss if self.train_values else None,
+            **kwargs,
+        )
+        return out, used
+
+    def _metrics(self, out: MTPLossOutput, used: dict[str, Any], batch: Batch, n_heads: int) -> dict[str, float]:
+        targets: CriticTargets = used["targets"]
+        metrics = loss_metrics(out)
+        metrics.pop("aux_loss", None)
+        step_values = used["old_values"][targets.step_mask]
+        metrics["value/mean"] = float(step_values.mean()) if step_values.numel() else 0.0
+        if "value_loss" in used:
+            metrics["value/loss"] = float(used["value_loss"])
+        mask = head_target_mask(batch.labels, n_heads)
+        metrics.update(_prefixed("weights", self.weighting.stats(targets.weights, mask)))
+        return metrics
+
+    def forward_backward(self, model: nn.Module, batch: Batch, *, loss_scale: float) -> dict[str, float]:
+        out, used = self._run(mtp_forward_backward, model, batch, loss_scale=loss_scale)
+        return self._metrics(out, used, batch, model.n_future_tokens)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batch: Batch) -> dict[str, float]:
+        out, used = self._run(mtp_evaluate, model, batch)
+        self.pass_fail.add(used["old_values"], batch)
+        return self._metrics(out, used, batch, model.n_future_tokens)
+
+    def evaluation_summary(self) -> dict[str, float]:
+        return self.pass_fail.summary()
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"value_head": self.value_head}
+
+
+# ----------------------------------------------------------------------------- Rho-1
+
+
+class Rho1Objective:
+    """MTP loss on the tokens with the highest excess loss over a frozen reference model."""
+
+    def __init__(
+        self,
+        reference: nn.Module,
+        weighting: Rho1Weighting,
+        *,
+        head_weights: Sequence[float] | None = None,
+        chunk_size: int = 1024,
+    ) -> None:
+        self.reference = reference
+        self.weighting = weighting
+        self.head_weights = list(head_weights) if head_weights is not None else None
+        self.chunk_size = chunk_size
+
+    def _token_weights(self, batch: Batch, n_heads: int) -> Rho1TokenWeights:
+        reference_ce = self.weighting.reference_ce(self.reference, batch, n_heads=n_heads, chunk_size=self.chunk_size)
+        return self.weighting.weights(batch, n_heads=n_heads, context=WeightingContext(reference_ce=reference_ce))
+
+    def _metrics(self, out: MTPLossOutput, weights: Rho1TokenWeights, batch: Batch, n_heads: int) -> dict[str, float]:
+        stats = self.weighting.stats(weights, head_target_mask(batch.labels, n_heads))
+        return {**loss_metrics(out), **_prefixed("weights", stats)}
+
+    def forward_backward(self, model: nn.Module, batch: Batch, *, loss_scale: float) -> dict[str, float]:
+        n_heads = model.n_future_tokens
+        weights = self._token_weights(batch, n_heads)
+        out = mtp_forward_backward(
+            model,
+            batch.input_ids,
+            batch.labels,
+            attention_mask=batch.attention_mask,
+            weights=weights,
+            head_weights=self.head_weights,
+            chunk_size=self.chunk_size,
+            loss_scale=loss_scale,
+        )
+        return self._metrics(out, weights, batch, n_heads)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batch: Batch) -> dict[str, float]:
+        n_heads = model.n_future_tokens
+        weights = self._token_weights(batch, n_heads)
+        out = mtp_evaluate(
+            model,
+            batch.input_ids,
+            batch.labels,
+            attention_mask=batch.attention_mask,
+            weights=weights,
+            head_weights=self.head_weights,
+            chunk_size=self.chunk_size,
+        )
+        return self._metrics(out, weights, batch, n_heads)
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {}
