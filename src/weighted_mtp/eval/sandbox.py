@@ -103,6 +103,7 @@ class ExecutionResult:
     stdout: str = ""
     stderr: str = ""
     duration_s: float = 0.0
+    cpu_s: float = 0.0
     cases_passed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -157,6 +158,15 @@ class Sandbox:
     @property
     def n_workers(self) -> int:
         return len(self._workers)
+
+    @property
+    def worker_uids(self) -> list[int]:
+        """The uids programs run as (empty when not running as root)."""
+        return [w.uid for w in self._workers if w.uid is not None]
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers if w.process is not None]
 
     def run(self, program: Program) -> ExecutionResult:
         worker = self._idle.get()
@@ -225,14 +235,15 @@ def _base_result(reply: dict) -> ExecutionResult | None:
     if "sandbox_error" in reply:
         return ExecutionResult("failed", "SandboxError", reply["sandbox_error"])
     fields = dict(
-        exit_code=reply["exit_code"], stdout=reply["stdout"], stderr=reply["stderr"], duration_s=reply["duration_s"]
+        exit_code=reply["exit_code"], stdout=reply["stdout"], stderr=reply["stderr"], duration_s=reply["duration_s"],
+        cpu_s=reply["cpu_s"],
     )
     if reply["timed_out"]:
         return ExecutionResult("timeout", "WallClockLimit", "wall-clock limit reached", **fields)
     error, code = reply["error"], reply["exit_code"]
     if error is not None and (code != 0 or not reply["tests_completed"]):
         return ExecutionResult("failed", error["type"], error["message"], **fields)
-    if code in (-signal.SIGXCPU, -signal.SIGKILL) and reply["cpu_s"] >= reply["cpu_time_s"] - 0.05:
+    if code == -signal.SIGXCPU or (code == -signal.SIGKILL and reply["cpu_s"] >= reply["cpu_time_s"]):
         return ExecutionResult("timeout", "CPUTimeLimit", "CPU-time limit reached", **fields)
     if code < 0:
         sig = signal.Signals(-code)
@@ -249,7 +260,7 @@ def _assert_verdict(reply: dict) -> ExecutionResult:
     if failed is not None:
         return failed
     result = ExecutionResult(
-        "passed", None, "", reply["exit_code"], reply["stdout"], reply["stderr"], reply["duration_s"]
+        "passed", None, "", reply["exit_code"], reply["stdout"], reply["stderr"], reply["duration_s"], reply["cpu_s"]
     )
     if not reply["tests_completed"]:
         result.status, result.error_class = "failed", "ExitedBeforeTestsCompleted"
@@ -261,7 +272,7 @@ def _stdio_verdict(reply: dict, expected: str) -> ExecutionResult:
     failed = _base_result(reply)
     if failed is not None:
         return failed
-    result = ExecutionResult("passed", None, "", 0, reply["stdout"], reply["stderr"], reply["duration_s"])
+    result = ExecutionResult("passed", None, "", 0, reply["stdout"], reply["stderr"], reply["duration_s"], reply["cpu_s"])
     if reply["stdout_truncated"]:
         result.status, result.error_class = "failed", "OutputLimitExceeded"
     elif normalize_output(reply["stdout"]) != normalize_output(expected):
