@@ -8,7 +8,7 @@ import pytest
 
 from weighted_mtp.cli import main
 from weighted_mtp.models.checkpoints import build_model, read_checkpoint
-from weighted_mtp.models.loading import installed_smollm2_gguf
+from weighted_mtp.models.loading import installed_smollm2_gguf, load_tokenizer
 
 
 @pytest.fixture
@@ -34,6 +34,12 @@ def test_fetch_info_and_export(models_dir, tmp_path, capsys) -> None:
     for name in ("config.json", "model.safetensors", "mtp_heads.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (destination / name).is_file(), name
     assert build_model(read_checkpoint(destination)).n_future_tokens == 3
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.AutoTokenizer.from_pretrained(destination)  # the exported tokenizer, unchanged
+    ours = load_tokenizer("micro", models_dir=models_dir)
+    text = "def f(x):\n    return 0.5 * x  # 1234"
+    assert reference(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+    assert reference.eos_token_id == ours.eos_id
     capsys.readouterr()
     assert main(["model", "info", str(destination), "--models-dir", str(models_dir)]) == 0
     out = capsys.readouterr().out
