@@ -1,0 +1,197 @@
+"""The critic, verifiable and Rho-1 objectives against straightforward references on a tiny model."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from weighted_mtp.data import Batch
+from weighted_mtp.losses import IGNORE_INDEX, mtp_loss_naive
+from weighted_mtp.models.transformer import build_micro_model
+from weighted_mtp.models.value_head import MLPValueHead
+from weighted_mtp.pipelines.objectives import (
+    CriticObjective,
+    Rho1Objective,
+    VerifiableObjective,
+    roc_auc,
+)
+from weighted_mtp.weighting import CriticWeighting, Rho1Weighting, critic_targets, value_loss
+
+VOCAB = 61
+
+
+def make_batch(seed: int, rewards=(1.0, 0.0, 1.0, 0.0), length: int = 14) -> Batch:
+    """Right-padded rows: a prompt without loss, a response, padding; pairs of (correct, incorrect)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = len(rewards)
+    input_ids = torch.randint(0, VOCAB, (rows, length), generator=gen)
+    attention_mask = torch.zeros(rows, length, dtype=torch.long)
+    labels = torch.full((rows, length), IGNORE_INDEX)
+    rng = random.Random(seed)
+    for row in range(rows):
+        used = rng.randint(length - 5, length)
+        prompt = rng.randint(2, 5)
+        attention_mask[row, :used] = 1
+        labels[row, prompt:used] = input_ids[row, prompt:used]
+    return Batch(input_ids, attention_mask, labels, torch.tensor(rewards), [f"p{r // 2}" for r in range(rows)], True)
+
+
+def tiny_model(n_heads: int = 2, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_micro_model(VOCAB, n_future_tokens=n_heads, seed=seed)
+
+
+def last_step_values_loop(values: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """Value at the last position p whose next token p+1 has a label, row by row."""
+    out = []
+    for row in range(labels.shape[0]):
+        steps = [p for p in range(labels.shape[1] - 1) if labels[row, p + 1] != IGNORE_INDEX]
+        out.append(float(values[row, steps[-1]]))
+    return out
+
+
+def test_roc_auc_is_the_fraction_of_correctly_ordered_pairs():
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        scores = torch.round(torch.rand(40, generator=gen) * 8) / 8  # many ties
+        labels = torch.rand(40, generator=gen) > 0.6
+        pos, neg = scores[labels], scores[~labels]
+        pairs = [(1.0 if p > n else 0.5 if p == n else 0.0) for p in pos for n in neg]
+        assert roc_auc(scores, labels) == pytest.approx(sum(pairs) / len(pairs), abs=1e-12)
+    assert roc_auc(torch.tensor([0.1, 0.2]), torch.tensor([True, True])) != roc_auc(
+        torch.tensor([0.1, 0.2]), torch.tensor([True, True])
+    )  # NaN with one class
+
+
+@pytest.mark.parametrize("loss,reward_on", [("mse", "every_token"), ("bce", "last_token")])
+def test_critic_value_loss_decreases_on_a_fixed_batch_and_trains_only_the_value_head(loss, reward_on):
+    model = tiny_model().requires_grad_(False)
+    head = MLPValueHead(model.args.dim)
+    objective = CriticObjective(head, loss=loss, reward_on=reward_on)
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    batch = make_batch(0)
+    losses = []
+    for _ in range(25):
+        optimizer.zero_grad()
+        losses.append(objective.forward_backward(model, batch, loss_scale=1.0)["loss"])
+        optimizer.step()
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None for p in head.parameters())
+
+
+def test_critic_validation_summary_is_the_auc_of_last_step_values_over_the_whole_pass():
+    model = tiny_model()
+    head = MLPValueHead(model.args.dim)
+    objective = CriticObjective(head, loss="bce")
+    batches = [make_batch(1), make_batch(2, rewards=(1.0, 1.0, 0.0, 0.0))]
+    values, passed = [], []
+    for batch in batches:
+        objective.evaluate(model, batch)
+        with torch.no_grad():
+            estimates = torch.sigmoid(head(model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)))
+        values += last_step_values_loop(estimates, batch.labels)
+        passed += [bool(r) for r in batch.rewards]
+    summary = objective.evaluation_summary()
+    expected = roc_auc(torch.tensor(values), torch.tensor(passed))
+    assert summary["value/auc"] == pytest.approx(expected)
+    accuracy = sum((v > 0.5) == p for v, p in zip(values, passed)) / len(values)
+    assert summary["value/accuracy"] == pytest.approx(accuracy)
+    assert objective.evaluation_summary() == {}  # the pass's values were consumed
+
+
+def verifiable_setup(train_values: bool = True):
+    model = tiny_model(n_heads=3)
+    head = MLPValueHead(model.args.dim)
+    with torch.no_grad():  # a critic that already tells rows apart, so advantages vary
+        head.net[-1].bias.fill_(0.5)
+    weighting = CriticWeighting(gamma=1.0, lam=0.9, temperature=0.7, clip_min=0.2, clip_max=2.5)
+    objective = VerifiableObjective(
+        head, weighting, value_loss_coefficient=0.5, value_clip_range=0.05, train_values=train_values,
+        head_weights=[1.0, 0.8, 0.64], chunk_size=5,
+    )
+    return model, head, objective
+
+
+def test_verifiable_gradients_equal_the_naive_weighted_loss_with_the_clipped_value_loss():
+    model, head, objective = verifiable_setup()
+    reference_model, reference_head = copy.deepcopy(model), copy.deepcopy(head)
+    batch = make_batch(4)
+    metrics = objective.forward_backward(model, batch, loss_scale=1.0)
+
+    with torch.no_grad():
+        old = reference_head(reference_model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask))
+    targets = critic_targets(old, batch.rewards, batch.labels, n_heads=3, gamma=1.0, lam=0.9, temperature=0.7,
+                             clip_min=0.2, clip_max=2.5)
+
+    def clipped(hidden):
+        return 0.5 * value_loss(reference_head(hidden), old, targets.returns, targets.step_mask, 0.05)
+
+    total, out = mtp_loss_naive(
+        reference_model, batch.input_ids, batch.labels, attention_mask=batch.attention_mask,
+        weights=targets.weights, head_weights=[1.0, 0.8, 0.64], trunk_loss_fn=clipped,
+    )
+    total.backward()
+    assert metrics["loss"] == pytest.approx(float(total.detach()), rel=1e-5)
+    for (name, p), q in zip(
+        [*model.named_parameters(), *head.named_parameters()], [*reference_model.parameters(), *reference_head.parameters()]
+    ):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+    valid = targets.weights[(targets.weights > 0)]
+    assert valid.min() >= 0.2 - 1e-6 and valid.max() <= 2.5 + 1e-6
+    assert valid.std() > 0.05  # not all equal
+    assert 0.2 - 1e-6 <= metrics["weights/min"] < metrics["weights/max"] <= 2.5 + 1e-6
+    assert metrics["value/loss"] == pytest.approx(float(out.aux_loss) / 0.5, rel=1e-5)
+
+
+def test_verifiable_without_value_learning_leaves_the_value_head_untouched():
+    model, head, objective = verifiable_setup(train_values=False)
+    metrics = objective.forward_backward(model, make_batch(5), loss_scale=1.0)
+    assert all(p.grad is None for p in head.parameters())
+    assert "value/loss" not in metrics
+    assert any(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.6])
+def test_rho1_selects_the_configured_fraction_by_head1_excess_loss(ratio):
+    model = tiny_model(n_heads=2, seed=0)
+    reference = tiny_model(n_heads=1, seed=1).requires_grad_(False)
+    objective = Rho1Objective(reference, Rho1Weighting(ratio=ratio, per_head=False), chunk_size=7)
+    reference_model = copy.deepcopy(model)
+    batch = make_batch(6)
+    metrics = objective.forward_backward(model, batch, loss_scale=1.0)
+
+    # independent: excess = model CE - reference CE of head 1 from full logits; the top fraction by
+    # excess (row-major ties) gets N / n_keep, head 2 reuses the weight of the same target token
+    with torch.no_grad():
+        logits = reference_model(batch.input_ids, attention_mask=batch.attention_mask, return_all_heads=True).logits
+        ref_logits = reference(batch.input_ids, attention_mask=batch.attention_mask).logits[:, :, 0]
+    targets = torch.full_like(batch.labels, IGNORE_INDEX)
+    targets[:, :-1] = batch.labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    safe = targets.clamp_min(0)
+    ce = F.cross_entropy(logits[:, :, 0].flatten(0, 1), safe.flatten(), reduction="none").view_as(safe)
+    ref_ce = F.cross_entropy(ref_logits.flatten(0, 1), safe.flatten(), reduction="none").view_as(safe)
+    excess = (ce - ref_ce)[mask]
+    n, n_keep = int(mask.sum()), max(1, int(ratio * int(mask.sum()) + 0.5))
+    chosen = torch.zeros(n)
+    chosen[torch.argsort(excess, descending=True, stable=True)[:n_keep]] = n / n_keep
+    head1 = torch.zeros(mask.shape)
+    head1[mask] = chosen
+    weights = torch.zeros(*mask.shape, 2)
+    weights[:, :, 0] = head1
+    weights[:, :-1, 1] = head1[:, 1:]
+    total, _ = mtp_loss_naive(reference_model, batch.input_ids, batch.labels, attention_mask=batch.attention_mask,
+                              weights=weights)
+    total.backward()
+    for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    # head 1 keeps exactly n_keep of its n targets; head 2 (one target fewer per row) about as many
+    assert metrics["weights/selected"] == pytest.approx(ratio, abs=0.1)
+    assert float((head1[mask] > 0).float().mean()) == pytest.approx(n_keep / n)
+    assert all(p.grad is None for p in reference.parameters())
