@@ -1,0 +1,82 @@
+"""`wmtp eval` end to end: real subprocesses, real sandbox, a real report file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def wmtp_eval(cwd: Path, shared_data: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "weighted_mtp", "eval", *args, f"paths.raw_data={shared_data}"]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_scores_a_samples_file(in_tmp_repo: Path, shared_data: Path) -> None:
+    gold = {json.loads(line)["task_id"]: json.loads(line)["code"] for line in (shared_data / "mbpp" / "test.jsonl").open()}
+    samples = in_tmp_repo / "samples.jsonl"
+    rows = [
+        {"task_id": 11, "completion": f"{gold[11]}\n[DONE]\nYou are an expert"},
+        {"task_id": "11", "completion": "def remove_Occ(s, ch):\n    return s\n[DONE]"},
+        {"task_id": "mbpp/12", "completion": f"```python\n{gold[12]}\n```"},
+        {"task_id": 12, "completion": "import sys\nsys.exit(0)\n"},
+    ]
+    samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report_path = in_tmp_repo / "report.json"
+    done = wmtp_eval(
+        in_tmp_repo, shared_data, "--samples", str(samples), "--benchmark", "mbpp", "--k", "1,2",
+        "--output", str(report_path), "--limit", "5", "tracking.enabled=false",
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(report_path.read_text())
+    assert (report["n_problems"], report["n_samples"], report["n_passed"]) == (2, 4, 2)
+    assert report["pass_at_k"]["1"]["mean"] == pytest.approx(0.5)
+    assert report["pass_at_k"]["2"]["mean"] == pytest.approx(1.0)
+    assert [s["status"] for s in report["samples"]] == ["passed", "failed", "passed", "failed"]
+    assert [s["error_class"] for s in report["samples"]][1::2] == ["AssertionError", "SystemExit"]
+    assert report["exact_match"] == pytest.approx(0.5)
+    assert report["error_counts"] == {"AssertionError": 1, "SystemExit": 1}
+    assert "pass@1" in done.stderr  # the summary table
+
+
+def test_reference_solutions_logged_to_tracking(in_tmp_repo: Path, shared_data: Path) -> None:
+    uri = f"sqlite:///{in_tmp_repo}/mlruns.db"
+    done = wmtp_eval(
+        in_tmp_repo, shared_data, "--reference-solutions", "--benchmark", "humaneval", "--limit", "8",
+        "--output", "gold.json", f"tracking.uri={uri}", "tracking.experiment=eval-test",
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads((in_tmp_repo / "gold.json").read_text())
+    assert (report["n_samples"], report["n_passed"]) == (8, 8)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("eval-test").experiment_id])
+    assert run.data.metrics["humaneval/pass_at_1"] == 1.0  # the tracker spells @ as _at_
+    assert run.data.params["eval.benchmark"] == "humaneval"
+
+
+def test_generates_with_a_model(in_tmp_repo: Path, shared_data: Path) -> None:
+    done = wmtp_eval(
+        in_tmp_repo, shared_data, "--model", "micro", "--benchmark", "mbpp", "--limit", "2", "--n-samples", "2",
+        "--k", "1,2", "--temperature", "0.8", "--max-new-tokens", "8", "--output", "model.json",
+        "tracking.enabled=false", "device=cpu",
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads((in_tmp_repo / "model.json").read_text())
+    assert (report["n_problems"], report["n_samples"]) == (2, 4)
+    assert report["metadata"]["source"] == "model" and report["metadata"]["generated_tokens"] > 0
+    assert set(report["pass_at_k"]) == {"1", "2"}
+
+
+def test_bad_input_is_one_line_error(in_tmp_repo: Path, shared_data: Path) -> None:
+    samples = in_tmp_repo / "bad.jsonl"
+    samples.write_text('{"task_id": 11, "completion": "x"}\nnot json\n')
+    done = wmtp_eval(in_tmp_repo, shared_data, "--samples", str(samples), "--benchmark", "mbpp", "tracking.enabled=false")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == f"error: {samples}:2: expected a JSON object with task_id and completion"
+    unknown = wmtp_eval(in_tmp_repo, shared_data, "--reference-solutions", "--benchmark", "mbp", "tracking.enabled=false")
+    assert unknown.returncode == 2 and "did you mean 'mbpp'" in unknown.stderr
