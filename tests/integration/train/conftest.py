@@ -18,6 +18,13 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
+# The run every real-process test reproduces: micro-batches of one sequence, two of them per step
+# (the global batch of two ranks x 1), 4 steps an epoch, 6 steps, a checkpoint every 2.
+REFERENCE = (
+    "training.max_steps=6", "training.save_every=2", "training.keep_last=3", "data.n_samples=8",
+    "training.batch_size=1", "training.grad_accum_steps=2", "distributed.timeout_s=60",
+)
+
 
 @dataclass
 class MicroWorkspace:
@@ -106,3 +113,18 @@ def micro_workspace(tmp_path_factory: pytest.TempPathFactory, shared_data: Path)
     open_or_prepare("mbpp", "train", tokenizer, raw_dir=shared_data, datasets_dir=root / "datasets")
     open_or_prepare("mbpp", "validation", tokenizer, raw_dir=shared_data, datasets_dir=root / "datasets")
     return MicroWorkspace(root, shared_data)
+
+
+@pytest.fixture(scope="session")
+def reference_losses(micro_workspace: MicroWorkspace) -> dict[int, float]:
+    """Per-step losses of one uninterrupted single-process run of REFERENCE."""
+    micro_workspace.run("reference", *REFERENCE)
+    losses = micro_workspace.losses("reference")
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    return losses
+
+
+def assert_same_losses(losses: dict[int, float], reference: dict[int, float], tolerance: float) -> None:
+    assert sorted(losses) == sorted(reference)
+    for step, loss in reference.items():
+        assert abs(losses[step] - loss) <= tolerance, f"step {step}: {losses[step]} vs {loss}"

@@ -16,9 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REFERENCE, assert_same_losses
+
 from weighted_mtp.train.checkpoint import COMPLETE, checkpoint_name
 
-STEPS = ("training.max_steps=4", "training.save_every=2", "data.n_samples=16", "distributed.timeout_s=60")
+# each rank: micro-batches of one, no accumulation: the same global batch as the reference
+RANKS_OF_ONE = (*REFERENCE, "training.grad_accum_steps=1")
 
 
 def torchrun(ws, name: str, *extra: str, log_name: str = "run") -> subprocess.Popen:
@@ -54,29 +57,16 @@ def worker_of_rank(agent_pid: int, rank: int) -> int:
     raise AssertionError(f"no worker with RANK={rank} under torchrun (pid {agent_pid})")
 
 
-def compare(losses: dict[int, float], reference: dict[int, float], tolerance: float) -> None:
-    assert sorted(losses) == sorted(reference)
-    for step, loss in reference.items():
-        assert losses[step] == pytest.approx(loss, abs=tolerance, rel=0), f"step {step}"
-
-
-@pytest.fixture(scope="module")
-def single_process_reference(micro_workspace) -> dict[int, float]:
-    """One process, micro-batch 1, two accumulation steps: the global batch of two ranks x 1."""
-    micro_workspace.run("single", *STEPS, "training.batch_size=1", "training.grad_accum_steps=2")
-    return micro_workspace.losses("single")
-
-
-def test_ddp_matches_single_process(micro_workspace, single_process_reference) -> None:
+def test_ddp_matches_single_process(micro_workspace, reference_losses) -> None:
     ws = micro_workspace
-    proc = torchrun(ws, "ddp", *STEPS, "training.batch_size=1", "distributed.strategy=ddp")
+    proc = torchrun(ws, "ddp", *RANKS_OF_ONE, "distributed.strategy=ddp")
     assert proc.wait(timeout=300) == 0, ws.log_tail("ddp")
-    compare(ws.losses("ddp"), single_process_reference, 1e-4)
+    assert_same_losses(ws.losses("ddp"), reference_losses, 1e-4)
 
 
-def test_fsdp_dead_rank_fails_fast_then_resumes_from_sharded_checkpoint(micro_workspace, single_process_reference) -> None:
+def test_fsdp_dead_rank_fails_fast_then_resumes_from_sharded_checkpoint(micro_workspace, reference_losses) -> None:
     ws = micro_workspace
-    fsdp = (*STEPS, "training.batch_size=1", "distributed.strategy=fsdp", "distributed.checkpoint_format=sharded")
+    fsdp = (*RANKS_OF_ONE, "distributed.strategy=fsdp", "distributed.checkpoint_format=sharded")
     proc = torchrun(ws, "fsdp", *fsdp, log_name="killed")
     done_2 = ws.runs / "fsdp" / "checkpoints" / checkpoint_name(2) / COMPLETE
     deadline = time.monotonic() + 240
@@ -98,4 +88,4 @@ def test_fsdp_dead_rank_fails_fast_then_resumes_from_sharded_checkpoint(micro_wo
     proc = torchrun(ws, "fsdp", *fsdp, log_name="resumed")
     assert proc.wait(timeout=300) == 0, ws.log_tail("fsdp", "resumed")
     assert "resuming from" in ws.log_tail("fsdp", "resumed")
-    compare(ws.losses("fsdp"), single_process_reference, 1e-4)
+    assert_same_losses(ws.losses("fsdp"), reference_losses, 1e-4)
