@@ -1,0 +1,164 @@
+"""Every experiment pipeline, end to end on the micro model: critic -> verifiable, ref_tuning -> rho1, rollouts.
+
+Runs are a few steps of 64-token sequences; what is checked is behaviour (values reloaded equal the
+critic's, weights inside the clip range, the selected fraction), not learning progress.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from weighted_mtp.config import load_config
+from weighted_mtp.data.sources import MBPPSource
+from weighted_mtp.pipelines import objective_factory
+from weighted_mtp.pipelines.common import train_with_objective
+from weighted_mtp.train.distributed import DistEnv
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One resolved tokenizer for every run of the session (the micro model's)."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture
+def raw_data(in_tmp_repo: Path, shared_data: Path) -> Path:
+    """MBPP from the shared copy, plus rollouts made of MBPP programs: each problem's gold program
+    (it passes its asserts) and the next problem's gold program (it defines another function, so
+    the asserts fail)."""
+    raw = in_tmp_repo / "raw"
+    (raw / "rollouts").mkdir(parents=True)
+    (raw / "mbpp").symlink_to(shared_data / "mbpp")
+    for split, n in (("train", 8), ("validation", 4)):
+        problems = list(MBPPSource().read(shared_data, split))[:n]
+        with open(raw / "rollouts" / f"{split}.jsonl", "w", encoding="utf-8") as handle:
+            for i, problem in enumerate(problems):
+                wrong = problems[(i + 1) % n].correct[0]
+                for output, ok in ((problem.correct[0], True), (wrong, False)):
+                    record = {"problem_id": problem.problem_id, "instruction": problem.instruction,
+                              "input": problem.input, "output": output, "is_correct": ok, "tests": problem.tests}
+                    handle.write(json.dumps(record) + "\n")
+    return raw
+
+
+def config_for(recipe: str, raw: Path, models_dir: Path, *overrides: str):
+    return load_config(
+        defaults="configs/defaults.yaml",
+        recipe=recipe,
+        preset="local-light",
+        use_micro_model=True,
+        overrides=[
+            f"paths.raw_data={raw}", f"paths.models={models_dir}", "device=cpu", "tracking.enabled=false",
+            f"model.n_future_tokens={1 if recipe == 'ref_tuning' else 2}", "data.max_length=64", "data.val_split=null", "training.eval_every=null",
+            "training.save_every=null", *overrides,
+        ],
+    ).config
+
+
+def recording(pipeline: str, made: list):
+    factory = objective_factory(pipeline)
+
+    def make(config, model, tokenizer, env):
+        objective = factory(config, model, tokenizer, env)
+        made.append((objective, model))
+        return objective
+
+    return make
+
+
+def test_critic_then_verifiable_from_the_critics_export(raw_data, models_dir):
+    critic_config = config_for(
+        "critic", raw_data, models_dir, "data.dataset=rollouts", "data.sampler=pairs", "training.max_steps=3",
+        "data.val_split=validation", "training.eval_every=3",
+    )
+    critics: list = []
+    critic = train_with_objective(critic_config, recording("critic", critics))
+    critic_objective, critic_model = critics[0]
+    assert critic.steps == 3 and (critic.model_dir / "value_head.safetensors").is_file()
+    assert 0.0 <= critic.val_metrics["val/value/auc"] <= 1.0
+    assert critic.val_metrics["val/value/pass_rate"] == 0.5  # pairs: one correct, one incorrect
+    assert all(math.isfinite(step["loss"]) for step in critic.history)
+
+    verifiable_config = config_for(
+        "verifiable", raw_data, models_dir, "data.dataset=rollouts", "data.sampler=all", "training.max_steps=2",
+    )
+    probe = torch.randn(2, 5, critic_model.args.dim)
+    loaded: list = []
+
+    def values_at_start(config, model, tokenizer, env):
+        objective = objective_factory("verifiable")(config, model, tokenizer, env)
+        with torch.no_grad():
+            loaded.append(objective.value_head(probe))
+        return objective
+
+    result = train_with_objective(verifiable_config, values_at_start)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded[0], critic_objective.value_head.cpu()(probe))
+    clip = verifiable_config.stage2.value_weighting
+    for step in result.history:
+        assert clip.weight_clip_min - 1e-6 <= step["weights/min"] < step["weights/max"] <= clip.weight_clip_max + 1e-6
+        assert step["weights/std"] > 0 and math.isfinite(step["value/loss"])
+    assert (result.model_dir / "value_head.safetensors").is_file()
+
+
+def test_verifiable_without_a_critic_names_the_command_to_run_first(raw_data, models_dir):
+    from weighted_mtp.errors import CheckpointError
+
+    config = config_for("verifiable", raw_data, models_dir, "data.dataset=rollouts", "data.sampler=all")
+    with pytest.raises(CheckpointError, match="wmtp train --recipe critic"):
+        objective_factory("verifiable")(config, None, None, DistEnv())
+
+
+def test_ref_tuning_then_rho1_against_the_tuned_reference(raw_data, models_dir):
+    reference_config = config_for("ref_tuning", raw_data, models_dir, "training.max_steps=1", "data.n_samples=4")
+    reference = train_with_objective(reference_config, objective_factory("ref_tuning"))
+    assert (reference.model_dir / "config.json").is_file()
+
+    rho1_config = config_for(
+        "rho1", raw_data, models_dir, "training.max_steps=2", "data.n_samples=8", "rho1.top_k_ratio=0.5",
+    )
+    made: list = []
+    result = train_with_objective(rho1_config, recording("rho1", made))
+    objective, _ = made[0]
+    assert objective.reference.n_future_tokens == 1  # the ref_tuning export, not the 2-head policy
+    assert all(not p.requires_grad for p in objective.reference.parameters())
+    for step in result.history:
+        assert step["weights/selected"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_rho1_without_a_reference_names_the_command_to_run_first(raw_data, models_dir):
+    from weighted_mtp.errors import CheckpointError
+
+    config = config_for("rho1", raw_data, models_dir)
+    with pytest.raises(CheckpointError, match="wmtp train --recipe ref_tuning"):
+        objective_factory("rho1")(config, None, None, DistEnv())
+
+
+def test_rollout_labels_are_what_the_sandbox_says(raw_data, models_dir):
+    from weighted_mtp.cli import main
+    from weighted_mtp.eval.benchmarks import get_benchmark
+    from weighted_mtp.eval.sandbox import Sandbox
+
+    out = raw_data / "rollouts" / "train.jsonl"  # where the rollouts dataset reads: prepared as well
+    status = main([
+        "rollout", "--recipe", "critic", "--preset", "local-light", "--use-micro-model", "--limit", "2",
+        "--n-samples", "2", "--workers", "1", "--out", str(out), f"paths.raw_data={raw_data}",
+        f"paths.models={models_dir}", "device=cpu", "tracking.enabled=false", "rollout.max_new_tokens=16",
+    ])  # fmt: skip
+    assert status == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 4 and {r["problem_id"] for r in records} == {"mbpp/601", "mbpp/602"}
+    benchmark = get_benchmark("mbpp")
+    problems = {p.problem_id: p for p in benchmark.load(raw_data, "train", 2)}
+    with Sandbox(1) as sandbox:
+        for record in records:
+            problem = problems[record["problem_id"]]
+            assert record["program"] == benchmark.extract(problem, record["output"])
+            assert sandbox.run(benchmark.program(problem, record["program"])).passed == record["is_correct"]
+    prepared = Path("storage/datasets/rollouts/processed/train_metadata.json")
+    assert json.loads(prepared.read_text())["n_solutions"] == 4
