@@ -40,8 +40,14 @@ def raw_data(in_tmp_repo: Path, shared_data: Path) -> Path:
             for i, problem in enumerate(problems):
                 wrong = problems[(i + 1) % n].correct[0]
                 for output, ok in ((problem.correct[0], True), (wrong, False)):
-                    record = {"problem_id": problem.problem_id, "instruction": problem.instruction,
-                              "input": problem.input, "output": output, "is_correct": ok, "tests": problem.tests}
+                    record = {
+                        "problem_id": problem.problem_id,
+                        "instruction": problem.instruction,
+                        "input": problem.input,
+                        "output": output,
+                        "is_correct": ok,
+                        "tests": problem.tests,
+                    }
                     handle.write(json.dumps(record) + "\n")
     return raw
 
@@ -53,9 +59,16 @@ def config_for(recipe: str, raw: Path, models_dir: Path, *overrides: str):
         preset="local-light",
         use_micro_model=True,
         overrides=[
-            f"paths.raw_data={raw}", f"paths.models={models_dir}", "device=cpu", "tracking.enabled=false",
-            f"model.n_future_tokens={1 if recipe == 'ref_tuning' else 2}", "data.max_length=64", "data.val_split=null", "training.eval_every=null",
-            "training.save_every=null", *overrides,
+            f"paths.raw_data={raw}",
+            f"paths.models={models_dir}",
+            "device=cpu",
+            "tracking.enabled=false",
+            f"model.n_future_tokens={1 if recipe == 'ref_tuning' else 2}",
+            "data.max_length=64",
+            "data.val_split=null",
+            "training.eval_every=null",
+            "training.save_every=null",
+            *overrides,
         ],
     ).config
 
@@ -73,8 +86,14 @@ def recording(pipeline: str, made: list):
 
 def test_critic_then_verifiable_from_the_critics_export(raw_data, models_dir):
     critic_config = config_for(
-        "critic", raw_data, models_dir, "data.dataset=rollouts", "data.sampler=pairs", "training.max_steps=3",
-        "data.val_split=validation", "training.eval_every=3",
+        "critic",
+        raw_data,
+        models_dir,
+        "data.dataset=rollouts",
+        "data.sampler=pairs",
+        "training.max_steps=3",
+        "data.val_split=validation",
+        "training.eval_every=3",
     )
     critics: list = []
     critic = train_with_objective(critic_config, recording("critic", critics))
@@ -85,7 +104,12 @@ def test_critic_then_verifiable_from_the_critics_export(raw_data, models_dir):
     assert all(math.isfinite(step["loss"]) for step in critic.history)
 
     verifiable_config = config_for(
-        "verifiable", raw_data, models_dir, "data.dataset=rollouts", "data.sampler=all", "training.max_steps=2",
+        "verifiable",
+        raw_data,
+        models_dir,
+        "data.dataset=rollouts",
+        "data.sampler=all",
+        "training.max_steps=2",
     )
     probe = torch.randn(2, 5, critic_model.args.dim)
     loaded: list = []
@@ -101,7 +125,12 @@ def test_critic_then_verifiable_from_the_critics_export(raw_data, models_dir):
         torch.testing.assert_close(loaded[0], critic_objective.value_head.cpu()(probe))
     clip = verifiable_config.stage2.value_weighting
     for step in result.history:
-        assert clip.weight_clip_min - 1e-6 <= step["weights/min"] < step["weights/max"] <= clip.weight_clip_max + 1e-6
+        assert (
+            clip.weight_clip_min - 1e-6
+            <= step["weights/min"]
+            < step["weights/max"]
+            <= clip.weight_clip_max + 1e-6
+        )
         assert step["weights/std"] > 0 and math.isfinite(step["value/loss"])
     assert (result.model_dir / "value_head.safetensors").is_file()
 
@@ -115,12 +144,19 @@ def test_verifiable_without_a_critic_names_the_command_to_run_first(raw_data, mo
 
 
 def test_ref_tuning_then_rho1_against_the_tuned_reference(raw_data, models_dir):
-    reference_config = config_for("ref_tuning", raw_data, models_dir, "training.max_steps=1", "data.n_samples=4")
+    reference_config = config_for(
+        "ref_tuning", raw_data, models_dir, "training.max_steps=1", "data.n_samples=4"
+    )
     reference = train_with_objective(reference_config, objective_factory("ref_tuning"))
     assert (reference.model_dir / "config.json").is_file()
 
     rho1_config = config_for(
-        "rho1", raw_data, models_dir, "training.max_steps=2", "data.n_samples=8", "rho1.top_k_ratio=0.5",
+        "rho1",
+        raw_data,
+        models_dir,
+        "training.max_steps=2",
+        "data.n_samples=8",
+        "rho1.top_k_ratio=0.5",
     )
     made: list = []
     result = train_with_objective(rho1_config, recording("rho1", made))

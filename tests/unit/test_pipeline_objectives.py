@@ -37,7 +37,9 @@ def make_batch(seed: int, rewards=(1.0, 0.0, 1.0, 0.0), length: int = 14) -> Bat
         prompt = rng.randint(2, 5)
         attention_mask[row, :used] = 1
         labels[row, prompt:used] = input_ids[row, prompt:used]
-    return Batch(input_ids, attention_mask, labels, torch.tensor(rewards), [f"p{r // 2}" for r in range(rows)], True)
+    return Batch(
+        input_ids, attention_mask, labels, torch.tensor(rewards), [f"p{r // 2}" for r in range(rows)], True
+    )
 
 
 def tiny_model(n_heads: int = 2, seed: int = 0):
@@ -93,7 +95,9 @@ def test_critic_validation_summary_is_the_auc_of_last_step_values_over_the_whole
     for batch in batches:
         objective.evaluate(model, batch)
         with torch.no_grad():
-            estimates = torch.sigmoid(head(model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)))
+            estimates = torch.sigmoid(
+                head(model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask))
+            )
         values += last_step_values_loop(estimates, batch.labels)
         passed += [bool(r) for r in batch.rewards]
     summary = objective.evaluation_summary()
@@ -111,8 +115,13 @@ def verifiable_setup(train_values: bool = True):
         head.net[-1].bias.fill_(0.5)
     weighting = CriticWeighting(gamma=1.0, lam=0.9, temperature=0.7, clip_min=0.2, clip_max=2.5)
     objective = VerifiableObjective(
-        head, weighting, value_loss_coefficient=0.5, value_clip_range=0.05, train_values=train_values,
-        head_weights=[1.0, 0.8, 0.64], chunk_size=5,
+        head,
+        weighting,
+        value_loss_coefficient=0.5,
+        value_clip_range=0.05,
+        train_values=train_values,
+        head_weights=[1.0, 0.8, 0.64],
+        chunk_size=5,
     )
     return model, head, objective
 
@@ -124,21 +133,38 @@ def test_verifiable_gradients_equal_the_naive_weighted_loss_with_the_clipped_val
     metrics = objective.forward_backward(model, batch, loss_scale=1.0)
 
     with torch.no_grad():
-        old = reference_head(reference_model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask))
-    targets = critic_targets(old, batch.rewards, batch.labels, n_heads=3, gamma=1.0, lam=0.9, temperature=0.7,
-                             clip_min=0.2, clip_max=2.5)
+        old = reference_head(
+            reference_model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)
+        )
+    targets = critic_targets(
+        old,
+        batch.rewards,
+        batch.labels,
+        n_heads=3,
+        gamma=1.0,
+        lam=0.9,
+        temperature=0.7,
+        clip_min=0.2,
+        clip_max=2.5,
+    )
 
     def clipped(hidden):
         return 0.5 * value_loss(reference_head(hidden), old, targets.returns, targets.step_mask, 0.05)
 
     total, out = mtp_loss_naive(
-        reference_model, batch.input_ids, batch.labels, attention_mask=batch.attention_mask,
-        weights=targets.weights, head_weights=[1.0, 0.8, 0.64], trunk_loss_fn=clipped,
+        reference_model,
+        batch.input_ids,
+        batch.labels,
+        attention_mask=batch.attention_mask,
+        weights=targets.weights,
+        head_weights=[1.0, 0.8, 0.64],
+        trunk_loss_fn=clipped,
     )
     total.backward()
     assert metrics["loss"] == pytest.approx(float(total.detach()), rel=1e-5)
     for (name, p), q in zip(
-        [*model.named_parameters(), *head.named_parameters()], [*reference_model.parameters(), *reference_head.parameters()]
+        [*model.named_parameters(), *head.named_parameters()],
+        [*reference_model.parameters(), *reference_head.parameters()],
     ):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
 
@@ -169,7 +195,9 @@ def test_rho1_selects_the_configured_fraction_by_head1_excess_loss(ratio):
     # independent: excess = model CE - reference CE of head 1 from full logits; the top fraction by
     # excess (row-major ties) gets N / n_keep, head 2 reuses the weight of the same target token
     with torch.no_grad():
-        logits = reference_model(batch.input_ids, attention_mask=batch.attention_mask, return_all_heads=True).logits
+        logits = reference_model(
+            batch.input_ids, attention_mask=batch.attention_mask, return_all_heads=True
+        ).logits
         ref_logits = reference(batch.input_ids, attention_mask=batch.attention_mask).logits[:, :, 0]
     targets = torch.full_like(batch.labels, IGNORE_INDEX)
     targets[:, :-1] = batch.labels[:, 1:]
@@ -186,8 +214,9 @@ def test_rho1_selects_the_configured_fraction_by_head1_excess_loss(ratio):
     weights = torch.zeros(*mask.shape, 2)
     weights[:, :, 0] = head1
     weights[:, :-1, 1] = head1[:, 1:]
-    total, _ = mtp_loss_naive(reference_model, batch.input_ids, batch.labels, attention_mask=batch.attention_mask,
-                              weights=weights)
+    total, _ = mtp_loss_naive(
+        reference_model, batch.input_ids, batch.labels, attention_mask=batch.attention_mask, weights=weights
+    )
     total.backward()
     for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -16,14 +16,26 @@ from weighted_mtp.commands.common import add_config_arguments, resolve
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("rollout", help="sample and execute solutions: labelled data for critic/verifiable")
-    parser.add_argument("--model", help="checkpoint directory, model file or named model (default: model.name)")
-    parser.add_argument("--benchmark", default="mbpp", help="mbpp, humaneval or codecontests (default: %(default)s)")
-    parser.add_argument("--split", default="train", help="benchmark split to sample on (default: %(default)s)")
+    parser = subparsers.add_parser(
+        "rollout", help="sample and execute solutions: labelled data for critic/verifiable"
+    )
+    parser.add_argument(
+        "--model", help="checkpoint directory, model file or named model (default: model.name)"
+    )
+    parser.add_argument(
+        "--benchmark", default="mbpp", help="mbpp, humaneval or codecontests (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--split", default="train", help="benchmark split to sample on (default: %(default)s)"
+    )
     parser.add_argument("--n-samples", type=int, help="samples per problem (default: rollout.n_samples)")
     parser.add_argument("--limit", type=int, help="the first N problems only")
-    parser.add_argument("--workers", type=int, help="sandbox workers (default: evaluation.workers, else all cores)")
-    parser.add_argument("--out", type=Path, help="output JSONL (default: <paths.raw_data>/rollouts/<split>.jsonl)")
+    parser.add_argument(
+        "--workers", type=int, help="sandbox workers (default: evaluation.workers, else all cores)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="output JSONL (default: <paths.raw_data>/rollouts/<split>.jsonl)"
+    )
     add_config_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -32,7 +44,11 @@ def run(args: argparse.Namespace) -> int:
     from weighted_mtp.errors import ConfigError
     from weighted_mtp.pipelines.rollout import run_rollouts
 
-    for flag, value in (("--n-samples", args.n_samples), ("--limit", args.limit), ("--workers", args.workers)):
+    for flag, value in (
+        ("--n-samples", args.n_samples),
+        ("--limit", args.limit),
+        ("--workers", args.workers),
+    ):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
     summary = run_rollouts(

@@ -19,9 +19,13 @@ from weighted_mtp.registry import PIPELINES
 @PIPELINES.register("critic")
 def critic_objective(config: Config, model, tokenizer, env) -> CriticObjective:
     if config.model.value_head is None:
-        raise ConfigError("model.value_head is not set: the critic pipeline trains a value head (e.g. type: mlp)")
+        raise ConfigError(
+            "model.value_head is not set: the critic pipeline trains a value head (e.g. type: mlp)"
+        )
     if not config.stage1.enabled:
-        raise ConfigError("stage1.enabled is false: the critic pipeline is stage 1, there is nothing else to train")
+        raise ConfigError(
+            "stage1.enabled is false: the critic pipeline is stage 1, there is nothing else to train"
+        )
     if config.training.freeze.heads != "frozen":
         raise ConfigError(
             f"training.freeze.heads is {config.training.freeze.heads!r}: the critic trains no LM head; set it to frozen"

@@ -132,7 +132,10 @@ class CriticObjective:
         (loss * loss_scale).backward()
         estimates = value_estimates(raw.detach(), self.loss)
         step_mask = response_step_mask(batch.labels)
-        return {"loss": loss.item(), "value/mean": float(estimates[step_mask].mean()) if step_mask.any() else 0.0}
+        return {
+            "loss": loss.item(),
+            "value/mean": float(estimates[step_mask].mean()) if step_mask.any() else 0.0,
+        }
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch: Batch) -> dict[str, float]:
@@ -214,7 +217,9 @@ class VerifiableObjective:
         def on_trunk(hidden: Tensor) -> None:
             with torch.no_grad():
                 used["old_values"] = self._values(hidden.detach())
-            used["targets"] = self.weighting.targets(used["old_values"], batch.rewards, batch.labels, n_heads=n_heads)
+            used["targets"] = self.weighting.targets(
+                used["old_values"], batch.rewards, batch.labels, n_heads=n_heads
+            )
 
         def token_weights(k0: int, _ce: Tensor, _mask: Tensor) -> Tensor:
             return used["targets"].weights[..., k0]
@@ -222,7 +227,11 @@ class VerifiableObjective:
         def clipped_value_loss(hidden: Tensor) -> Tensor:
             targets: CriticTargets = used["targets"]
             loss = value_loss(
-                self._values(hidden), used["old_values"], targets.returns, targets.step_mask, self.value_clip_range
+                self._values(hidden),
+                used["old_values"],
+                targets.returns,
+                targets.step_mask,
+                self.value_clip_range,
             )
             used["value_loss"] = loss.detach()
             return self.value_loss_coefficient * loss
@@ -240,7 +249,9 @@ class VerifiableObjective:
         )
         return out, used
 
-    def _metrics(self, out: MTPLossOutput, used: dict[str, Any], batch: Batch, n_heads: int) -> dict[str, float]:
+    def _metrics(
+        self, out: MTPLossOutput, used: dict[str, Any], batch: Batch, n_heads: int
+    ) -> dict[str, float]:
         targets: CriticTargets = used["targets"]
         metrics = loss_metrics(out)
         metrics.pop("aux_loss", None)
@@ -289,10 +300,16 @@ class Rho1Objective:
         self.chunk_size = chunk_size
 
     def _token_weights(self, batch: Batch, n_heads: int) -> Rho1TokenWeights:
-        reference_ce = self.weighting.reference_ce(self.reference, batch, n_heads=n_heads, chunk_size=self.chunk_size)
-        return self.weighting.weights(batch, n_heads=n_heads, context=WeightingContext(reference_ce=reference_ce))
+        reference_ce = self.weighting.reference_ce(
+            self.reference, batch, n_heads=n_heads, chunk_size=self.chunk_size
+        )
+        return self.weighting.weights(
+            batch, n_heads=n_heads, context=WeightingContext(reference_ce=reference_ce)
+        )
 
-    def _metrics(self, out: MTPLossOutput, weights: Rho1TokenWeights, batch: Batch, n_heads: int) -> dict[str, float]:
+    def _metrics(
+        self, out: MTPLossOutput, weights: Rho1TokenWeights, batch: Batch, n_heads: int
+    ) -> dict[str, float]:
         stats = self.weighting.stats(weights, head_target_mask(batch.labels, n_heads))
         return {**loss_metrics(out), **_prefixed("weights", stats)}
 

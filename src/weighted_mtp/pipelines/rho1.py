@@ -9,7 +9,6 @@ weights with `selection: soft`), per head or by head 1's choice (`rho1.per_head`
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from torch import nn
 
@@ -59,7 +58,9 @@ def load_reference(config: Config, model: nn.Module, device) -> nn.Module:
 @PIPELINES.register("rho1")
 def rho1_objective(config: Config, model, tokenizer, env) -> Rho1Objective:
     if config.weighting.scheme != "rho1":
-        raise ConfigError(f"weighting.scheme is {config.weighting.scheme!r}: the rho1 pipeline weighs by excess loss")
+        raise ConfigError(
+            f"weighting.scheme is {config.weighting.scheme!r}: the rho1 pipeline weighs by excess loss"
+        )
     return Rho1Objective(
         load_reference(config, model, env.device),
         Rho1Weighting.from_config(config),

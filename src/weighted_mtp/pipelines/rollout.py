@@ -64,13 +64,19 @@ class RolloutSummary:
 
 def rollout_prompt(problem: Problem, template: str, tokenizer: Any) -> str:
     """The training prompt of a problem (the prompt part of the template, without a response)."""
-    prompt, _ = render(template, {"instruction": problem.instruction, "input": problem.input, "output": ""}, tokenizer)
+    prompt, _ = render(
+        template, {"instruction": problem.instruction, "input": problem.input, "output": ""}, tokenizer
+    )
     return prompt
 
 
 @torch.no_grad()
 def sample_completions(
-    model: torch.nn.Module, tokenizer: Any, problems: list[Problem], benchmark: Benchmark, settings: RolloutSettings
+    model: torch.nn.Module,
+    tokenizer: Any,
+    problems: list[Problem],
+    benchmark: Benchmark,
+    settings: RolloutSettings,
 ) -> dict[str, list[str]]:
     """`settings.n_samples` completions per problem, keyed by the benchmark's task id."""
     from weighted_mtp.eval.generation import generate
@@ -183,12 +189,20 @@ def run_rollouts(
     summary = summarize(path, records)
     log.info(
         "%d rollouts of %d problems: %d correct; %d problems have both a correct and an incorrect sample",
-        summary.n_samples, summary.n_problems, summary.n_correct, summary.problems_with_both,
+        summary.n_samples,
+        summary.n_problems,
+        summary.n_correct,
+        summary.problems_with_both,
     )
     if path.resolve() == default_rollout_path(config, split).resolve():
         from weighted_mtp.data.prepare import prepare_dataset
 
         # re-prepare now: a prepared split is otherwise reused as is, and these are new samples
-        prepare_dataset("rollouts", raw_dir=config.paths.raw_data, datasets_dir=config.paths.datasets, split=split,
-                        tokenizer=tokenizer)
+        prepare_dataset(
+            "rollouts",
+            raw_dir=config.paths.raw_data,
+            datasets_dir=config.paths.datasets,
+            split=split,
+            tokenizer=tokenizer,
+        )
     return summary

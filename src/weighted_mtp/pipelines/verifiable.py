@@ -93,11 +93,15 @@ def load_value_head(directory: Path, critic: Config, dim: int) -> nn.Module:
 @PIPELINES.register("verifiable")
 def verifiable_objective(config: Config, model, tokenizer, env) -> VerifiableObjective:
     if config.weighting.scheme != "critic":
-        raise ConfigError(f"weighting.scheme is {config.weighting.scheme!r}: the verifiable pipeline weighs by the critic")
+        raise ConfigError(
+            f"weighting.scheme is {config.weighting.scheme!r}: the verifiable pipeline weighs by the critic"
+        )
     directory = critic_directory(config)
     critic = critic_settings(config, directory)
     value_head = load_value_head(directory, critic, model.args.dim)
-    log.info("critic: %s value head from %s (%s)", critic.model.value_head.type, directory, critic.stage1.loss)
+    log.info(
+        "critic: %s value head from %s (%s)", critic.model.value_head.type, directory, critic.stage1.loss
+    )
     value_loss = config.stage2.value_loss
     return VerifiableObjective(
         value_head,
