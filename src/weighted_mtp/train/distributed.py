@@ -128,30 +128,6 @@ def _comm_device(env: DistEnv) -> torch.device:
 # ----------------------------------------------------------------------------- wrapping
 
 
-def blocks(model: nn.Module) -> list[nn.Module]:
-    """Every transformer block, trunk and heads: the unit of sharding and of activation checkpointing."""
-    return [*model.layers, *model.extra_heads]
-
-
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each block's activations in backward instead of storing them.
-
-    The block's `forward` is wrapped in place rather than the block replaced, so parameter names
-    (and so checkpoints and LoRA target names) stay the same.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    for block in blocks(model):
-        inner = block.forward
-
-        def checkpointed(*args, _inner=inner, **kwargs):
-            if not torch.is_grad_enabled():
-                return _inner(*args, **kwargs)
-            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-
-        block.forward = checkpointed
-
-
 def shard_model(
     model: nn.Module,
     extra_modules: Iterable[nn.Module],
@@ -175,7 +151,7 @@ def shard_model(
         param_dtype=None if param_dtype in ("auto", "float32") else _DTYPES[param_dtype],
         reduce_dtype=_DTYPES[reduce_dtype],
     )
-    for block in blocks(model):
+    for block in model.blocks():
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     # The root's parameters (norm, unembedding) are used by the loss between head_forward calls,
     # outside any forward method, so they stay gathered from forward until backward.
