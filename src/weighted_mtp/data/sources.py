@@ -318,6 +318,11 @@ class RolloutSource(DatasetSource):
     def available_splits(self, raw_dir: Path) -> tuple[str, ...]:
         return tuple(sorted(p.name.removesuffix(".jsonl") for p in (raw_dir / "rollouts").glob("*.jsonl")))
 
+    def check_split(self, raw_dir: Path, split: str) -> None:
+        path = raw_dir / "rollouts" / f"{split}.jsonl"
+        if not path.is_file():
+            raise DataError(f"{path} not found: sample and label it first with `wmtp rollout --split {split}`")
+
     def source_files(self, raw_dir: Path, split: str) -> list[Path]:
         self.check_split(raw_dir, split)
         return [raw_dir / "rollouts" / f"{split}.jsonl"]
