@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
 
@@ -92,31 +93,96 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_ce: Tensor, _grad_correct: Tensor | None):
         hidden, weight, targets, lse = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        acc_dtype = lse.dtype
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = None  # [V, D] in acc_dtype, summed over chunks in place: one V x D buffer at a time
+        grad_weight = None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            h = hidden[rows]
-            # d ce / d logits = softmax(logits) - onehot(target), scaled by the incoming gradient.
-            grad_logits = (h @ weight.T).to(acc_dtype).sub_(lse[rows, None]).exp_()
-            row_index = torch.arange(grad_logits.shape[0], device=grad_logits.device)
-            grad_logits[row_index, targets[rows]] -= 1.0
-            grad_logits.mul_(grad_ce[rows, None].to(acc_dtype))
-            grad_logits = grad_logits.to(hidden.dtype)
-            if want_hidden:
-                grad_hidden[rows] = grad_logits @ weight
-            if want_weight:
-                if grad_weight is None:
-                    grad_weight = (grad_logits.T @ h).to(acc_dtype)
-                elif h.dtype == acc_dtype:
-                    grad_weight.addmm_(grad_logits.T, h)
-                else:
-                    grad_weight += (grad_logits.T @ h).to(acc_dtype)
-            del grad_logits
-        if want_weight:
-            grad_weight = torch.zeros_like(weight) if grad_weight is None else grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None
+            logits = (hidden[rows] @ weight.T).to(lse.dtype)
+            grad_logits = _ce_grad_logits_(logits, lse[rows], targets[rows], grad_ce[rows])
+            grad_weight = _backprop_chunk(grad_logits, hidden, weight, rows, grad_hidden, grad_weight, want_weight)
+        return grad_hidden, _finish_weight_grad(grad_weight, weight, want_weight), None, None
+
+
+def _ce_grad_logits_(logits: Tensor, lse: Tensor, targets: Tensor, scale: Tensor) -> Tensor:
+    """d ce / d logits = softmax - onehot(target), times the per-row scale; overwrites `logits`."""
+    grad = logits.sub_(lse[:, None]).exp_()
+    grad[torch.arange(grad.shape[0], device=grad.device), targets] -= 1.0
+    return grad.mul_(scale[:, None].to(grad.dtype))
+
+
+def _backprop_chunk(
+    grad_logits: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    rows: slice,
+    grad_hidden: Tensor | None,
+    grad_weight: Tensor | None,
+    want_weight: bool,
+) -> Tensor | None:
+    """Write this chunk's gradient into grad_hidden[rows]; add its weight gradient into the [V, D]
+    accumulator (kept in the logits' precision, summed in place: one V x D buffer at a time)."""
+    h = hidden[rows]
+    grad_logits = grad_logits.to(hidden.dtype)
+    if grad_hidden is not None:
+        grad_hidden[rows] = grad_logits @ weight
+    if not want_weight:
+        return None
+    if grad_weight is None:
+        return (grad_logits.T @ h).to(_compute_dtype(hidden.dtype))
+    if h.dtype == grad_weight.dtype:
+        return grad_weight.addmm_(grad_logits.T, h)
+    return grad_weight.add_(grad_logits.T @ h)
+
+
+def _finish_weight_grad(grad_weight: Tensor | None, weight: Tensor, want_weight: bool) -> Tensor | None:
+    if not want_weight:
+        return None
+    return torch.zeros_like(weight) if grad_weight is None else grad_weight.to(weight.dtype)
+
+
+class _FusedWeightedCrossEntropy(torch.autograd.Function):
+    """loss = sum_i coef_i * CE(hidden_i @ weight.T, target_i), its gradients computed in the forward.
+
+    When the per-token coefficients are known before the forward pass, each chunk's softmax can be
+    turned into its gradient at once: three matmuls per chunk instead of the four of compute-then-
+    recompute, still never more than chunk_size x V logits. The backward pass only scales the stored
+    gradients by the incoming scalar (hence once_differentiable: a second backward is refused).
+    Also returns the per-row CE and argmax correctness, without gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, coef: Tensor, chunk_size: int, with_grad: bool):
+        n = hidden.shape[0]
+        acc_dtype = _compute_dtype(hidden.dtype)
+        want_hidden, want_weight = with_grad and ctx.needs_input_grad[0], with_grad and ctx.needs_input_grad[1]
+        ce = torch.empty(n, dtype=acc_dtype, device=hidden.device)
+        correct = torch.empty(n, dtype=torch.bool, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = None
+        for start in range(0, n, chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = (hidden[rows] @ weight.T).to(acc_dtype)
+            lse = torch.logsumexp(logits, dim=-1)
+            ce[rows] = lse - logits.gather(1, targets[rows, None]).squeeze(1)
+            correct[rows] = logits.argmax(dim=-1) == targets[rows]
+            if want_hidden or want_weight:
+                grad_logits = _ce_grad_logits_(logits, lse, targets[rows], coef[rows])
+                grad_weight = _backprop_chunk(grad_logits, hidden, weight, rows, grad_hidden, grad_weight, want_weight)
+            del logits
+        ctx.grads = (grad_hidden, _finish_weight_grad(grad_weight, weight, want_weight))
+        ctx.mark_non_differentiable(ce, correct)
+        return (coef.to(acc_dtype) * ce).sum(), ce, correct
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor, _grad_ce: Tensor | None, _grad_correct: Tensor | None):
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def chunked_cross_entropy(
@@ -174,19 +240,21 @@ def _resolve_heads(model: nn.Module, n_heads: int | None, head_weights: Sequence
     return n, hw
 
 
-def _token_weights(weights: Tensor | WeightFn | None, k0: int, ce: Tensor, mask: Tensor) -> Tensor:
-    """Weights of head k0's tokens [B, T] as constants in the dtype of `ce`."""
+def _token_weights(weights: Tensor | WeightFn | None, k0: int, mask: Tensor, ce: Tensor | None = None) -> Tensor:
+    """Weights of head k0's tokens [B, T] as constants; a weight function is given the detached `ce`."""
     if weights is None:
-        return torch.ones_like(ce)
+        return torch.ones(mask.shape, device=mask.device)
     if callable(weights):
         w = weights(k0, ce.detach(), mask)
-        if w.shape != ce.shape:
-            raise ValueError(f"the weight function returned shape {tuple(w.shape)}, expected {tuple(ce.shape)}")
+        if w.shape != mask.shape:
+            raise ValueError(f"the weight function returned shape {tuple(w.shape)}, expected {tuple(mask.shape)}")
     else:
-        if weights.dim() != 3 or weights.shape[:2] != ce.shape or weights.shape[2] <= k0:
-            raise ValueError(f"weights have shape {tuple(weights.shape)}, expected [B, T, >= {k0 + 1}] with B, T = {tuple(ce.shape)}")
+        if weights.dim() != 3 or weights.shape[:2] != mask.shape or weights.shape[2] <= k0:
+            raise ValueError(
+                f"weights have shape {tuple(weights.shape)}, expected [B, T, >= {k0 + 1}] with B, T = {tuple(mask.shape)}"
+            )
         w = weights[:, :, k0]
-    return w.detach().to(ce.dtype)
+    return w.detach()
 
 
 @dataclass
@@ -201,7 +269,7 @@ def _head_stats(ce: Tensor, correct: Tensor, mask: Tensor, w: Tensor) -> _HeadSt
     tokens = mask.sum()
     denom = tokens.clamp(min=1).to(ce.dtype)
     return _HeadStats(
-        loss=(w * ce * mask).sum() / denom,
+        loss=(w.to(ce.dtype) * ce * mask).sum() / denom,
         ce=(ce.detach() * mask).sum() / denom,
         accuracy=(correct & mask).sum().to(ce.dtype) / denom,
         tokens=tokens,
@@ -241,20 +309,37 @@ def _head_loss(
     weights: Tensor | WeightFn | None,
     chunk_size: int,
 ) -> _HeadStats:
-    """Head k0's block, the shared norm and unembedding, and its (chunked) weighted loss."""
+    """Head k0's block, the shared norm and unembedding, and its weighted loss, chunk by chunk.
+
+    Only rows with a target reach the unembedding. With weights known up front the loss's gradients
+    are computed in the same pass as the loss (`_FusedWeightedCrossEntropy`); a weight function first
+    needs the per-token CE, which costs one extra forward pass of the unembedding without gradient.
+    """
     batch, seq = labels.shape
-    targets = head_targets(labels, k0 + 1)
+    targets = head_targets(labels, k0 + 1).reshape(-1)
     mask = targets != IGNORE_INDEX
+    index = mask.nonzero().squeeze(1)
     hidden = model.norm(model.head_forward(k0, h_trunk, attention_mask=attention_mask))
-    ce, correct = chunked_cross_entropy(
-        hidden.reshape(batch * seq, -1),
-        _unembedding_weight(model),
-        targets.reshape(-1),
-        chunk_size=chunk_size,
-        return_correct=True,
+    hidden = hidden.reshape(batch * seq, -1).index_select(0, index)
+    weight = _unembedding_weight(model)
+    targets = targets.index_select(0, index)
+    acc_dtype = _compute_dtype(hidden.dtype)
+
+    def scatter(values: Tensor) -> Tensor:
+        return torch.zeros(batch * seq, dtype=values.dtype, device=values.device).index_put_((index,), values).view(batch, seq)
+
+    per_token_ce = None
+    if callable(weights):
+        with torch.no_grad():
+            per_token_ce = scatter(_ChunkedCrossEntropy.apply(hidden, weight, targets, chunk_size)[0])
+    w = _token_weights(weights, k0, mask.view(batch, seq), per_token_ce).reshape(-1).index_select(0, index)
+    tokens = mask.sum()
+    denom = tokens.clamp(min=1).to(acc_dtype)
+    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    loss, ce, correct = _FusedWeightedCrossEntropy.apply(
+        hidden, weight, targets, w.to(acc_dtype) / denom, chunk_size, with_grad
     )
-    ce, correct = ce.view(batch, seq), correct.view(batch, seq)
-    return _head_stats(ce, correct, mask, _token_weights(weights, k0, ce, mask))
+    return _HeadStats(loss=loss, ce=ce.sum() / denom, accuracy=correct.sum().to(acc_dtype) / denom, tokens=tokens)
 
 
 def mtp_forward_backward(
@@ -358,7 +443,7 @@ def mtp_loss_naive(
             head_logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
         ).view_as(targets)
         correct = head_logits.argmax(dim=-1) == targets
-        stats.append(_head_stats(ce, correct, mask, _token_weights(weights, k0, ce, mask)))
+        stats.append(_head_stats(ce, correct, mask, _token_weights(weights, k0, mask, ce)))
     total = sum(w * s.loss for w, s in zip(hw, stats)) / sum(hw)
     aux = trunk_loss_fn(out.trunk_hidden) if trunk_loss_fn is not None else None
     if aux is not None:

@@ -95,3 +95,14 @@ def test_rejects_non_positive_chunk_size():
     hidden, weight, targets = _inputs(4, 4, 5, torch.float32)
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_cross_entropy(hidden, weight, targets, chunk_size=0)
+
+
+def test_bfloat16_gradients_are_close_to_the_fp32_reference():
+    hidden, weight, targets = _inputs(40, 32, 64, torch.bfloat16, seed=4)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    chunked_cross_entropy(h1, w1, targets, chunk_size=16).sum().backward()
+    assert h1.grad.dtype == w1.grad.dtype == torch.bfloat16
+    h2, w2 = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    _reference(h2, w2, targets)[0].sum().backward()
+    torch.testing.assert_close(h1.grad.float(), h2.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(w1.grad.float(), w2.grad, rtol=2e-2, atol=2e-2)

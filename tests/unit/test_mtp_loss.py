@@ -249,3 +249,18 @@ def test_bad_arguments_are_refused(kwargs, message):
     input_ids, attention_mask, labels = _batch()
     with pytest.raises(ValueError, match=message):
         mtp_forward_backward(model, input_ids, labels, attention_mask=attention_mask, **kwargs)
+
+
+def test_bfloat16_model_matches_the_naive_loss_within_bf16_precision():
+    model = _model(2, tie=True).to(torch.bfloat16)
+    input_ids, attention_mask, labels = _batch(seed=7)
+    efficient = mtp_forward_backward(model, input_ids, labels, attention_mask=attention_mask, chunk_size=8)
+    grads_efficient = _grads([model])
+    _zero([model])
+    naive_loss, naive = mtp_loss_naive(model, input_ids, labels, attention_mask=attention_mask)
+    naive_loss.backward()
+    assert efficient.loss.dtype == torch.float32
+    torch.testing.assert_close(efficient.loss, naive.loss, rtol=1e-2, atol=1e-2)
+    for name, grad in _grads([model]).items():
+        assert grads_efficient[name].dtype == torch.bfloat16
+        torch.testing.assert_close(grads_efficient[name].float(), grad.float(), rtol=5e-2, atol=5e-2 * grad.abs().max().item())
