@@ -383,7 +383,7 @@ def run_program(request, settings):
         if status is None:
             os.kill(pid, signal.SIGKILL)
             _, status, usage = os.wait4(pid, 0)
-        if last_pid() != pid:
+        if may_have_left_processes(pid, uid):
             kill_everything_left(pid, uid)
         drain(streams, time.monotonic() + 1.0)
     finally:
@@ -461,15 +461,30 @@ def drain(streams, deadline):
             read_into(fd, streams[fd])
 
 
-def last_pid():
-    """The last pid the kernel handed out. If it is still the program's own pid once the program has
-    ended, the program created no process or thread, so nothing can be left behind and the sweep
-    below is skipped (a busy machine moves it often; that only costs the sweep)."""
+def may_have_left_processes(pid, uid):
+    """Whether the program may have created a process or thread. Pids are handed out in order, so
+    anything it created has a pid after its own, up to the kernel's last one: if none of those
+    belongs to the program's uid (or, without a uid, if none was handed out at all), the sweep
+    below is skipped. Other processes on a busy machine only cost a look at their status."""
     try:
         with open("/proc/sys/kernel/ns_last_pid", "rb") as handle:
-            return int(handle.read())
+            last = int(handle.read())
     except (OSError, ValueError):
-        return None
+        return True
+    if last == pid:
+        return False
+    if uid is None or not pid < last <= pid + 256:
+        return True
+    for candidate in range(pid + 1, last + 1):
+        try:
+            with open(f"/proc/{candidate}/status", "rb") as handle:
+                status = handle.read()
+        except OSError:
+            continue
+        uids = status.split(b"\nUid:", 1)[1].split(b"\n", 1)[0].split()
+        if int(uids[0]) == uid:
+            return True
+    return False
 
 
 def kill_everything_left(pid, uid):

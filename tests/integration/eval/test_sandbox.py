@@ -48,6 +48,9 @@ def processes_of(uids: list[int]) -> list[str]:
 def assert_contained(sandbox: Sandbox, result: ExecutionResult) -> None:
     assert result.status in ("failed", "timeout"), result
     if AS_ROOT:
+        deadline = time.monotonic() + 2.0  # a killed worker's program dies by its parent-death signal
+        while processes_of(sandbox.worker_uids) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert sandbox.worker_uids and processes_of(sandbox.worker_uids) == []
     for pid in sandbox.worker_pids:
         os.kill(pid, 0)  # the workers are alive
