@@ -30,5 +30,8 @@ test-all: setup
 demo: setup
 	$(BIN)/python -m weighted_mtp --config configs/defaults.yaml --recipe configs/recipe.baseline.yaml --preset local-light --use-micro-model --dry-run
 
+bench: setup
+	$(BIN)/python benchmarks/mtp_loss_memory.py
+
 clean:
 	rm -rf $(VENV) storage .pytest_cache .coverage
