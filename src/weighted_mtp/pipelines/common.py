@@ -26,7 +26,9 @@ def run_s3_store(config: Config):
     return build_s3_store(config.model_copy(update={"s3": config.s3.model_copy(update={"prefix": prefix})}))
 
 
-def train_with_objective(config: Config, make_objective: ObjectiveFactory, *, resume: bool = False) -> TrainResult:
+def train_with_objective(
+    config: Config, make_objective: ObjectiveFactory, *, resume: bool = False
+) -> TrainResult:
     """Join the process group, build model and loaders, train with the objective, leave the group."""
     from weighted_mtp.data import build_loader
     from weighted_mtp.models.loading import load_model_from_config
@@ -34,7 +36,10 @@ def train_with_objective(config: Config, make_objective: ObjectiveFactory, *, re
 
     dist_cfg = config.distributed
     env = D.init_distributed(
-        device=config.device, backend=dist_cfg.backend, strategy=dist_cfg.strategy, timeout_s=dist_cfg.timeout_s
+        device=config.device,
+        backend=dist_cfg.backend,
+        strategy=dist_cfg.strategy,
+        timeout_s=dist_cfg.timeout_s,
     )
     try:
         seed_everything(config.seed)
@@ -45,7 +50,11 @@ def train_with_objective(config: Config, make_objective: ObjectiveFactory, *, re
         val_loader = None
         if config.data.val_split and config.training.eval_every:
             val_loader = build_loader(
-                config, tokenizer, split=config.data.val_split, rank=env.rank, world_size=env.world_size,
+                config,
+                tokenizer,
+                split=config.data.val_split,
+                rank=env.rank,
+                world_size=env.world_size,
                 shuffle=False,
             )
         objective = make_objective(config, model, tokenizer, env)

@@ -165,7 +165,9 @@ def save_checkpoint(
     barrier(env)
 
     if env.is_main:
-        atomic_write_json(tmp / COMPLETE, {"step": step, "world_size": env.world_size, "format": fmt, "time": time.time()})
+        atomic_write_json(
+            tmp / COMPLETE, {"step": step, "world_size": env.world_size, "format": fmt, "time": time.time()}
+        )
         _fsync_dir(tmp)
         if final.exists():  # the same step saved again (the end of a run that just saved)
             shutil.rmtree(final)

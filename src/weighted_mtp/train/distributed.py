@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -29,7 +29,7 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     strategy: str = "none"
 
     @property
@@ -77,7 +77,9 @@ def init_distributed(
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     log.info("rank %d/%d on %s (%s, %s)", rank, world_size, torch_device, backend, strategy)
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device, strategy=strategy)
+    return DistEnv(
+        rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device, strategy=strategy
+    )
 
 
 def shutdown() -> None:

@@ -41,7 +41,9 @@ def export_trained_model(
 
     lora = config.training.lora
     scaling = lora_scaling(lora.r, lora.alpha)
-    states = {name: merge_lora_state_dict(full_state_dict(module), scaling) for name, module in modules.items()}
+    states = {
+        name: merge_lora_state_dict(full_state_dict(module), scaling) for name, module in modules.items()
+    }
     if env.is_main:
         args = modules["model"].args
         model_state = states.pop("model")
@@ -50,8 +52,12 @@ def export_trained_model(
         with atomic_directory(directory) as tmp:
             save_file(distinct_tensors(model_state), tmp / WEIGHTS, metadata={"format": "pt"})
             dtype = str(next(iter(model_state.values())).dtype).removeprefix("torch.")
-            manifest = {"format": FORMAT, "model_args": args.to_dict(), "dtype": dtype,
-                        "extra": {"modules": sorted(states), "experiment": config.experiment.name}}
+            manifest = {
+                "format": FORMAT,
+                "model_args": args.to_dict(),
+                "dtype": dtype,
+                "extra": {"modules": sorted(states), "experiment": config.experiment.name},
+            }
             (tmp / "config.json").write_text(json.dumps(manifest, indent=2) + "\n")
             for name, state in states.items():
                 save_file(distinct_tensors(state), tmp / f"{name}.safetensors")

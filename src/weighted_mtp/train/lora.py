@@ -120,9 +120,12 @@ def configure_training_modes(
                         param.requires_grad_(True)
 
     counts = {
-        part: sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad) for part, modules in groups
+        part: sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
+        for part, modules in groups
     }
-    log.info("trainable parameters: %s", ", ".join(f"{part} {n:,} ({modes[part]})" for part, n in counts.items()))
+    log.info(
+        "trainable parameters: %s", ", ".join(f"{part} {n:,} ({modes[part]})" for part, n in counts.items())
+    )
     return counts
 
 

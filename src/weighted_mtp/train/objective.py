@@ -18,7 +18,9 @@ from weighted_mtp.losses import MTPLossOutput, mtp_evaluate, mtp_forward_backwar
 
 @runtime_checkable
 class Objective(Protocol):
-    def forward_backward(self, model: nn.Module, batch: Batch, *, loss_scale: float) -> dict[str, float | Tensor]:
+    def forward_backward(
+        self, model: nn.Module, batch: Batch, *, loss_scale: float
+    ) -> dict[str, float | Tensor]:
         """Forward, backward (gradients scaled by `loss_scale`), and this micro-batch's metrics."""
         ...
 
@@ -44,7 +46,9 @@ class BaselineObjective:
         self.chunk_size = chunk_size
         self.head_weights = list(head_weights) if head_weights is not None else None
 
-    def forward_backward(self, model: nn.Module, batch: Batch, *, loss_scale: float) -> dict[str, float | Tensor]:
+    def forward_backward(
+        self, model: nn.Module, batch: Batch, *, loss_scale: float
+    ) -> dict[str, float | Tensor]:
         out = mtp_forward_backward(
             model,
             batch.input_ids,

@@ -60,6 +60,8 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, min_lr_ratio: float
 ) -> LambdaLR:
     def multiplier(step: int) -> float:
-        return warmup_cosine(step, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio)
+        return warmup_cosine(
+            step, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio
+        )
 
     return LambdaLR(optimizer, multiplier)

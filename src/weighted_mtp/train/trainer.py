@@ -197,7 +197,9 @@ class Trainer:
                 "training.early_stopping.metric needs validation: set training.eval_every and data.val_split"
             )
         if self.training.max_steps is None and len(self.train_loader) == 0:
-            raise DataError("the training data is empty: no batch to train on (check data.split / data.n_samples)")
+            raise DataError(
+                "the training data is empty: no batch to train on (check data.split / data.n_samples)"
+            )
 
     def _planned_steps(self) -> int:
         if self.training.max_steps is not None:
@@ -334,7 +336,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():
             # a skipped first step would otherwise warn that the scheduler stepped before the optimizer
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            warnings.filterwarnings(
+                "ignore", message="Detected call of `lr_scheduler.step", category=UserWarning
+            )
             self.scheduler.step()
         self.step += 1
 
@@ -465,7 +469,9 @@ class Trainer:
                 f"(logged: {', '.join(sorted(metrics))})"
             )
         value = metrics[stopping.metric]
-        better = self.best_metric is None or (value < self.best_metric if stopping.mode == "min" else value > self.best_metric)
+        better = self.best_metric is None or (
+            value < self.best_metric if stopping.mode == "min" else value > self.best_metric
+        )
         if better:
             self.best_metric, self.evals_without_improvement = value, 0
             return
@@ -474,7 +480,10 @@ class Trainer:
             self.stopped_early = True
             log.info(
                 "early stopping at step %d: %s has not improved on %.6g for %d validations",
-                self.step, stopping.metric, self.best_metric, self.evals_without_improvement,
+                self.step,
+                stopping.metric,
+                self.best_metric,
+                self.evals_without_improvement,
             )
 
     # ------------------------------------------------------------------ logging
@@ -506,8 +515,13 @@ class Trainer:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   TextColumn("{task.fields[status]}"))
+        columns = (
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+        )
         with Progress(*columns, transient=False) as progress:
             task = progress.add_task("train", total=self.total_steps, completed=self.step, status="")
             yield lambda m: progress.update(
@@ -571,11 +585,15 @@ class Trainer:
         path = D.broadcast_object(found, self.env)
         if path is None:
             if required:
-                raise CheckpointError(f"{self.checkpoint_dir}: --resume given but there is no complete checkpoint")
+                raise CheckpointError(
+                    f"{self.checkpoint_dir}: --resume given but there is no complete checkpoint"
+                )
             return None
         path = Path(path)
         log.info("resuming from %s", path)
-        trainer_state, rank_state = load_checkpoint(path, modules=self.modules, optimizer=self.optimizer, env=self.env)
+        trainer_state, rank_state = load_checkpoint(
+            path, modules=self.modules, optimizer=self.optimizer, env=self.env
+        )
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         self.step = trainer_state["step"]
         self.epoch = trainer_state["epoch"]

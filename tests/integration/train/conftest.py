@@ -21,8 +21,13 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 # The run every real-process test reproduces: micro-batches of one sequence, two of them per step
 # (the global batch of two ranks x 1), 4 steps an epoch, 6 steps, a checkpoint every 2.
 REFERENCE = (
-    "training.max_steps=6", "training.save_every=2", "training.keep_last=3", "data.n_samples=8",
-    "training.batch_size=1", "training.grad_accum_steps=2", "distributed.timeout_s=60",
+    "training.max_steps=6",
+    "training.save_every=2",
+    "training.keep_last=3",
+    "data.n_samples=8",
+    "training.batch_size=1",
+    "training.grad_accum_steps=2",
+    "distributed.timeout_s=60",
 )
 
 
@@ -74,12 +79,21 @@ class MicroWorkspace:
         """Subprocess environment: one intra-op thread, so ranks and runs compute alike."""
         return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
-    def popen(self, name: str, *extra: str, log_name: str = "run") -> subprocess.Popen:
-        log = open(self.runs.parent / f"{name}.{log_name}.log", "ab")
-        return subprocess.Popen(
-            [sys.executable, "-m", "weighted_mtp", "train", *self.cli_args(name, *extra)],
-            cwd=self.root, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
-        )
+    def popen(
+        self, name: str, *extra: str, log_name: str = "run", launcher: tuple[str, ...] = ()
+    ) -> subprocess.Popen:
+        """Start `wmtp train` (under `launcher`, e.g. torchrun) with its output in <name>.<log_name>.log."""
+        command = [
+            *(launcher or (sys.executable,)),
+            "-m",
+            "weighted_mtp",
+            "train",
+            *self.cli_args(name, *extra),
+        ]
+        with open(self.runs.parent / f"{name}.{log_name}.log", "ab") as log:  # the child keeps its own copy
+            return subprocess.Popen(
+                command, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, env=self.env()
+            )
 
     def run(self, name: str, *extra: str, timeout: float = 300) -> None:
         proc = self.popen(name, *extra)

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REFERENCE, assert_same_losses
 
 from weighted_mtp.train.checkpoint import COMPLETE, checkpoint_name
@@ -24,13 +23,11 @@ from weighted_mtp.train.checkpoint import COMPLETE, checkpoint_name
 RANKS_OF_ONE = (*REFERENCE, "training.grad_accum_steps=1")
 
 
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+
+
 def torchrun(ws, name: str, *extra: str, log_name: str = "run") -> subprocess.Popen:
-    log = open(ws.runs.parent / f"{name}.{log_name}.log", "ab")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "weighted_mtp", "train", *ws.cli_args(name, *extra),
-    ]  # fmt: skip
-    return subprocess.Popen(command, cwd=ws.root, stdout=log, stderr=subprocess.STDOUT, env=ws.env())
+    return ws.popen(name, *extra, log_name=log_name, launcher=TORCHRUN)
 
 
 def children(pid: int) -> list[int]:
@@ -64,7 +61,9 @@ def test_ddp_matches_single_process(micro_workspace, reference_losses) -> None:
     assert_same_losses(ws.losses("ddp"), reference_losses, 1e-4)
 
 
-def test_fsdp_dead_rank_fails_fast_then_resumes_from_sharded_checkpoint(micro_workspace, reference_losses) -> None:
+def test_fsdp_dead_rank_fails_fast_then_resumes_from_sharded_checkpoint(
+    micro_workspace, reference_losses
+) -> None:
     ws = micro_workspace
     fsdp = (*RANKS_OF_ONE, "distributed.strategy=fsdp", "distributed.checkpoint_format=sharded")
     proc = torchrun(ws, "fsdp", *fsdp, log_name="killed")

@@ -21,7 +21,9 @@ def rest_get(uri: str, endpoint: str, **query: Any) -> dict[str, Any]:
 
 def rest_post(uri: str, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
     request = urllib.request.Request(
-        f"{uri}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(), method="POST",
+        f"{uri}/api/2.0/mlflow/{endpoint}",
+        data=json.dumps(body).encode(),
+        method="POST",
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=30) as response:
@@ -37,16 +39,23 @@ def test_tracked_run_logs_to_mlflow_and_resumes_from_s3_on_a_fresh_machine(
     experiment = mlflow_server.new_experiment_name()
     name = f"tracked-{experiment}"
     remote = (
-        "tracking.enabled=true", f"tracking.uri={mlflow_server.uri}", f"tracking.experiment={experiment}",
-        "tracking.register_model=true", f"s3.bucket={s3_bucket['bucket']}",
-        f"s3.endpoint_url={s3_bucket['endpoint_url']}", f"s3.region={s3_bucket['region']}", "training.keep_last=2",
+        "tracking.enabled=true",
+        f"tracking.uri={mlflow_server.uri}",
+        f"tracking.experiment={experiment}",
+        "tracking.register_model=true",
+        f"s3.bucket={s3_bucket['bucket']}",
+        f"s3.endpoint_url={s3_bucket['endpoint_url']}",
+        f"s3.region={s3_bucket['region']}",
+        "training.keep_last=2",
     )
     ws.run(name, *REFERENCE, *remote)
     assert_same_losses(ws.losses(name), reference_losses, 1e-6)
 
     # MLflow, through the server's REST API
     uri = mlflow_server.uri
-    experiment_id = rest_get(uri, "experiments/get-by-name", experiment_name=experiment)["experiment"]["experiment_id"]
+    experiment_id = rest_get(uri, "experiments/get-by-name", experiment_name=experiment)["experiment"][
+        "experiment_id"
+    ]
     runs = rest_post(uri, "runs/search", {"experiment_ids": [experiment_id]})["runs"]
     assert len(runs) == 1 and runs[0]["info"]["status"] == "FINISHED"
     run_id = runs[0]["info"]["run_id"]
@@ -57,8 +66,12 @@ def test_tracked_run_logs_to_mlflow_and_resumes_from_s3_on_a_fresh_machine(
     for key in ("tokens_per_s", "step_time_s", "memory/peak_gib", "head2/ce", "lr", "grad_norm"):
         assert rest_get(uri, "metrics/get-history", run_id=run_id, metric_key=key)["metrics"], key
     tags = {t["key"]: t["value"] for t in runs[0]["data"]["tags"]}
-    store = S3Store(s3_bucket["bucket"], f"weighted-mtp/{name}", endpoint_url=s3_bucket["endpoint_url"],
-                    region=s3_bucket["region"])
+    store = S3Store(
+        s3_bucket["bucket"],
+        f"weighted-mtp/{name}",
+        endpoint_url=s3_bucket["endpoint_url"],
+        region=s3_bucket["region"],
+    )
     assert tags["checkpoint.latest"] == store.uri("checkpoints", checkpoint_name(6))
     registered = rest_get(uri, "registered-models/get", name=name)["registered_model"]
     assert registered["latest_versions"][0]["run_id"] == run_id

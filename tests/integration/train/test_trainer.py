@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 
 import pytest
 import torch
@@ -61,7 +63,10 @@ def test_nonfinite_gradient_skips_the_step(micro_workspace) -> None:
 def test_too_many_nonfinite_steps_in_a_row_stop_the_run(micro_workspace) -> None:
     objective = Scripted(nan_calls={1, 2, 3})
     trainer, _ = build(
-        micro_workspace, "nonfinite_stop", "training.max_steps=5", "training.max_nonfinite_in_a_row=3",
+        micro_workspace,
+        "nonfinite_stop",
+        "training.max_steps=5",
+        "training.max_nonfinite_in_a_row=3",
         objective=objective,
     )
     with pytest.raises(WMTPError, match="3 non-finite steps in a row"):
@@ -70,7 +75,9 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run(micro_workspace) -> None
 
 def test_out_of_memory_halves_the_micro_batch(micro_workspace, caplog) -> None:
     objective = Scripted(oom_above_rows=1)
-    trainer, _ = build(micro_workspace, "oom", "training.max_steps=2", "training.batch_size=2", objective=objective)
+    trainer, _ = build(
+        micro_workspace, "oom", "training.max_steps=2", "training.batch_size=2", objective=objective
+    )
     with caplog.at_level(logging.WARNING):
         result = trainer.fit()
     assert result.steps == 2
@@ -86,11 +93,13 @@ def test_split_batch_keeps_rows_and_pairs(micro_workspace) -> None:
     halves = split_batch(batch, 2)
     assert [len(h) for h in halves] == [2, 2]
     assert torch.equal(torch.cat([h.input_ids for h in halves]), batch.input_ids)
-    assert sum((h.problem_ids for h in halves), []) == batch.problem_ids
+    assert functools.reduce(operator.iadd, (h.problem_ids for h in halves), []) == batch.problem_ids
 
 
 def test_frozen_trunk_stays_put_and_heads_train(micro_workspace) -> None:
-    trainer, model = build(micro_workspace, "frozen_trunk", "training.max_steps=2", "training.freeze.trunk=frozen")
+    trainer, model = build(
+        micro_workspace, "frozen_trunk", "training.max_steps=2", "training.freeze.trunk=frozen"
+    )
     trunk_before = model.layers[0].attention.wq.weight.detach().clone()
     head_before = model.extra_heads[0].attention.wq.weight.detach().clone()
     trainer.fit()
@@ -100,8 +109,14 @@ def test_frozen_trunk_stays_put_and_heads_train(micro_workspace) -> None:
 
 def test_lora_run_exports_a_merged_model(micro_workspace) -> None:
     trainer, model = build(
-        micro_workspace, "lora", "training.max_steps=3", "training.lora.enabled=true", "training.lora.r=4",
-        "training.lora.alpha=8", "training.lora.dropout=0.0", "training.lr=1e-2",
+        micro_workspace,
+        "lora",
+        "training.max_steps=3",
+        "training.lora.enabled=true",
+        "training.lora.r=4",
+        "training.lora.alpha=8",
+        "training.lora.dropout=0.0",
+        "training.lr=1e-2",
     )
     result = trainer.fit()
     assert any(".lora_B." in name for name, _ in model.named_parameters())
@@ -130,9 +145,16 @@ def _safetensors_keys(path) -> list[str]:
 def test_validation_epochs_and_early_stopping(micro_workspace) -> None:
     # loss goes down, so "max" never improves after the first validation: patience 1 stops at the second
     trainer, _ = build(
-        micro_workspace, "early", "training.max_steps=12", "training.eval_every=3", "data.val_split=validation",
-        "training.early_stopping.metric=val/loss", "training.early_stopping.mode=max",
-        "training.early_stopping.patience=1", "data.n_samples=4", val=True,
+        micro_workspace,
+        "early",
+        "training.max_steps=12",
+        "training.eval_every=3",
+        "data.val_split=validation",
+        "training.early_stopping.metric=val/loss",
+        "training.early_stopping.mode=max",
+        "training.early_stopping.patience=1",
+        "data.n_samples=4",
+        val=True,
     )
     result = trainer.fit()
     assert result.stopped_early and result.steps == 6

@@ -16,6 +16,7 @@ import torch
 
 from weighted_mtp.config.schema import Config
 from weighted_mtp.errors import CheckpointError
+from weighted_mtp.losses import mtp_forward_backward
 from weighted_mtp.models.transformer import build_micro_model
 from weighted_mtp.train.checkpoint import (
     COMPLETE,
@@ -28,7 +29,6 @@ from weighted_mtp.train.checkpoint import (
 )
 from weighted_mtp.train.distributed import DistEnv
 from weighted_mtp.train.optim import build_optimizer
-from weighted_mtp.losses import mtp_forward_backward
 
 ENV = DistEnv()
 
@@ -52,8 +52,14 @@ def train_step(modules, optimizer, seed: int) -> float:
 
 def save(directory: Path, step: int, modules, optimizer, **kwargs) -> Path:
     return save_checkpoint(
-        directory, step, modules=modules, optimizer=optimizer, trainer_state={"step": step, **kwargs},
-        loader_state={"batches_done": step}, config=Config(), env=ENV,
+        directory,
+        step,
+        modules=modules,
+        optimizer=optimizer,
+        trainer_state={"step": step, **kwargs},
+        loader_state={"batches_done": step},
+        config=Config(),
+        env=ENV,
     )
 
 
@@ -97,7 +103,7 @@ def test_keep_last_k_and_latest(tmp_path: Path) -> None:
 def test_checkpoint_of_another_configuration_is_refused(tmp_path: Path) -> None:
     modules, optimizer = make()
     path = save(tmp_path, 1, modules, optimizer)
-    other, other_opt = make()
+    other, _other_opt = make()
     for param in other["model"].extra_heads.parameters():
         param.requires_grad_(False)
     with pytest.raises(CheckpointError, match="trainable parameters do not match"):
@@ -129,7 +135,9 @@ CRASH_MID_SAVE = textwrap.dedent(
 
 def test_kill_during_save_leaves_previous_latest_intact(tmp_path: Path) -> None:
     script = CRASH_MID_SAVE.format(test_dir=str(Path(__file__).parent), directory=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
     partial = tmp_path / ".step_00000004.tmp"
@@ -139,7 +147,9 @@ def test_kill_during_save_leaves_previous_latest_intact(tmp_path: Path) -> None:
     assert latest_checkpoint(tmp_path) == tmp_path / checkpoint_name(2)
 
     modules, optimizer = make(seed=3)
-    trainer_state, _ = load_checkpoint(tmp_path / checkpoint_name(2), modules=modules, optimizer=optimizer, env=ENV)
+    trainer_state, _ = load_checkpoint(
+        tmp_path / checkpoint_name(2), modules=modules, optimizer=optimizer, env=ENV
+    )
     assert trainer_state["step"] == 2
     reference, ref_opt = make()
     train_step(reference, ref_opt, 0)

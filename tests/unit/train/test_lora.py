@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from weighted_mtp.config.schema import ValueHeadConfig
 from weighted_mtp.errors import ConfigError
 from weighted_mtp.models.transformer import build_micro_model
 from weighted_mtp.models.value_head import build_value_head
-from weighted_mtp.config.schema import ValueHeadConfig
 from weighted_mtp.train.checkpoint import distinct_tensors, trainable_state_dict
 from weighted_mtp.train.lora import (
     configure_training_modes,
@@ -31,8 +31,14 @@ def micro(seed: int = 0) -> nn.Module:
 
 def configure(model: nn.Module, trunk: str, heads: str, **kwargs) -> dict[str, int]:
     return configure_training_modes(
-        model, trunk=trunk, heads=heads, lora_targets=kwargs.pop("targets", TARGETS), lora_r=4, lora_alpha=8.0,
-        lora_dropout=0.0, **kwargs,
+        model,
+        trunk=trunk,
+        heads=heads,
+        lora_targets=kwargs.pop("targets", TARGETS),
+        lora_r=4,
+        lora_alpha=8.0,
+        lora_dropout=0.0,
+        **kwargs,
     )
 
 

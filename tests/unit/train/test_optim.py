@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -19,14 +20,16 @@ def reference_multiplier(step: int, warmup: int, total: int, floor: float) -> fl
 
 @pytest.mark.parametrize(("warmup", "total", "floor"), [(0, 10, 0.1), (3, 20, 0.0), (5, 5, 0.5), (2, 7, 1.0)])
 def test_warmup_cosine_shape(warmup: int, total: int, floor: float) -> None:
-    values = [warmup_cosine(s, warmup_steps=warmup, total_steps=total, min_lr_ratio=floor) for s in range(total + 3)]
+    values = [
+        warmup_cosine(s, warmup_steps=warmup, total_steps=total, min_lr_ratio=floor) for s in range(total + 3)
+    ]
     for step, value in enumerate(values):
         assert value == pytest.approx(reference_multiplier(step, warmup, total, floor))
     if warmup:
         assert values[warmup - 1] == pytest.approx(1.0)  # the peak is reached at the end of warmup
-        assert all(a < b for a, b in zip(values[:warmup], values[1:warmup]))  # rising
-    decay = values[warmup:total + 1]
-    assert all(a >= b - 1e-12 for a, b in zip(decay, decay[1:]))  # then never rising
+        assert all(a < b for a, b in itertools.pairwise(values[:warmup]))  # rising
+    decay = values[warmup : total + 1]
+    assert all(a >= b - 1e-12 for a, b in itertools.pairwise(decay))  # then never rising
     if total > warmup:
         assert values[total] == pytest.approx(floor)
     assert values[-1] == pytest.approx(floor)  # stays at the floor past the planned end
@@ -52,7 +55,12 @@ def test_weight_decay_only_on_matrices_and_frozen_params_left_out() -> None:
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert {id(p) for p in decay["params"]} == {id(model[0].weight)}
-    assert {id(p) for p in no_decay["params"]} == {id(model[0].bias), id(model[1].weight), id(model[1].bias), id(model[2].bias)}
+    assert {id(p) for p in no_decay["params"]} == {
+        id(model[0].bias),
+        id(model[1].weight),
+        id(model[1].bias),
+        id(model[2].bias),
+    }
     assert not optimizer.defaults["fused"]  # CPU: the foreach implementation
 
 
