@@ -6,7 +6,10 @@ Two ideas keep peak memory at one head's worth (Gloeckle et al. 2024, section 3)
    into a *detached* copy of the trunk output, so that only one head's activations are alive at a
    time; finally one backward through the trunk with the gradient the heads accumulated.
 2. Chunked cross-entropy: the unembedding and the loss are computed over `chunk_size` positions at a
-   time and recomputed in the backward pass, so at most `chunk_size x vocab` logits are ever alive.
+   time, so at most `chunk_size x vocab` logits are ever alive. `chunked_cross_entropy` is the
+   general per-token form (recomputes the logits in the backward pass); inside the MTP loss, where
+   the token weights are known before the forward pass, each chunk's gradient is computed right after
+   its loss instead (`_FusedWeightedCrossEntropy`), which saves the recomputation.
 
 `mtp_loss_naive` is the plain reference (all logits, autograd through everything); the tests hold
 the two to 1e-5 in the loss and in every parameter's gradient.
@@ -315,6 +318,8 @@ def _head_loss(
     are computed in the same pass as the loss (`_FusedWeightedCrossEntropy`); a weight function first
     needs the per-token CE, which costs one extra forward pass of the unembedding without gradient.
     """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     batch, seq = labels.shape
     targets = head_targets(labels, k0 + 1).reshape(-1)
     mask = targets != IGNORE_INDEX

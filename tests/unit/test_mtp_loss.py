@@ -240,6 +240,7 @@ def test_frozen_trunk_gets_no_gradient_and_heads_still_train():
         (dict(n_heads=3), "n_heads must be in"),
         (dict(head_weights=[1.0]), "head_weights has 1 entries for 2 heads"),
         (dict(head_weights=[0.0, 0.0]), "sum to zero"),
+        (dict(chunk_size=0), "chunk_size must be positive"),
         (dict(weights=torch.ones(BATCH, SEQ, 1)), "weights have shape"),
         (dict(weights=lambda k0, ce, mask: ce[:, :1]), "weight function returned shape"),
     ],
