@@ -75,6 +75,11 @@ def test_two_shard_meta_checkpoint_matches_the_same_weights_from_safetensors(tmp
     expected = model(tokens, return_all_heads=True).logits
     torch.testing.assert_close(from_meta(tokens, return_all_heads=True).logits, expected, rtol=0, atol=0)
 
+    # the released MTP checkpoints hold one unsplit `consolidated.pth`
+    write_meta_checkpoint(model, tmp_path / "single", n_shards=1)
+    (tmp_path / "single" / "consolidated.00.pth").rename(tmp_path / "single" / "consolidated.pth")
+    assert_same_weights(build_model(read_checkpoint(tmp_path / "single")), from_safetensors)
+
 
 def test_meta_shards_that_disagree_raise(tmp_path) -> None:
     model = random_model(n_future_tokens=1)

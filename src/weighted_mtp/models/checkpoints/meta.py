@@ -1,4 +1,4 @@
-"""Meta's release format: `params.json` + `consolidated.NN.pth` model-parallel shards + `tokenizer.model`.
+"""Meta's release format: `params.json` + `consolidated[.NN].pth` model-parallel shards + `tokenizer.model`.
 
 Meta's fairscale layers split each tensor across shards: column-parallel layers (wq, wk, wv, w1, w3,
 output) along their output rows (dim 0), row-parallel layers (wo, w2) and the parallel embedding along
@@ -62,9 +62,9 @@ def merge_shards(shards: list[dict[str, Tensor]], paths: list[Path]) -> dict[str
 def load(path: Path) -> RawCheckpoint:
     params_path = path / "params.json"
     params = read_json(params_path)
-    shard_paths = sorted(path.glob("consolidated.*.pth"))
+    shard_paths = sorted(path.glob("*.pth"))  # consolidated.pth, or consolidated.00.pth, .01 ... (Meta's glob)
     if not shard_paths:
-        raise CheckpointError(f"{path}: no consolidated.*.pth shard beside params.json")
+        raise CheckpointError(f"{path}: no consolidated*.pth shard beside params.json")
     shards = []
     for shard_path in shard_paths:
         try:
