@@ -100,3 +100,20 @@ def test_micro_model_is_seeded_and_expands_to_n_heads(models_dir) -> None:
     logits = a(tokens, return_all_heads=True).logits
     assert logits.shape == (1, tokens.shape[1], 4, 49152)
     assert load_tokenizer("micro", models_dir=models_dir).encode("x = 1") == tokenizer.encode("x = 1")
+
+
+def test_load_model_from_config_applies_the_model_section(models_dir) -> None:
+    from weighted_mtp.config.schema import Config
+    from weighted_mtp.models.loading import load_model_from_config
+
+    config = Config.model_validate({
+        "device": "cpu", "dtype": "bfloat16", "seed": 5,
+        "paths": {"models": str(models_dir)},
+        "model": {"name": "micro", "n_future_tokens": 3, "activation_checkpointing": True},
+    })
+    model, tokenizer = load_model_from_config(config)
+    assert model.n_future_tokens == 3 and model.activation_checkpointing
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16  # no autocast on CPU: the weights take dtype
+    reference, _ = load_model("micro", models_dir=models_dir, n_future_tokens=3, seed=5)
+    assert torch.equal(model.layers[0].attention.wq.weight, reference.layers[0].attention.wq.weight.bfloat16())
+    assert tokenizer.eos_id == 2
