@@ -49,6 +49,8 @@ SHAPES = {
     "smollm2-8l": dict(dim=576, trunk_layers=8, n_heads=9, n_kv_heads=3, vocab_size=49152, ffn_hidden_dim=1536),
     # LLaMA-7B / Meta's 7B MTP model: heads are cheap next to a 32-block trunk.
     "llama-7b": dict(dim=4096, trunk_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000, ffn_hidden_dim=11008),
+    # Seconds-long, for the script's own smoke test.
+    "micro": dict(dim=64, trunk_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1024, ffn_hidden_dim=128),
 }
 HEAD_COUNTS = (1, 2, 4)
 LOSSES = ("naive", "efficient")
