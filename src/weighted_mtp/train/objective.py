@@ -32,6 +32,9 @@ class Objective(Protocol):
         """Modules besides the model that the optimizer updates and checkpoints save (a value head)."""
         ...
 
+    # Optional: `evaluation_summary() -> dict[str, float]`, metrics of a whole validation pass that
+    # are not means over batches (e.g. a critic's AUC); the trainer logs them beside the means.
+
 
 def loss_metrics(out: MTPLossOutput) -> dict[str, float]:
     """The loss, and per head: weighted loss, plain cross-entropy and top-1 accuracy."""

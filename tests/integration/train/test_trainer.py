@@ -98,7 +98,11 @@ def test_split_batch_keeps_rows_and_pairs(micro_workspace) -> None:
 
 def test_frozen_trunk_stays_put_and_heads_train(micro_workspace) -> None:
     trainer, model = build(
-        micro_workspace, "frozen_trunk", "training.max_steps=2", "training.freeze.trunk=frozen"
+        micro_workspace,
+        "frozen_trunk",
+        "training.max_steps=2",
+        "training.freeze.trunk=frozen",
+        "logging.progress_bar=always",  # the rich progress bar path, as on a terminal
     )
     trunk_before = model.layers[0].attention.wq.weight.detach().clone()
     head_before = model.extra_heads[0].attention.wq.weight.detach().clone()
