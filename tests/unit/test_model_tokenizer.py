@@ -87,6 +87,7 @@ def test_gguf_tokenizer_matches_transformers_on_real_text(gguf_tokenizer, refere
 def test_gguf_tokenizer_round_trips_and_special_tokens(gguf_tokenizer, shared_data) -> None:
     tok = gguf_tokenizer
     assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (49152, 1, 2, 2)
+    assert not tok.wants_bos  # tokenizer.ggml.add_bos_token is false for SmolLM2
     assert tok.token_to_id("<|endoftext|>") in tok.stop_ids and tok.eos_id in tok.stop_ids
     for text in real_texts(shared_data)[:100]:
         assert tok.decode(tok.encode(text)) == text
@@ -144,7 +145,7 @@ def test_sentencepiece_tokenizer_matches_sentencepiece(tmp_path, shared_data) ->
     model = train_sentencepiece(tmp_path, texts)
     reference = sentencepiece.SentencePieceProcessor(model_file=str(model))
     tok = Tokenizer.from_file(model)
-    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 2, 600)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 2, 600) and tok.wants_bos
     for text in texts[:300]:
         assert tok.encode(text) == reference.encode(text)
         assert tok.decode(tok.encode(text, add_bos=True)) == reference.decode(reference.encode(text))

@@ -59,6 +59,7 @@ class Tokenizer:
         eos_token: str,
         pad_token: str | None = None,
         chat_template: str | None = None,
+        wants_bos: bool = False,
     ) -> None:
         self._backend = backend
         self.source = source
@@ -69,6 +70,9 @@ class Tokenizer:
         self.eos_id: int = self._require_id(eos_token)
         self.pad_id: int = self._require_id(pad_token) if pad_token else self.eos_id
         self.chat_template = chat_template
+        # Whether the model was trained with BOS first (Meta's LLaMA: yes; SmolLM2: no). Callers pass
+        # `add_bos=tokenizer.wants_bos` when they encode a whole prompt.
+        self.wants_bos = wants_bos and self.bos_id is not None
         self.stop_ids: list[int] = sorted(
             {self.eos_id} | {i for i in map(backend.token_to_id, STOP_TOKENS) if i is not None}
         )
@@ -128,7 +132,7 @@ class Tokenizer:
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
             "pad_token": self.pad_token,
-            "add_bos_token": False,
+            "add_bos_token": self.wants_bos,
             "chat_template": self.chat_template,
         }
         atomic_write_json(directory / "tokenizer_config.json", {k: v for k, v in config.items() if v is not None})
@@ -281,6 +285,7 @@ def _from_gguf(path: Path) -> Tokenizer:
         eos_token=eos,
         pad_token=special("padding"),
         chat_template=field("tokenizer.chat_template"),
+        wants_bos=bool(field("tokenizer.ggml.add_bos_token", False)),
     )
 
 
@@ -320,6 +325,7 @@ def _from_tokenizer_json(path: Path) -> Tokenizer:
         eos_token=eos,
         pad_token=_token_text(config.get("pad_token")),
         chat_template=chat_template,
+        wants_bos=bool(config.get("add_bos_token", False)),
     )
 
 
@@ -338,6 +344,7 @@ def _from_sentencepiece(path: Path) -> Tokenizer:
         bos_token=piece(processor.bos_id()) if processor.bos_id() >= 0 else None,
         eos_token=piece(processor.eos_id()),
         pad_token=piece(processor.pad_id()) if processor.pad_id() >= 0 else None,
+        wants_bos=True,  # Meta's LLaMA tokenizer always prepends BOS
     )
 
 
