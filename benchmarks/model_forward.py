@@ -38,7 +38,9 @@ def best_of(repeats: int, fn: Callable[[], object]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="micro")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
@@ -52,7 +54,9 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as scratch:
-        model, _ = load_model(args.model, n_future_tokens=args.heads, models_dir=args.models_dir or Path(scratch))
+        model, _ = load_model(
+            args.model, n_future_tokens=args.heads, models_dir=args.models_dir or Path(scratch)
+        )
     model.to(device)
     vocab = model.args.vocab_size
     print(f"{args.model}: {model.num_parameters() / 1e6:.1f}M parameters, {args.heads} heads, {device}")
@@ -66,7 +70,9 @@ def main() -> None:
         def run() -> None:
             model.zero_grad(set_to_none=True)
             h_trunk = model.trunk_forward(tokens, attention_mask=mask)
-            heads = [model.head_forward(k, h_trunk, attention_mask=mask) for k in range(model.n_future_tokens)]
+            heads = [
+                model.head_forward(k, h_trunk, attention_mask=mask) for k in range(model.n_future_tokens)
+            ]
             torch.stack(heads).square().mean().backward()
 
         return run
@@ -100,7 +106,9 @@ def main() -> None:
     recompute = best_of(args.repeats, decode_recompute)
     print(f"\ngreedy decoding, prompt {args.prompt_length}, {args.new_tokens} new tokens")
     print(f"  {'KV cache':<22} {args.new_tokens / cached:9.1f} tok/s  1.00x")
-    print(f"  {'recompute every step':<22} {args.new_tokens / recompute:9.1f} tok/s  {cached / recompute:.2f}x")
+    print(
+        f"  {'recompute every step':<22} {args.new_tokens / recompute:9.1f} tok/s  {cached / recompute:.2f}x"
+    )
 
 
 if __name__ == "__main__":

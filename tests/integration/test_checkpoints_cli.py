@@ -25,13 +25,33 @@ def test_fetch_info_and_export(models_dir, tmp_path, capsys) -> None:
 
     assert main(["model", "info", "micro", "--json", "--models-dir", str(models_dir)]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["format"] == "micro" and info["heads"] == 1 and info["vocab_size"] == 49152 and info["chat_template"]
+    assert (
+        info["format"] == "micro"
+        and info["heads"] == 1
+        and info["vocab_size"] == 49152
+        and info["chat_template"]
+    )
 
     destination = tmp_path / "exported"
-    argv = ["model", "export", "--to-hf", "micro", str(destination), "--n-future-tokens", "3",
-            "--models-dir", str(models_dir)]
+    argv = [
+        "model",
+        "export",
+        "--to-hf",
+        "micro",
+        str(destination),
+        "--n-future-tokens",
+        "3",
+        "--models-dir",
+        str(models_dir),
+    ]
     assert main(argv) == 0
-    for name in ("config.json", "model.safetensors", "mtp_heads.safetensors", "tokenizer.json", "tokenizer_config.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "mtp_heads.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
         assert (destination / name).is_file(), name
     assert build_model(read_checkpoint(destination)).n_future_tokens == 3
     transformers = pytest.importorskip("transformers")

@@ -1,4 +1,4 @@
-"""Checkpoint formats: Meta shards, HF LLaMA (both directions, against transformers), native, expansion, bad input."""
+"""Checkpoint formats: Meta shards, HF LLaMA (both ways, against transformers), native, bad input."""
 
 from __future__ import annotations
 
@@ -16,9 +16,21 @@ from weighted_mtp.models.transformer import ModelArgs, MTPTransformer
 transformers = pytest.importorskip("transformers")
 
 
-def random_model(n_future_tokens: int = 3, tie: bool = False, vocab_size: int = 301, seed: int = 0) -> MTPTransformer:
-    args = ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, ffn_hidden_dim=192,
-                     rope_theta=5000.0, norm_eps=1e-5, n_future_tokens=n_future_tokens, tie_embeddings=tie)
+def random_model(
+    n_future_tokens: int = 3, tie: bool = False, vocab_size: int = 301, seed: int = 0
+) -> MTPTransformer:
+    args = ModelArgs(
+        dim=64,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=vocab_size,
+        ffn_hidden_dim=192,
+        rope_theta=5000.0,
+        norm_eps=1e-5,
+        n_future_tokens=n_future_tokens,
+        tie_embeddings=tie,
+    )
     model = MTPTransformer(args)
     model.init_weights(seed, std=0.1)
     with torch.no_grad():  # non-trivial norm weights, so a swapped norm shows up
@@ -39,7 +51,17 @@ def assert_same_weights(a: MTPTransformer, b: MTPTransformer) -> None:
 
 
 # Meta's fairscale model parallelism, written out independently of the loader's own table.
-META_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+META_SPLIT_DIM = {
+    "wq": 0,
+    "wk": 0,
+    "wv": 0,
+    "w1": 0,
+    "w3": 0,
+    "output": 0,
+    "wo": 1,
+    "w2": 1,
+    "tok_embeddings": 1,
+}
 
 
 def write_meta_checkpoint(model: MTPTransformer, directory: Path, n_shards: int) -> None:
@@ -56,9 +78,18 @@ def write_meta_checkpoint(model: MTPTransformer, directory: Path, n_shards: int)
             shard[name] = piece.clone()
     for i, shard in enumerate(shards):
         torch.save(shard, directory / f"consolidated.{i:02d}.pth")
-    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
-              "vocab_size": args.vocab_size, "multiple_of": 64, "ffn_dim_multiplier": None, "norm_eps": args.norm_eps,
-              "rope_theta": args.rope_theta, "n_future_tokens": args.n_future_tokens}
+    params = {
+        "dim": args.dim,
+        "n_layers": args.n_layers,
+        "n_heads": args.n_heads,
+        "n_kv_heads": args.n_kv_heads,
+        "vocab_size": args.vocab_size,
+        "multiple_of": 64,
+        "ffn_dim_multiplier": None,
+        "norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "n_future_tokens": args.n_future_tokens,
+    }
     (directory / "params.json").write_text(json.dumps(params))
 
 
@@ -97,8 +128,16 @@ def test_meta_shards_that_disagree_raise(tmp_path) -> None:
 def hf_reference(tie: bool, seed: int = 0):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=257, rope_theta=5000.0, rms_norm_eps=1e-5, tie_word_embeddings=tie, initializer_range=0.1,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=257,
+        rope_theta=5000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+        initializer_range=0.1,
         max_position_embeddings=128,
     )
     model = transformers.LlamaForCausalLM(config).eval()

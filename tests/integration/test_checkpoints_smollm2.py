@@ -31,14 +31,18 @@ def test_smollm2_logits_equal_transformers_llama_on_the_same_dequantised_weights
     from weighted_mtp.models.checkpoints.hf import hf_config, hf_state_dict
 
     model, tokenizer = smollm2
-    config = hf_config(model.args, n_layers=len(model.layers), bos_id=1, eos_id=2, pad_id=2, dtype=torch.float32)
+    config = hf_config(
+        model.args, n_layers=len(model.layers), bos_id=1, eos_id=2, pad_id=2, dtype=torch.float32
+    )
     config.pop("architectures"), config.pop("model_type"), config.pop("torch_dtype")
     with torch.device("meta"):
         reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
     weights, _ = hf_state_dict(model)
     reference.load_state_dict(weights, strict=False, assign=True)
     reference.tie_weights()
-    reference.model.rotary_emb = type(reference.model.rotary_emb)(reference.config)  # rebuilt off the meta device
+    reference.model.rotary_emb = type(reference.model.rotary_emb)(
+        reference.config
+    )  # rebuilt off the meta device
     reference.eval()
     tokens = torch.tensor([tokenizer.encode(CODE)])
     with torch.no_grad():
@@ -106,14 +110,20 @@ def test_load_model_from_config_applies_the_model_section(models_dir) -> None:
     from weighted_mtp.config.schema import Config
     from weighted_mtp.models.loading import load_model_from_config
 
-    config = Config.model_validate({
-        "device": "cpu", "dtype": "bfloat16", "seed": 5,
-        "paths": {"models": str(models_dir)},
-        "model": {"name": "micro", "n_future_tokens": 3, "activation_checkpointing": True},
-    })
+    config = Config.model_validate(
+        {
+            "device": "cpu",
+            "dtype": "bfloat16",
+            "seed": 5,
+            "paths": {"models": str(models_dir)},
+            "model": {"name": "micro", "n_future_tokens": 3, "activation_checkpointing": True},
+        }
+    )
     model, tokenizer = load_model_from_config(config)
     assert model.n_future_tokens == 3 and model.activation_checkpointing
     assert model.tok_embeddings.weight.dtype == torch.bfloat16  # no autocast on CPU: the weights take dtype
     reference, _ = load_model("micro", models_dir=models_dir, n_future_tokens=3, seed=5)
-    assert torch.equal(model.layers[0].attention.wq.weight, reference.layers[0].attention.wq.weight.bfloat16())
+    assert torch.equal(
+        model.layers[0].attention.wq.weight, reference.layers[0].attention.wq.weight.bfloat16()
+    )
     assert tokenizer.eos_id == 2

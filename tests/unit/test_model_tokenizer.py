@@ -33,9 +33,16 @@ def real_texts(shared_data: Path) -> list[str]:
         for row in map(json.loads, list(handle)[:50]):
             texts += [row["prompt"], row["canonical_solution"]]
     texts += [
-        "", " ", "  leading spaces", "tabs\tand\r\nwindows newlines\n\n\n", "numbers 1234567 3.14159 0x1F",
-        "unicode: naïve café — 東京 🙂 ∑x²", "<|im_start|>user\nhi<|im_end|>\n", "don't I'll we've",
-        "a <|endoftext|> b<file_sep>c", "    return [x for x in range(10) if x % 2 == 0]",
+        "",
+        " ",
+        "  leading spaces",
+        "tabs\tand\r\nwindows newlines\n\n\n",
+        "numbers 1234567 3.14159 0x1F",
+        "unicode: naïve café — 東京 🙂 ∑x²",
+        "<|im_start|>user\nhi<|im_end|>\n",
+        "don't I'll we've",
+        "a <|endoftext|> b<file_sep>c",
+        "    return [x for x in range(10) if x % 2 == 0]",
     ]
     return texts
 
@@ -61,13 +68,17 @@ def reference_gguf_tokenizer():
     reference = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     as_converted = reference.backend_tokenizer.pre_tokenizer
     reference.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True),
-         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
     )
     return reference, as_converted
 
 
-def test_gguf_tokenizer_matches_transformers_on_real_text(gguf_tokenizer, reference_gguf_tokenizer, shared_data) -> None:
+def test_gguf_tokenizer_matches_transformers_on_real_text(
+    gguf_tokenizer, reference_gguf_tokenizer, shared_data
+) -> None:
     reference, as_converted = reference_gguf_tokenizer
     texts = real_texts(shared_data)
     assert len(texts) >= 300
@@ -75,11 +86,16 @@ def test_gguf_tokenizer_matches_transformers_on_real_text(gguf_tokenizer, refere
         assert gguf_tokenizer.encode(text) == reference(text, add_special_tokens=False)["input_ids"], text
     assert gguf_tokenizer.encode_batch(texts[:20]) == [gguf_tokenizer.encode(t) for t in texts[:20]]
     # Where no digit follows a space, the two pre-tokenizers agree: transformers' conversion unchanged.
-    reference.backend_tokenizer.pre_tokenizer, digit_aware = as_converted, reference.backend_tokenizer.pre_tokenizer
+    reference.backend_tokenizer.pre_tokenizer, digit_aware = (
+        as_converted,
+        reference.backend_tokenizer.pre_tokenizer,
+    )
     try:
         for text in texts:
             if not re.search(r"\s\d", text):
-                assert gguf_tokenizer.encode(text) == reference(text, add_special_tokens=False)["input_ids"], text
+                assert (
+                    gguf_tokenizer.encode(text) == reference(text, add_special_tokens=False)["input_ids"]
+                ), text
     finally:
         reference.backend_tokenizer.pre_tokenizer = digit_aware
 
@@ -110,21 +126,29 @@ def test_chat_template_renders_like_transformers(gguf_tokenizer, reference_gguf_
         assert ours == theirs
     assert ours.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     with_system = [{"role": "system", "content": "Be brief."}, *messages]
-    assert gguf_tokenizer.apply_chat_template(with_system).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert gguf_tokenizer.apply_chat_template(with_system).startswith(
+        "<|im_start|>system\nBe brief.<|im_end|>"
+    )
 
 
 def test_tokenizer_json_round_trip_equals_gguf(gguf_tokenizer, tmp_path, shared_data) -> None:
     gguf_tokenizer._backend.tokenizer.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}, "chat_template": gguf_tokenizer.chat_template}
-    ))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|im_start|>",
+                "eos_token": {"content": "<|im_end|>"},
+                "chat_template": gguf_tokenizer.chat_template,
+            }
+        )
+    )
     from_json = Tokenizer.from_file(tmp_path)
     assert (from_json.bos_id, from_json.eos_id, from_json.pad_id) == (1, 2, 2)
     for text in real_texts(shared_data)[:80]:
         assert from_json.encode(text) == gguf_tokenizer.encode(text)
-    assert from_json.apply_chat_template([{"role": "user", "content": "x"}]) == gguf_tokenizer.apply_chat_template(
+    assert from_json.apply_chat_template(
         [{"role": "user", "content": "x"}]
-    )
+    ) == gguf_tokenizer.apply_chat_template([{"role": "user", "content": "x"}])
 
 
 def train_sentencepiece(directory: Path, lines: list[str]) -> Path:
@@ -132,8 +156,16 @@ def train_sentencepiece(directory: Path, lines: list[str]) -> Path:
     corpus = directory / "corpus.txt"
     corpus.write_text("\n".join(line for line in lines if line.strip()))
     sentencepiece.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(directory / "tokenizer"), vocab_size=600, model_type="bpe",
-        byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
+        input=str(corpus),
+        model_prefix=str(directory / "tokenizer"),
+        vocab_size=600,
+        model_type="bpe",
+        byte_fallback=True,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        minloglevel=2,
     )
     return directory / "tokenizer.model"
 

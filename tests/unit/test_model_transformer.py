@@ -9,8 +9,16 @@ from weighted_mtp.models.transformer import ModelArgs, MTPTransformer, attention
 
 
 def small_model(n_future_tokens: int = 3, seed: int = 0, **overrides) -> MTPTransformer:
-    args = {"dim": 48, "n_layers": 5, "n_heads": 6, "n_kv_heads": 2, "vocab_size": 97, "ffn_hidden_dim": 80,
-                "rope_theta": 500.0, "n_future_tokens": n_future_tokens}
+    args = {
+        "dim": 48,
+        "n_layers": 5,
+        "n_heads": 6,
+        "n_kv_heads": 2,
+        "vocab_size": 97,
+        "ffn_hidden_dim": 80,
+        "rope_theta": 500.0,
+        "n_future_tokens": n_future_tokens,
+    }
     args.update(overrides)
     model = MTPTransformer(ModelArgs(**args))
     model.init_weights(seed, std=0.1)
@@ -21,9 +29,16 @@ def test_layout_follows_meta_key_names() -> None:
     model = small_model(n_future_tokens=3)
     assert len(model.layers) == 3 and len(model.extra_heads) == 2
     keys = set(model.state_dict())
-    for key in ("tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.2.feed_forward.w3.weight",
-                "layers.1.attention_norm.weight", "layers.1.ffn_norm.weight", "extra_heads.1.attention.wo.weight",
-                "norm.weight", "output.weight"):
+    for key in (
+        "tok_embeddings.weight",
+        "layers.0.attention.wq.weight",
+        "layers.2.feed_forward.w3.weight",
+        "layers.1.attention_norm.weight",
+        "layers.1.ffn_norm.weight",
+        "extra_heads.1.attention.wo.weight",
+        "norm.weight",
+        "output.weight",
+    ):
         assert key in keys
     assert model.heads()[0] is model.layers[-1]
 
@@ -38,7 +53,9 @@ def test_kv_cache_incremental_decoding_equals_full_forward_for_every_head() -> N
     # a prompt chunk, then single tokens, then a two-token chunk (speculative verification shape)
     steps = [(0, 6), *[(t, t + 1) for t in range(6, 11)], (11, 13)]
     for start, end in steps:
-        out = model(tokens[:, start:end], start_pos=start, cache=cache, return_all_heads=True, return_trunk=True)
+        out = model(
+            tokens[:, start:end], start_pos=start, cache=cache, return_all_heads=True, return_trunk=True
+        )
         torch.testing.assert_close(out.logits, full.logits[:, start:end], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out.trunk_hidden, full.trunk_hidden[:, start:end], atol=1e-5, rtol=1e-5)
 
@@ -78,8 +95,13 @@ def test_left_padding_with_key_mask_equals_unpadded_sequence() -> None:
     first = model(padded[:, :10], cache=cache, attention_mask=mask[:1, :10], return_all_heads=True)
     torch.testing.assert_close(first.logits[0, pad:], alone.logits[0, :6], atol=1e-4, rtol=1e-4)
     for t in range(10, 13):
-        step = model(padded[:, t:t + 1], start_pos=t, cache=cache, attention_mask=mask[:1, :t + 1],
-                     return_all_heads=True)
+        step = model(
+            padded[:, t : t + 1],
+            start_pos=t,
+            cache=cache,
+            attention_mask=mask[:1, : t + 1],
+            return_all_heads=True,
+        )
         torch.testing.assert_close(step.logits[0, 0], alone.logits[0, t - pad], atol=1e-4, rtol=1e-4)
 
 
@@ -139,7 +161,9 @@ def test_micro_model_is_deterministic_for_a_seed() -> None:
     a, b = build_micro_model(50, 2, seed=7), build_micro_model(50, 2, seed=7)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
-    assert not torch.equal(build_micro_model(50, 2, seed=8).layers[0].attention.wq.weight, a.layers[0].attention.wq.weight)
+    assert not torch.equal(
+        build_micro_model(50, 2, seed=8).layers[0].attention.wq.weight, a.layers[0].attention.wq.weight
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16])

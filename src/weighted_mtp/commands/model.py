@@ -14,8 +14,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="model_command", metavar="ACTION", required=True)
 
     def common(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--models-dir", type=Path, default=Path("storage/models"),
-                         help="where named models are resolved (default: %(default)s)")
+        sub.add_argument(
+            "--models-dir",
+            type=Path,
+            default=Path("storage/models"),
+            help="where named models are resolved (default: %(default)s)",
+        )
         sub.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
     fetch = actions.add_parser("fetch", help="resolve a named model into the models directory")
@@ -23,16 +27,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     common(fetch)
     fetch.set_defaults(func=run_fetch)
 
-    info = actions.add_parser("info", help="architecture, parameters and heads of a named model or checkpoint")
-    info.add_argument("model", help="a named model or a path: Meta dir, HF dir, .gguf file, native checkpoint")
+    info = actions.add_parser(
+        "info", help="architecture, parameters and heads of a named model or checkpoint"
+    )
+    info.add_argument(
+        "model", help="a named model or a path: Meta dir, HF dir, .gguf file, native checkpoint"
+    )
     info.add_argument("--json", action="store_true", help="print JSON")
     common(info)
     info.set_defaults(func=run_info)
 
     export = actions.add_parser("export", help="write a model as a Hugging Face or native checkpoint")
     target = export.add_mutually_exclusive_group(required=True)
-    target.add_argument("--to-hf", action="store_true",
-                        help="LlamaForCausalLM directory of head 1; extra heads in mtp_heads.safetensors")
+    target.add_argument(
+        "--to-hf",
+        action="store_true",
+        help="LlamaForCausalLM directory of head 1; extra heads in mtp_heads.safetensors",
+    )
     target.add_argument("--to-native", action="store_true", help="safetensors + config.json, every head")
     export.add_argument("source", help="a named model or checkpoint path")
     export.add_argument("destination", type=Path)
@@ -46,7 +57,9 @@ def run_fetch(args: argparse.Namespace) -> int:
     from weighted_mtp.models.loading import resolve_smollm2
 
     if args.name not in ("smollm2-135m", "micro"):
-        raise CheckpointError(f"{args.name}: only smollm2-135m (and micro, which uses its tokenizer) can be fetched")
+        raise CheckpointError(
+            f"{args.name}: only smollm2-135m (and micro, which uses its tokenizer) can be fetched"
+        )
     print(resolve_smollm2(args.models_dir))
     return 0
 
@@ -79,8 +92,12 @@ def run_info(args: argparse.Namespace) -> int:
         "tokenizer": str(raw.tokenizer_path) if raw.tokenizer_path else None,
     }
     if tokenizer is not None:
-        info.update(tokenizer_vocab=tokenizer.vocab_size, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-                    chat_template=tokenizer.has_chat_template)
+        info.update(
+            tokenizer_vocab=tokenizer.vocab_size,
+            bos_id=tokenizer.bos_id,
+            eos_id=tokenizer.eos_id,
+            chat_template=tokenizer.has_chat_template,
+        )
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -95,8 +112,12 @@ def run_export(args: argparse.Namespace) -> int:
     from weighted_mtp.models.checkpoints import hf, native
     from weighted_mtp.models.loading import load_model
 
-    model, tokenizer = load_model(args.source, n_future_tokens=args.n_future_tokens,
-                                  extra_heads_init=args.extra_heads_init, models_dir=args.models_dir)
+    model, tokenizer = load_model(
+        args.source,
+        n_future_tokens=args.n_future_tokens,
+        extra_heads_init=args.extra_heads_init,
+        models_dir=args.models_dir,
+    )
     if args.to_hf:
         hf.export_hf(model, args.destination, tokenizer=tokenizer)
     else:

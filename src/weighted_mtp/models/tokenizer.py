@@ -135,7 +135,9 @@ class Tokenizer:
             "add_bos_token": self.wants_bos,
             "chat_template": self.chat_template,
         }
-        atomic_write_json(directory / "tokenizer_config.json", {k: v for k, v in config.items() if v is not None})
+        atomic_write_json(
+            directory / "tokenizer_config.json", {k: v for k, v in config.items() if v is not None}
+        )
 
     # -- construction
 
@@ -150,7 +152,9 @@ class Tokenizer:
             ggufs = sorted(path.glob("*.gguf"))
             if ggufs:
                 return cls.from_file(ggufs[0])
-            raise CheckpointError(f"{path}: no tokenizer.json, tokenizer.model or .gguf file in this directory")
+            raise CheckpointError(
+                f"{path}: no tokenizer.json, tokenizer.model or .gguf file in this directory"
+            )
         if not path.is_file():
             raise CheckpointError(f"{path}: tokenizer file not found")
         if path.suffix == ".gguf":
@@ -159,7 +163,9 @@ class Tokenizer:
             return _from_tokenizer_json(path)
         if path.suffix == ".model":
             return _from_sentencepiece(path)
-        raise CheckpointError(f"{path}: not a tokenizer file (expected tokenizer.json, tokenizer.model or .gguf)")
+        raise CheckpointError(
+            f"{path}: not a tokenizer file (expected tokenizer.json, tokenizer.model or .gguf)"
+        )
 
 
 # ----------------------------------------------------------------------------- backends
@@ -215,7 +221,11 @@ class _SentencePieceBackend:
 
     def token_to_id(self, token: str) -> int | None:
         token_id = self.processor.piece_to_id(token)
-        return None if token_id == self.processor.unk_id() and token != self.processor.id_to_piece(token_id) else token_id
+        return (
+            None
+            if token_id == self.processor.unk_id() and token != self.processor.id_to_piece(token_id)
+            else token_id
+        )
 
     def id_to_token(self, token_id: int) -> str | None:
         return self.processor.id_to_piece(token_id) if 0 <= token_id < self.vocab_size() else None
@@ -254,16 +264,18 @@ def _from_gguf(path: Path) -> Tokenizer:
     tokenizer = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     if pre in _DIGITS_THEN_GPT2:
-        split = [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Split(Regex(_GPT2_SPLIT), "isolated")]
+        split = [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Split(Regex(_GPT2_SPLIT), "isolated"),
+        ]
     elif pre in _SPLIT_BY_PRE:
         split = [pre_tokenizers.Split(Regex(_SPLIT_BY_PRE[pre]), "isolated")]
     else:
-        raise CheckpointError(
-            f"{path}: unknown GGUF pre-tokenizer {pre!r} (known: {', '.join(sorted([*_SPLIT_BY_PRE, *_DIGITS_THEN_GPT2]))})"
-        )
+        known = ", ".join(sorted([*_SPLIT_BY_PRE, *_DIGITS_THEN_GPT2]))
+        raise CheckpointError(f"{path}: unknown GGUF pre-tokenizer {pre!r} (known: {known})")
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([*split, byte_level])
     tokenizer.decoder = decoders.ByteLevel()
-    # Control tokens (type 3) are matched whole and skipped when decoding; user-defined (4) only matched whole.
+    # Control tokens (type 3) are matched whole and skipped in decoding; user-defined ones (4) matched whole.
     tokenizer.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, token_types) if kind == 3]
     )
@@ -317,7 +329,9 @@ def _from_tokenizer_json(path: Path) -> Tokenizer:
         (t for t in STOP_TOKENS if tokenizer.token_to_id(t) is not None), None
     )
     if eos is None:
-        raise CheckpointError(f"{path}: no eos_token in tokenizer_config.json and none of {STOP_TOKENS} in the vocab")
+        raise CheckpointError(
+            f"{path}: no eos_token in tokenizer_config.json and none of {STOP_TOKENS} in the vocab"
+        )
     return Tokenizer(
         _HFBackend(tokenizer),
         source=str(path),

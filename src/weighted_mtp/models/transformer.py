@@ -46,7 +46,9 @@ class ModelArgs:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
         if not 1 <= self.n_future_tokens <= self.n_layers:
-            raise ValueError(f"n_future_tokens {self.n_future_tokens} must be in [1, n_layers={self.n_layers}]")
+            raise ValueError(
+                f"n_future_tokens {self.n_future_tokens} must be in [1, n_layers={self.n_layers}]"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -123,7 +125,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class LayerKVCache:
     """Keys and values of one block, [B, n_kv_heads, max_len, head_dim]."""
 
-    def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, *, device, dtype) -> None:
+    def __init__(
+        self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, *, device, dtype
+    ) -> None:
         shape = (batch_size, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -148,7 +152,9 @@ class KVCache:
         n_trunk_blocks = args.n_layers - args.n_future_tokens + 1
 
         def make() -> LayerKVCache:
-            return LayerKVCache(batch_size, args.n_kv_heads, max_len, args.head_dim, device=device, dtype=dtype)
+            return LayerKVCache(
+                batch_size, args.n_kv_heads, max_len, args.head_dim, device=device, dtype=dtype
+            )
 
         self.batch_size = batch_size
         self.max_len = max_len
@@ -201,7 +207,13 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int, cache: LayerKVCache | None, bias: Tensor | None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        start_pos: int,
+        cache: LayerKVCache | None,
+        bias: Tensor | None,
     ) -> Tensor:
         batch, length, _ = x.shape
         q = self.wq(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
@@ -212,9 +224,7 @@ class Attention(nn.Module):
             k, v = cache.update(start_pos, k, v)
         repeats = self.n_heads // self.n_kv_heads
         if bias is None:
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=length > 1, enable_gqa=repeats > 1
-            )
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, enable_gqa=repeats > 1)
         else:
             # Memory-efficient kernels take a mask but not GQA: expand the K/V heads instead.
             if repeats > 1:
@@ -341,7 +351,12 @@ class MTPTransformer(nn.Module):
         return block(h, *block_args)
 
     def trunk_forward(
-        self, tokens: Tensor, *, start_pos: int = 0, cache: KVCache | None = None, attention_mask: Tensor | None = None
+        self,
+        tokens: Tensor,
+        *,
+        start_pos: int = 0,
+        cache: KVCache | None = None,
+        attention_mask: Tensor | None = None,
     ) -> Tensor:
         """Embeddings and the trunk blocks (`layers[:-1]`): [B, T] -> [B, T, D]."""
         h = self.tok_embeddings(tokens)
@@ -384,7 +399,9 @@ class MTPTransformer(nn.Module):
         h_trunk = self.trunk_forward(tokens, start_pos=start_pos, cache=cache, attention_mask=attention_mask)
         n_used = self.n_future_tokens if return_all_heads else 1
         per_head = [
-            self.logits(self.head_forward(k, h_trunk, start_pos=start_pos, cache=cache, attention_mask=attention_mask))
+            self.logits(
+                self.head_forward(k, h_trunk, start_pos=start_pos, cache=cache, attention_mask=attention_mask)
+            )
             for k in range(n_used)
         ]
         return MTPOutput(torch.stack(per_head, dim=2), h_trunk if return_trunk else None)

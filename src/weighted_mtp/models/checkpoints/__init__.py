@@ -58,7 +58,9 @@ def read_checkpoint(path: Path) -> RawCheckpoint:
     )
 
 
-def build_model(raw: RawCheckpoint, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> MTPTransformer:
+def build_model(
+    raw: RawCheckpoint, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> MTPTransformer:
     """Instantiate without allocating random weights, then take the checkpoint's tensors as they are."""
     with torch.device("meta"):
         model = MTPTransformer(raw.args)
@@ -70,16 +72,25 @@ def build_model(raw: RawCheckpoint, *, device: str | torch.device = "cpu", dtype
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        parts = [f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}" if missing else "",
-                 f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}" if unexpected else ""]
-        raise CheckpointError(f"{raw.source}: tensors do not match the architecture: {'; '.join(p for p in parts if p)}")
+        parts = [
+            f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}" if missing else "",
+            f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}"
+            if unexpected
+            else "",
+        ]
+        raise CheckpointError(
+            f"{raw.source}: tensors do not match the architecture: {'; '.join(p for p in parts if p)}"
+        )
     for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
+        want = tuple(expected[name].shape)
+        if tuple(tensor.shape) != want:
             raise CheckpointError(
-                f"{raw.source}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
+                f"{raw.source}: tensor {name} has shape {tuple(tensor.shape)}, expected {want}"
             )
     model.load_state_dict(
-        {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()}, strict=False, assign=True
+        {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()},
+        strict=False,
+        assign=True,
     )
     if raw.args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight

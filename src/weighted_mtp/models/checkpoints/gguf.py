@@ -34,15 +34,41 @@ BLOCK_NAMES = {
     "attn_norm.weight": "attention_norm.weight",
     "ffn_norm.weight": "ffn_norm.weight",
 }
-TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
-             "output.weight": "output.weight"}
+TOP_NAMES = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
 IGNORED = ("rope_freqs.weight",)
 
 
 # GGUF value types -> struct format of one scalar
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
-          7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_NUMPY = {
+    0: np.uint8,
+    1: np.int8,
+    2: np.uint16,
+    3: np.int16,
+    4: np.uint32,
+    5: np.int32,
+    6: np.float32,
+    7: np.bool_,
+    10: np.uint64,
+    11: np.int64,
+    12: np.float64,
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -187,7 +213,9 @@ def load(path: Path) -> RawCheckpoint:
     if vocab_size is None:
         raise CheckpointError(f"{path}: GGUF metadata gives no vocabulary size")
     if meta.get("llama.rope.scaling.type") not in (None, "none"):
-        raise CheckpointError(f"{path}: GGUF rope scaling {meta['llama.rope.scaling.type']!r} is not supported")
+        raise CheckpointError(
+            f"{path}: GGUF rope scaling {meta['llama.rope.scaling.type']!r} is not supported"
+        )
     try:
         args = ModelArgs(
             dim=require("embedding_length"),

@@ -36,8 +36,11 @@ BLOCK_NAMES = {
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
-TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-             "output.weight": "lm_head.weight"}
+TOP_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 
 
 def detect(path: Path) -> bool:
@@ -65,7 +68,9 @@ def hf_name(name: str) -> str:
 def args_from_config(config: dict, path: Path) -> ModelArgs:
     model_type = config.get("model_type", "llama")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CheckpointError(f"{path}: model_type {model_type!r} is not a LLaMA-family model this loader reads")
+        raise CheckpointError(
+            f"{path}: model_type {model_type!r} is not a LLaMA-family model this loader reads"
+        )
     if config.get("attention_bias") or config.get("mlp_bias"):
         raise CheckpointError(f"{path}: attention/MLP biases are not supported")
     dim, n_heads = require(config, "hidden_size", path), require(config, "num_attention_heads", path)
@@ -74,7 +79,9 @@ def args_from_config(config: dict, path: Path) -> ModelArgs:
     rope = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or (rope if rope.get("rope_type") == "llama3" else None)
     if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default", None):
-        raise CheckpointError(f"{path}: rope scaling {scaling.get('rope_type')!r} is not supported (llama3 is)")
+        raise CheckpointError(
+            f"{path}: rope scaling {scaling.get('rope_type')!r} is not supported (llama3 is)"
+        )
     if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
         scaling = None
     try:
@@ -89,9 +96,13 @@ def args_from_config(config: dict, path: Path) -> ModelArgs:
             rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)),
             max_seq_len=config.get("max_position_embeddings", 2048),
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-            rope_scaling={k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                                   "original_max_position_embeddings") if k in scaling}
-            if scaling else None,
+            rope_scaling={
+                k: scaling[k]
+                for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                if k in scaling
+            }
+            if scaling
+            else None,
         )
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
@@ -124,8 +135,11 @@ def load(path: Path) -> RawCheckpoint:
     args = args_from_config(read_json(config_path), config_path)
     hf_tensors = read_hf_weights(path)
     state: dict[str, Tensor] = {}
-    names = {hf_name(f"layers.{i}.{suffix}"): f"layers.{i}.{suffix}"
-             for i in range(args.n_layers) for suffix in BLOCK_NAMES}
+    names = {
+        hf_name(f"layers.{i}.{suffix}"): f"layers.{i}.{suffix}"
+        for i in range(args.n_layers)
+        for suffix in BLOCK_NAMES
+    }
     names.update({hf: ours for ours, hf in TOP_NAMES.items()})
     for hf_key, tensor in hf_tensors.items():
         if hf_key.endswith("rotary_emb.inv_freq"):
@@ -156,8 +170,15 @@ def load(path: Path) -> RawCheckpoint:
     return RawCheckpoint(args, state, tokenizer if tokenizer.is_file() else None, path, "hf")
 
 
-def hf_config(args: ModelArgs, *, n_layers: int, bos_id: int | None, eos_id: int | None, pad_id: int | None,
-              dtype: torch.dtype) -> dict:
+def hf_config(
+    args: ModelArgs,
+    *,
+    n_layers: int,
+    bos_id: int | None,
+    eos_id: int | None,
+    pad_id: int | None,
+    dtype: torch.dtype,
+) -> dict:
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -212,17 +233,36 @@ def export_hf(model: MTPTransformer, directory: Path, tokenizer=None) -> Path:
     dtype = model.tok_embeddings.weight.dtype
     with atomic_directory(directory) as tmp:
         save_file(hf_tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = hf_config(args, n_layers=len(model.layers), dtype=dtype,
-                           bos_id=getattr(tokenizer, "bos_id", None), eos_id=getattr(tokenizer, "eos_id", None),
-                           pad_id=getattr(tokenizer, "pad_id", None))
+        config = hf_config(
+            args,
+            n_layers=len(model.layers),
+            dtype=dtype,
+            bos_id=getattr(tokenizer, "bos_id", None),
+            eos_id=getattr(tokenizer, "eos_id", None),
+            pad_id=getattr(tokenizer, "pad_id", None),
+        )
         atomic_write_json(tmp / "config.json", config)
         if extra:
-            save_file(extra, str(tmp / HEADS_FILE),
-                      metadata={"format": "pt", "n_future_tokens": str(args.n_future_tokens),
-                                "layout": "weighted_mtp (Meta key names, interleaved rotary)"})
+            save_file(
+                extra,
+                str(tmp / HEADS_FILE),
+                metadata={
+                    "format": "pt",
+                    "n_future_tokens": str(args.n_future_tokens),
+                    "layout": "weighted_mtp (Meta key names, interleaved rotary)",
+                },
+            )
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
-             "pad_token_id": config["pad_token_id"]}, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(
+            json.dumps(
+                {
+                    "bos_token_id": config["bos_token_id"],
+                    "eos_token_id": config["eos_token_id"],
+                    "pad_token_id": config["pad_token_id"],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return directory

@@ -17,8 +17,14 @@ from weighted_mtp.errors import CheckpointError
 from weighted_mtp.models.checkpoints import RawCheckpoint, read_json, require
 from weighted_mtp.models.transformer import ModelArgs
 
-ROW_SPLIT = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
-             "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight")
+ROW_SPLIT = (
+    "attention.wq.weight",
+    "attention.wk.weight",
+    "attention.wv.weight",
+    "feed_forward.w1.weight",
+    "feed_forward.w3.weight",
+    "output.weight",
+)
 COLUMN_SPLIT = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")
 IGNORED = ("rope.freqs",)  # precomputed rotary tables some releases include; recomputed from theta
 
@@ -62,7 +68,9 @@ def merge_shards(shards: list[dict[str, Tensor]], paths: list[Path]) -> dict[str
 def load(path: Path) -> RawCheckpoint:
     params_path = path / "params.json"
     params = read_json(params_path)
-    shard_paths = sorted(path.glob("*.pth"))  # consolidated.pth, or consolidated.00.pth, .01 ... (Meta's glob)
+    shard_paths = sorted(
+        path.glob("*.pth")
+    )  # consolidated.pth, or consolidated.00.pth, .01 ... (Meta's glob)
     if not shard_paths:
         raise CheckpointError(f"{path}: no consolidated*.pth shard beside params.json")
     shards = []
@@ -70,7 +78,9 @@ def load(path: Path) -> RawCheckpoint:
         try:
             shards.append(torch.load(shard_path, map_location="cpu", mmap=True, weights_only=True))
         except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-            raise CheckpointError(f"{shard_path}: cannot read checkpoint shard ({type(exc).__name__}: {exc})") from None
+            raise CheckpointError(
+                f"{shard_path}: cannot read checkpoint shard ({type(exc).__name__}: {exc})"
+            ) from None
     state = merge_shards(shards, shard_paths)
 
     dim = require(params, "dim", params_path)
@@ -79,8 +89,10 @@ def load(path: Path) -> RawCheckpoint:
         vocab_size = state["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in state else 0
     tie = "output.weight" not in state
     w1 = state.get("layers.0.feed_forward.w1.weight")  # the weights are the truth; params.json the fallback
-    hidden = w1.shape[0] if w1 is not None else ffn_hidden_dim(
-        dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")
+    hidden = (
+        w1.shape[0]
+        if w1 is not None
+        else ffn_hidden_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier"))
     )
     try:
         args = ModelArgs(
@@ -95,8 +107,14 @@ def load(path: Path) -> RawCheckpoint:
             max_seq_len=params.get("max_seq_len", 2048),
             n_future_tokens=params.get("n_future_tokens", 1),
             tie_embeddings=tie,
-            rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                          "original_max_position_embeddings": 8192} if params.get("use_scaled_rope") else None,
+            rope_scaling={
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            }
+            if params.get("use_scaled_rope")
+            else None,
         )
     except ValueError as exc:
         raise CheckpointError(f"{params_path}: {exc}") from None

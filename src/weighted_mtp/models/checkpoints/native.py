@@ -37,14 +37,19 @@ def detect(path: Path) -> bool:
         return False
 
 
-def write_checkpoint(model: MTPTransformer, directory: Path, *, tokenizer=None, extra: dict[str, Any] | None = None) -> None:
+def write_checkpoint(
+    model: MTPTransformer, directory: Path, *, tokenizer=None, extra: dict[str, Any] | None = None
+) -> None:
     """Write into an existing directory (the caller makes it atomic)."""
     state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     if model.args.tie_embeddings:
         state.pop("output.weight")  # the same storage as tok_embeddings; safetensors refuses shared tensors
     save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
-    config = {"format": FORMAT, "model_args": model.args.to_dict(),
-              "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch.")}
+    config = {
+        "format": FORMAT,
+        "model_args": model.args.to_dict(),
+        "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
+    }
     if extra:
         config["extra"] = extra
     atomic_write_json(directory / "config.json", config)
@@ -52,7 +57,9 @@ def write_checkpoint(model: MTPTransformer, directory: Path, *, tokenizer=None, 
         tokenizer.save_pretrained(directory)
 
 
-def save(model: MTPTransformer, directory: Path, *, tokenizer=None, extra: dict[str, Any] | None = None) -> Path:
+def save(
+    model: MTPTransformer, directory: Path, *, tokenizer=None, extra: dict[str, Any] | None = None
+) -> Path:
     """Save atomically: the directory appears complete or not at all."""
     with atomic_directory(directory) as tmp:
         write_checkpoint(model, tmp, tokenizer=tokenizer, extra=extra)
