@@ -87,9 +87,18 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def barrier(env: DistEnv) -> None:
-    if env.is_distributed:
-        dist.barrier()
+def barrier(env: DistEnv, timeout_s: float | None = None) -> None:
+    """Wait for every rank; after `timeout_s` (default: the process group's) raise rather than hang.
+
+    On gloo, a monitored barrier names the ranks that never arrived.
+    """
+    if not env.is_distributed:
+        return
+    if dist.get_backend() == "gloo":
+        timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
+        dist.monitored_barrier(timeout=timeout)
+    else:
+        dist.barrier(device_ids=[env.local_rank] if env.device.type == "cuda" else None)
 
 
 def all_reduce_sum(values: dict[str, float], env: DistEnv) -> dict[str, float]:
