@@ -119,11 +119,11 @@ def benchmark(model, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: i
     plain_tokens = speculative_tokens = mismatches = 0
     stats = SpeculativeStats(model.n_future_tokens)
     for prompt in encoded:
-        seconds, [plain] = best_time(lambda: generate_ids(
-            model, [prompt], max_new_tokens=max_new_tokens, stop_ids=tokenizer.stop_ids), repeats)
+        seconds, [plain] = best_time(lambda p=prompt: generate_ids(
+            model, [p], max_new_tokens=max_new_tokens, stop_ids=tokenizer.stop_ids), repeats)
         plain_time += seconds
-        seconds, (fast, prompt_stats) = best_time(lambda: speculative_generate_ids(
-            model, prompt, max_new_tokens=max_new_tokens, stop_ids=tokenizer.stop_ids), repeats)
+        seconds, (fast, prompt_stats) = best_time(lambda p=prompt: speculative_generate_ids(
+            model, p, max_new_tokens=max_new_tokens, stop_ids=tokenizer.stop_ids), repeats)
         speculative_time += seconds
         plain_tokens += len(plain.token_ids)
         speculative_tokens += len(fast.token_ids)

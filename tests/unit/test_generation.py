@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -217,11 +215,14 @@ def test_greedy_is_argmax_and_sampling_needs_a_generator_per_row() -> None:
 def test_same_seed_same_samples_whatever_the_batch_size(char_tokenizer: Tokenizer) -> None:
     model = small_model(vocab_size=char_tokenizer.vocab_size)
     prompts = ["def add(a, b):", "for i in", "print(i)\n"]
-    kwargs = dict(n_samples=3, temperature=1.0, top_p=0.9, max_new_tokens=8)
+    kwargs = {"n_samples": 3, "temperature": 1.0, "top_p": 0.9, "max_new_tokens": 8}
     first = generate(model, char_tokenizer, prompts, seed=7, **kwargs)
     again = generate(model, char_tokenizer, prompts, seed=7, batch_size=2, **kwargs)
     other = generate(model, char_tokenizer, prompts, seed=8, **kwargs)
-    ids = lambda result: [[c.token_ids for c in samples] for samples in result]  # noqa: E731
+
+    def ids(result):
+        return [[c.token_ids for c in samples] for samples in result]
+
     assert ids(first) == ids(again)
     assert ids(first) != ids(other)
     assert all(len(samples) == 3 for samples in first)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -85,7 +87,7 @@ def test_trained_heads_are_accepted_and_output_is_still_plain_greedy(trained_mod
     # mostly accepted, but word boundaries reject some drafts: both branches of verification ran
     assert rates[0] > 0.6 and min(rates) < 1.0, rates
     accepted = total.accepted
-    assert all(a >= b for a, b in zip(accepted, accepted[1:]))  # a later draft needs every earlier one
+    assert all(a >= b for a, b in pairwise(accepted))  # a later draft needs every earlier one
     assert total.tokens_per_forward > 2.0, total.to_dict()
     assert total.new_tokens == 4 * 60
 
