@@ -59,7 +59,9 @@ def make_plan(config: Config) -> RunPlan:
         steps=steps,
         run_dir=str(config.run_dir),
         checkpoints=str(config.run_dir / "checkpoints"),
-        tracking=f"{config.tracking.uri} [{config.tracking.experiment}]" if config.tracking.enabled else "off",
+        tracking=f"{config.tracking.uri} [{config.tracking.experiment}]"
+        if config.tracking.enabled
+        else "off",
         s3=s3,
     )
 
@@ -99,7 +101,8 @@ def _scratch_paths(config: Config, scratch: Path) -> Config:
         updates["models"] = scratch / "models"
     splits = [config.data.split]
     if not all(
-        SplitPaths.of(processed_dir(paths.datasets, config.data.dataset), split).metadata.is_file() for split in splits
+        SplitPaths.of(processed_dir(paths.datasets, config.data.dataset), split).metadata.is_file()
+        for split in splits
     ):
         updates["datasets"] = scratch / "datasets"
     return config.model_copy(update={"paths": paths.model_copy(update=updates)}) if updates else config
@@ -127,7 +130,11 @@ def one_training_step(config: Config, console: Console) -> dict[str, float]:
     parameters = [p for p in model.parameters() if p.grad is not None]
     for module in objective.trainable_modules().values():
         parameters += [p for p in module.parameters() if p.grad is not None]
-    grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters]))) if parameters else 0.0
+    grad_norm = (
+        float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters])))
+        if parameters
+        else 0.0
+    )
     tokens = int(batch.attention_mask.sum())
     summary = {
         "loss": float(metrics["loss"]),
@@ -148,7 +155,9 @@ def dry_run(resolved: ResolvedConfig) -> int:
     """Validate, print the resolved config and the plan, run one step on one batch; write nothing."""
     config = resolved.config
     console = Console(soft_wrap=True)
-    console.print("# resolved configuration (layers: " + " < ".join(["schema defaults", *resolved.sources]) + ")")
+    console.print(
+        "# resolved configuration (layers: " + " < ".join(["schema defaults", *resolved.sources]) + ")"
+    )
     console.print(config_to_yaml(config), markup=False, highlight=False, end="")
     print_plan(make_plan(config), config, console)
     with tempfile.TemporaryDirectory(prefix="wmtp-dry-run-") as scratch:
