@@ -65,6 +65,20 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _chunk_stats_(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Cross-entropy, argmax correctness, logsumexp and softmax of a chunk of logits [c, V].
+
+    Overwrites `logits` with the softmax, so a chunk costs one c x V buffer, not two.
+    """
+    target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+    correct = logits.argmax(dim=-1) == targets
+    row_max = logits.amax(dim=-1, keepdim=True)
+    probs = logits.sub_(row_max).exp_()
+    sum_exp = probs.sum(dim=-1, keepdim=True)
+    lse = (sum_exp.log() + row_max).squeeze(1)
+    return lse - target_logit, correct, lse, probs.div_(sum_exp)
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Cross-entropy of `hidden @ weight.T` against targets that are all valid.
 
@@ -82,10 +96,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             rows = slice(start, start + chunk_size)
             logits = (hidden[rows] @ weight.T).to(acc_dtype)
-            target_logit = logits.gather(1, targets[rows, None]).squeeze(1)
-            lse[rows] = torch.logsumexp(logits, dim=-1)
-            ce[rows] = lse[rows] - target_logit
-            correct[rows] = logits.argmax(dim=-1) == targets[rows]
+            ce[rows], correct[rows], lse[rows], _ = _chunk_stats_(logits, targets[rows])
             del logits
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_size = chunk_size
@@ -100,17 +111,16 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_weight = None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            logits = (hidden[rows] @ weight.T).to(lse.dtype)
-            grad_logits = _ce_grad_logits_(logits, lse[rows], targets[rows], grad_ce[rows])
+            probs = (hidden[rows] @ weight.T).to(lse.dtype).sub_(lse[rows, None]).exp_()
+            grad_logits = _ce_grad_logits_(probs, targets[rows], grad_ce[rows])
             grad_weight = _backprop_chunk(grad_logits, hidden, weight, rows, grad_hidden, grad_weight, want_weight)
         return grad_hidden, _finish_weight_grad(grad_weight, weight, want_weight), None, None
 
 
-def _ce_grad_logits_(logits: Tensor, lse: Tensor, targets: Tensor, scale: Tensor) -> Tensor:
-    """d ce / d logits = softmax - onehot(target), times the per-row scale; overwrites `logits`."""
-    grad = logits.sub_(lse[:, None]).exp_()
-    grad[torch.arange(grad.shape[0], device=grad.device), targets] -= 1.0
-    return grad.mul_(scale[:, None].to(grad.dtype))
+def _ce_grad_logits_(probs: Tensor, targets: Tensor, scale: Tensor) -> Tensor:
+    """d ce / d logits = softmax - onehot(target), times the per-row scale; overwrites `probs`."""
+    probs[torch.arange(probs.shape[0], device=probs.device), targets] -= 1.0
+    return probs.mul_(scale[:, None].to(probs.dtype))
 
 
 def _backprop_chunk(
@@ -121,9 +131,10 @@ def _backprop_chunk(
     grad_hidden: Tensor | None,
     grad_weight: Tensor | None,
     want_weight: bool,
+    weight_scale: float = 1.0,
 ) -> Tensor | None:
-    """Write this chunk's gradient into grad_hidden[rows]; add its weight gradient into the [V, D]
-    accumulator (kept in the logits' precision, summed in place: one V x D buffer at a time)."""
+    """Write this chunk's gradient into grad_hidden[rows]; add weight_scale x its weight gradient into
+    the [V, D] accumulator (created on the first chunk, in the logits' precision, summed in place)."""
     h = hidden[rows]
     grad_logits = grad_logits.to(hidden.dtype)
     if grad_hidden is not None:
@@ -131,10 +142,10 @@ def _backprop_chunk(
     if not want_weight:
         return None
     if grad_weight is None:
-        return (grad_logits.T @ h).to(_compute_dtype(hidden.dtype))
+        return (grad_logits.T @ h).to(_compute_dtype(hidden.dtype)).mul_(weight_scale)
     if h.dtype == grad_weight.dtype:
-        return grad_weight.addmm_(grad_logits.T, h)
-    return grad_weight.add_(grad_logits.T @ h)
+        return grad_weight.addmm_(grad_logits.T, h, alpha=weight_scale)
+    return grad_weight.add_(grad_logits.T @ h, alpha=weight_scale)
 
 
 def _finish_weight_grad(grad_weight: Tensor | None, weight: Tensor, want_weight: bool) -> Tensor | None:
@@ -148,44 +159,71 @@ class _FusedWeightedCrossEntropy(torch.autograd.Function):
 
     When the per-token coefficients are known before the forward pass, each chunk's softmax can be
     turned into its gradient at once: three matmuls per chunk instead of the four of compute-then-
-    recompute, still never more than chunk_size x V logits. The backward pass only scales the stored
-    gradients by the incoming scalar (hence once_differentiable: a second backward is refused).
+    recompute, still never more than chunk_size x V logits. The gradient wrt `hidden` is stored and
+    scaled by the incoming scalar in the backward pass (hence once_differentiable). The gradient wrt
+    `weight` does not go through autograd: it is added, times `weight_scale`, into the caller's
+    `weight_grad` buffer, so that all heads share one V x D buffer (see `_DeliverGradient`).
     Also returns the per-row CE and argmax correctness, without gradient.
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, coef: Tensor, chunk_size: int, with_grad: bool):
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        coef: Tensor,
+        chunk_size: int,
+        want_hidden: bool,
+        weight_grad: Tensor | None,
+        weight_scale: float,
+    ):
         n = hidden.shape[0]
         acc_dtype = _compute_dtype(hidden.dtype)
-        want_hidden, want_weight = with_grad and ctx.needs_input_grad[0], with_grad and ctx.needs_input_grad[1]
         ce = torch.empty(n, dtype=acc_dtype, device=hidden.device)
         correct = torch.empty(n, dtype=torch.bool, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = None
         for start in range(0, n, chunk_size):
             rows = slice(start, start + chunk_size)
             logits = (hidden[rows] @ weight.T).to(acc_dtype)
-            lse = torch.logsumexp(logits, dim=-1)
-            ce[rows] = lse - logits.gather(1, targets[rows, None]).squeeze(1)
-            correct[rows] = logits.argmax(dim=-1) == targets[rows]
-            if want_hidden or want_weight:
-                grad_logits = _ce_grad_logits_(logits, lse, targets[rows], coef[rows])
-                grad_weight = _backprop_chunk(grad_logits, hidden, weight, rows, grad_hidden, grad_weight, want_weight)
-            del logits
-        ctx.grads = (grad_hidden, _finish_weight_grad(grad_weight, weight, want_weight))
+            ce[rows], correct[rows], _, probs = _chunk_stats_(logits, targets[rows])
+            if want_hidden or weight_grad is not None:
+                grad_logits = _ce_grad_logits_(probs, targets[rows], coef[rows])
+                _backprop_chunk(
+                    grad_logits, hidden, weight, rows, grad_hidden, weight_grad, weight_grad is not None, weight_scale
+                )
+            del logits, probs
+        ctx.grad_hidden = grad_hidden
         ctx.mark_non_differentiable(ce, correct)
         return (coef.to(acc_dtype) * ce).sum(), ce, correct
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: Tensor, _grad_ce: Tensor | None, _grad_correct: Tensor | None):
-        grad_hidden, grad_weight = ctx.grads
-        ctx.grads = None
+        grad_hidden, ctx.grad_hidden = ctx.grad_hidden, None
         if grad_hidden is not None:
             grad_hidden = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
-        if grad_weight is not None:
-            grad_weight = grad_weight.mul_(grad_loss.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, None, None, None, None, None, None, None
+
+
+class _DeliverGradient(torch.autograd.Function):
+    """A scalar zero whose backward hands `grad` (computed outside autograd) to `param`.
+
+    Its backward pass makes the unembedding's gradient, summed over all heads, reach `param.grad`
+    through autograd's own accumulation (and any hooks on it, e.g. FSDP's). The buffer is released as
+    it is handed over, so autograd can adopt it without a copy.
+    """
+
+    @staticmethod
+    def forward(ctx, param: Tensor, grad: Tensor) -> Tensor:
+        ctx.grad = grad
+        return param.new_zeros(())
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, _grad_output: Tensor):
+        grad, ctx.grad = ctx.grad, None
+        return grad, None
 
 
 def chunked_cross_entropy(
@@ -311,12 +349,15 @@ def _head_loss(
     attention_mask: Tensor | None,
     weights: Tensor | WeightFn | None,
     chunk_size: int,
+    weight_grad: Tensor | None = None,
+    weight_scale: float = 1.0,
 ) -> _HeadStats:
     """Head k0's block, the shared norm and unembedding, and its weighted loss, chunk by chunk.
 
-    Only rows with a target reach the unembedding. With weights known up front the loss's gradients
-    are computed in the same pass as the loss (`_FusedWeightedCrossEntropy`); a weight function first
-    needs the per-token CE, which costs one extra forward pass of the unembedding without gradient.
+    Only rows with a target reach the unembedding. The loss's gradients are computed in the same pass
+    as the loss (`_FusedWeightedCrossEntropy`): wrt the head's input through autograd, wrt the
+    unembedding added into `weight_grad` times `weight_scale`. A weight function first needs the
+    per-token CE, which costs one extra forward pass of the unembedding without gradient.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -340,9 +381,9 @@ def _head_loss(
     w = _token_weights(weights, k0, mask.view(batch, seq), per_token_ce).reshape(-1).index_select(0, index)
     tokens = mask.sum()
     denom = tokens.clamp(min=1).to(acc_dtype)
-    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    want_hidden = torch.is_grad_enabled() and hidden.requires_grad
     loss, ce, correct = _FusedWeightedCrossEntropy.apply(
-        hidden, weight, targets, w.to(acc_dtype) / denom, chunk_size, with_grad
+        hidden, weight, targets, w.to(acc_dtype) / denom, chunk_size, want_hidden, weight_grad, weight_scale
     )
     return _HeadStats(loss=loss, ce=ce.sum() / denom, accuracy=correct.sum().to(acc_dtype) / denom, tokens=tokens)
 
@@ -374,14 +415,26 @@ def mtp_forward_backward(
     h_trunk = model.trunk_forward(input_ids, attention_mask=attention_mask)
     # Heads write their gradient into this leaf; the trunk's graph is kept for one backward at the end.
     h_heads_input = h_trunk.detach().requires_grad_(h_trunk.requires_grad)
+    # The unembedding's gradient, summed over heads in one buffer and handed to autograd at the end.
+    weight = _unembedding_weight(model)
+    weight_grad = None
+    if weight.requires_grad:
+        weight_grad = torch.zeros(weight.shape, dtype=_compute_dtype(weight.dtype), device=weight.device)
 
     stats: list[_HeadStats] = []
     for k0 in range(n):
-        head = _head_loss(model, k0, h_heads_input, labels, attention_mask, weights, chunk_size)
+        scale = hw[k0] / hw_total * loss_scale
+        head = _head_loss(model, k0, h_heads_input, labels, attention_mask, weights, chunk_size, weight_grad, scale)
         if head.loss.requires_grad:
-            (head.loss * (hw[k0] / hw_total * loss_scale)).backward()
+            (head.loss * scale).backward()
         head.loss = head.loss.detach()
         stats.append(head)
+
+    if weight_grad is not None:
+        # Before the trunk's backward, so that a tied embedding's gradient adds into it in place.
+        delivery = _DeliverGradient.apply(weight, weight_grad.to(weight.dtype))
+        del weight_grad  # the buffer's only owner is now _DeliverGradient: autograd adopts it, no copy
+        delivery.backward()
 
     roots: list[Tensor] = []
     grads: list[Tensor] = []
