@@ -60,6 +60,7 @@ def config_for(recipe: str, raw: Path, models_dir: Path, *overrides: str):
         use_micro_model=True,
         overrides=[
             f"paths.raw_data={raw}",
+            f"paths.rollouts={raw / 'rollouts'}",
             f"paths.models={models_dir}",
             "device=cpu",
             "tracking.enabled=false",
@@ -184,6 +185,7 @@ def test_rollout_labels_are_what_the_sandbox_says(raw_data, models_dir):
     status = main([
         "rollout", "--recipe", "critic", "--preset", "local-light", "--use-micro-model", "--limit", "2",
         "--n-samples", "2", "--workers", "1", "--out", str(out), f"paths.raw_data={raw_data}",
+        f"paths.rollouts={raw_data / 'rollouts'}",
         f"paths.models={models_dir}", "device=cpu", "tracking.enabled=false", "rollout.max_new_tokens=16",
     ])  # fmt: skip
     assert status == 0

@@ -48,10 +48,10 @@ def load_tokenizer(config, path: str | None) -> Any:
 
 def run_prepare(args: argparse.Namespace) -> int:
     from weighted_mtp.data.prepare import prepare_dataset
-    from weighted_mtp.data.sources import get_source
+    from weighted_mtp.data.sources import get_source, raw_dir_for
 
     config = resolve(args).config
-    raw_dir = args.raw or config.paths.raw_data
+    raw_dir = args.raw or raw_dir_for(config.paths, args.dataset)
     source = get_source(args.dataset)
     splits = args.split or list(source.available_splits(raw_dir))
     if not splits:

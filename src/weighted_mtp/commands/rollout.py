@@ -3,7 +3,7 @@
   wmtp rollout --recipe critic --benchmark mbpp --split train --n-samples 8
   wmtp rollout --recipe critic --model storage/runs/baseline/final --split validation --limit 50
 
-By default the file goes where the `rollouts` dataset reads it (<paths.raw_data>/rollouts/<split>.jsonl)
+By default the file goes where the `rollouts` dataset reads it (<paths.rollouts>/<split>.jsonl)
 and is prepared right away, so `data.dataset: rollouts` trains on it (critic, verifiable).
 """
 
@@ -34,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--workers", type=int, help="sandbox workers (default: evaluation.workers, else all cores)"
     )
     parser.add_argument(
-        "--out", type=Path, help="output JSONL (default: <paths.raw_data>/rollouts/<split>.jsonl)"
+        "--out", type=Path, help="output JSONL (default: <paths.rollouts>/<split>.jsonl)"
     )
     add_config_arguments(parser)
     parser.set_defaults(func=run)

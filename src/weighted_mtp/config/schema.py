@@ -31,6 +31,9 @@ class PathsConfig(Section):
         Path("../shared/data"),
         description="Offline copies of the raw benchmark files (mbpp/, humaneval/, codecontests/).",
     )
+    rollouts: Path = Field(
+        Path("storage/rollouts"), description="Labelled model samples (`wmtp rollout`): the rollouts dataset's raw files."
+    )
 
 
 class TrackingConfig(Section):
@@ -188,6 +191,12 @@ class ValueLossConfig(Section):
     enabled: bool = True
     coefficient: float = Field(0.5, ge=0)
     clip_range: float | None = Field(0.2, gt=0, description="PPO-style value clipping around the old values.")
+    old_values_refresh_every: int | None = Field(
+        None,
+        ge=1,
+        description="Copy the value head into the frozen old-value snapshot every N optimizer steps; "
+        "null: never (the loaded critic stays the reference).",
+    )
 
 
 class ValueWeightingConfig(Section):

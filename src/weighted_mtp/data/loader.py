@@ -20,6 +20,7 @@ from weighted_mtp.data.collate import Batch, collate, example_from_record, pack
 from weighted_mtp.data.index import SplitIndex, SplitPaths
 from weighted_mtp.data.prepare import prepare_dataset, processed_dir, tokenizer_fingerprint
 from weighted_mtp.data.samplers import select, shard
+from weighted_mtp.data.sources import raw_dir_for
 from weighted_mtp.data.templates import render
 from weighted_mtp.errors import DataError
 
@@ -202,7 +203,7 @@ def build_loader(config, tokenizer: Any, *, split: str, rank: int = 0, world_siz
     """The loader a config describes: `config.data` for sampling and templates, `config.training.batch_size`."""
     data = config.data
     index = open_or_prepare(
-        data.dataset, split, tokenizer, raw_dir=config.paths.raw_data, datasets_dir=config.paths.datasets, rank=rank
+        data.dataset, split, tokenizer, raw_dir=raw_dir_for(config.paths, data.dataset), datasets_dir=config.paths.datasets, rank=rank
     )
     return TrainLoader(
         index,

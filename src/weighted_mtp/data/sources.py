@@ -306,7 +306,7 @@ def _cc_tests(tests: Any, where: str) -> list[dict[str, str]]:
 
 @DATASETS.register("rollouts")
 class RolloutSource(DatasetSource):
-    """Model samples labelled by execution: `<raw>/rollouts/<split>.jsonl`, one sample a line.
+    """Model samples labelled by execution: `<paths.rollouts>/<split>.jsonl`, one sample a line.
 
     Each line has problem_id, instruction, output and is_correct; input, difficulty and tests are
     optional (the first line of a problem that has them sets them for the problem).
@@ -316,16 +316,16 @@ class RolloutSource(DatasetSource):
     description = "Sampled solutions labelled by running their tests (written by the verifiable pipeline)."
 
     def available_splits(self, raw_dir: Path) -> tuple[str, ...]:
-        return tuple(sorted(p.name.removesuffix(".jsonl") for p in (raw_dir / "rollouts").glob("*.jsonl")))
+        return tuple(sorted(p.name.removesuffix(".jsonl") for p in raw_dir.glob("*.jsonl")))
 
     def check_split(self, raw_dir: Path, split: str) -> None:
-        path = raw_dir / "rollouts" / f"{split}.jsonl"
+        path = raw_dir / f"{split}.jsonl"
         if not path.is_file():
             raise DataError(f"{path} not found: sample and label it first with `wmtp rollout --split {split}`")
 
     def source_files(self, raw_dir: Path, split: str) -> list[Path]:
         self.check_split(raw_dir, split)
-        return [raw_dir / "rollouts" / f"{split}.jsonl"]
+        return [raw_dir / f"{split}.jsonl"]
 
     def read(self, raw_dir: Path, split: str) -> Iterator[Problem]:
         (path,) = self.source_files(raw_dir, split)
@@ -351,3 +351,9 @@ class RolloutSource(DatasetSource):
 def get_source(name: str) -> DatasetSource:
     """The registered source for a dataset name (UnknownComponentError lists the known ones)."""
     return DATASETS.get(name)()
+
+
+def raw_dir_for(paths: Any, dataset: str) -> Path:
+    """Where a dataset's raw files live: the project's own rollouts under storage, benchmarks under
+    `paths.raw_data` (read-only copies that runs never write into)."""
+    return Path(paths.rollouts) if dataset == RolloutSource.name else Path(paths.raw_data)

@@ -1,7 +1,7 @@
 """Verifiable rollouts: sample solutions from a model, run each against its tests, label it.
 
 The output is the raw form of the `rollouts` dataset (`weighted_mtp.data.sources.RolloutSource`),
-by default `<paths.raw_data>/rollouts/<split>.jsonl`, one sample a line:
+by default `<paths.rollouts>/<split>.jsonl`, one sample a line:
 
     problem_id, instruction, input, output, is_correct, difficulty, tests   (what the data layer reads)
     sample, program, status, error_class, finish_reason                     (for inspection)
@@ -148,7 +148,7 @@ def summarize(path: Path, records: list[dict]) -> RolloutSummary:
 
 def default_rollout_path(config: Config, split: str) -> Path:
     """Where the `rollouts` dataset reads a split from."""
-    return Path(config.paths.raw_data) / "rollouts" / f"{split}.jsonl"
+    return Path(config.paths.rollouts) / f"{split}.jsonl"
 
 
 def run_rollouts(
@@ -200,7 +200,7 @@ def run_rollouts(
         # re-prepare now: a prepared split is otherwise reused as is, and these are new samples
         prepare_dataset(
             "rollouts",
-            raw_dir=config.paths.raw_data,
+            raw_dir=config.paths.rollouts,
             datasets_dir=config.paths.datasets,
             split=split,
             tokenizer=tokenizer,

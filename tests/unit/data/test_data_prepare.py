@@ -103,7 +103,7 @@ def test_rollouts_group_by_problem(tmp_path, tokenizer):
     ]
     (tmp_path / "raw" / "rollouts").mkdir(parents=True)
     (tmp_path / "raw" / "rollouts" / "step_10.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    index = prepare_dataset("rollouts", raw_dir=tmp_path / "raw", datasets_dir=tmp_path / "ds", split="step_10",
+    index = prepare_dataset("rollouts", raw_dir=tmp_path / "raw" / "rollouts", datasets_dir=tmp_path / "ds", split="step_10",
                             tokenizer=tokenizer)
     records = index.read(range(3))
     assert [(r["problem_id"], r["output"], r["is_correct"]) for r in records] == [
