@@ -27,8 +27,11 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest --cov=weighted_mtp --cov-report=term-missing:skip-covered $(PYTEST_ARGS)
 
+# The embedded default, end to end on CPU: train baseline MTP on the micro model with MBPP, then
+# sample its exported model on MBPP test problems and run them in the sandbox for pass@k.
 demo: setup
-	$(BIN)/python -m weighted_mtp --config configs/defaults.yaml --recipe configs/recipe.baseline.yaml --preset local-light --use-micro-model --dry-run
+	$(BIN)/wmtp train --recipe baseline --preset local-light
+	$(BIN)/wmtp eval --model storage/runs/baseline/final --benchmark mbpp --preset local-light --n-samples 2 --k 1,2
 
 bench: setup
 	$(BIN)/python benchmarks/mtp_loss_memory.py
