@@ -7,24 +7,14 @@ this package fills the registry.
 
 from __future__ import annotations
 
-import importlib
 import logging
 
 from weighted_mtp.config.schema import Config
+from weighted_mtp.pipelines import baseline, critic, rho1, verifiable  # noqa: F401  (they register)
 from weighted_mtp.pipelines.common import ObjectiveFactory, train_with_objective
 from weighted_mtp.registry import PIPELINES
 
 log = logging.getLogger(__name__)
-
-# Each module registers its pipeline(s); modules that other areas have not written yet are skipped.
-_MODULES = ("baseline", "critic", "verifiable", "rho1")
-
-for _name in _MODULES:
-    try:
-        importlib.import_module(f"{__name__}.{_name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__name__}.{_name}":
-            raise
 
 
 def objective_factory(pipeline: str) -> ObjectiveFactory:

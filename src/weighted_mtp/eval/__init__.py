@@ -1,0 +1,1 @@
+"""Evaluation: sandboxed execution, benchmarks, pass@k, generation and self-speculative decoding."""
