@@ -224,3 +224,161 @@ def test_rho1_selects_the_configured_fraction_by_head1_excess_loss(ratio):
     assert metrics["weights/selected"] == pytest.approx(ratio, abs=0.1)
     assert float((head1[mask] > 0).float().mean()) == pytest.approx(n_keep / n)
     assert all(p.grad is None for p in reference.parameters())
+
+
+# ----------------------------------------------------------------------------- PPO old values
+
+
+def ppo_value_loss_by_hand(values, old_values, returns, mask, clip_range):
+    """0.5 * mean over the masked steps of max((v - G)^2, (v_old + clip(v - v_old) - G)^2), term by term."""
+    terms = []
+    for row in range(values.shape[0]):
+        for p in range(values.shape[1]):
+            if not mask[row, p]:
+                continue
+            v, old, g = values[row, p], float(old_values[row, p]), float(returns[row, p])
+            unclipped = (v - g) ** 2
+            if clip_range is None:
+                terms.append(unclipped)
+                continue
+            clipped = old + torch.clamp(v - old, -clip_range, clip_range)
+            terms.append(torch.maximum(unclipped, (clipped - g) ** 2))
+    return 0.5 * torch.stack(terms).mean()
+
+
+def move_value_head(head, shift: float = 0.3) -> None:
+    """The learning head after some updates: its output moves by `shift` at every position."""
+    with torch.no_grad():
+        head.net[-1].bias.add_(shift)
+
+
+def test_old_values_come_from_a_frozen_snapshot_of_the_starting_head():
+    model, head, objective = verifiable_setup()
+    snapshot = objective.old_value_head
+    assert snapshot is not head and not snapshot.training
+    assert all(not p.requires_grad for p in snapshot.parameters())
+    for p, q in zip(head.parameters(), snapshot.parameters()):
+        assert torch.equal(p, q) and p.data_ptr() != q.data_ptr()
+    move_value_head(head)
+    objective.forward_backward(model, make_batch(7), loss_scale=1.0)
+    assert all(p.grad is None for p in snapshot.parameters())
+    assert torch.equal(snapshot.net[-1].bias, torch.full_like(snapshot.net[-1].bias, 0.5))
+
+
+def test_moved_head_gradients_equal_a_hand_written_ppo_value_loss_around_the_snapshot():
+    model, head, objective = verifiable_setup()
+    snapshot = copy.deepcopy(head)  # the head the advantages must come from
+    with torch.no_grad():  # moved by a different amount at each position: some beyond the clip range
+        noise = torch.randn(head.net[-1].weight.shape, generator=torch.Generator().manual_seed(1))
+        head.net[-1].weight.add_(0.12 * noise)
+    reference_model, reference_head = copy.deepcopy(model), copy.deepcopy(head)
+    batch = make_batch(8)
+    metrics = objective.forward_backward(model, batch, loss_scale=1.0)
+
+    with torch.no_grad():
+        hidden = reference_model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)
+        old = snapshot.eval()(hidden)
+    targets = critic_targets(
+        old,
+        batch.rewards,
+        batch.labels,
+        n_heads=3,
+        gamma=1.0,
+        lam=0.9,
+        temperature=0.7,
+        clip_min=0.2,
+        clip_max=2.5,
+    )
+
+    def clipped(hidden):
+        return 0.5 * ppo_value_loss_by_hand(
+            reference_head(hidden), old, targets.returns, targets.step_mask, 0.05
+        )
+
+    total, out = mtp_loss_naive(
+        reference_model,
+        batch.input_ids,
+        batch.labels,
+        attention_mask=batch.attention_mask,
+        weights=targets.weights,
+        head_weights=[1.0, 0.8, 0.64],
+        trunk_loss_fn=clipped,
+    )
+    total.backward()
+    assert metrics["loss"] == pytest.approx(float(total.detach()), rel=1e-5)
+    assert metrics["value/loss"] == pytest.approx(float(out.aux_loss) / 0.5, rel=1e-5)
+    for (name, p), q in zip(
+        [*model.named_parameters(), *head.named_parameters()],
+        [*reference_model.parameters(), *reference_head.parameters()],
+    ):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():
+        moved = (reference_head(hidden) - old).abs()[targets.step_mask]
+    assert metrics["value/clip_fraction"] == pytest.approx(float((moved > 0.05).float().mean()))
+    assert 0.0 < metrics["value/clip_fraction"] < 1.0  # both sides of the clip are exercised
+
+
+def value_head_gradients(clip_range, moved: bool):
+    model, head, objective = verifiable_setup()
+    objective.value_clip_range = clip_range
+    if moved:
+        move_value_head(head)
+    metrics = objective.forward_backward(model, make_batch(9), loss_scale=1.0)
+    return [p.grad.clone() for p in head.parameters()], metrics
+
+
+def test_clip_range_changes_the_gradient_once_the_head_has_moved_from_the_snapshot():
+    # at the snapshot the clip cannot bind: V = V_old, so the clipped and plain losses agree
+    at_snapshot_clipped, _ = value_head_gradients(0.05, moved=False)
+    at_snapshot_plain, _ = value_head_gradients(None, moved=False)
+    for clipped, plain in zip(at_snapshot_clipped, at_snapshot_plain):
+        torch.testing.assert_close(clipped, plain)
+
+    # moved 0.3 > clip_range at every step: where the move went toward the return the clipped term
+    # is larger and has no gradient, so the gradient differs from the plain squared error's
+    moved_clipped, metrics = value_head_gradients(0.05, moved=True)
+    moved_plain, _ = value_head_gradients(None, moved=True)
+    assert metrics["value/clip_fraction"] == 1.0
+    assert any(not torch.allclose(c, p, atol=1e-6) for c, p in zip(moved_clipped, moved_plain))
+
+
+def test_snapshot_refreshes_exactly_every_n_optimizer_steps():
+    model, head, objective = verifiable_setup()
+    objective.old_values_refresh_every = 3
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.5)
+    start = [p.detach().clone() for p in head.parameters()]
+    reference = start
+    for step in range(1, 8):
+        optimizer.zero_grad()
+        objective.forward_backward(model, make_batch(10 + step), loss_scale=1.0)
+        optimizer.step()
+        objective.on_step_end(step)
+        if step % 3 == 0:
+            reference = [p.detach().clone() for p in head.parameters()]
+        for p, q in zip(reference, objective.old_value_head.parameters()):
+            assert torch.equal(p, q), step
+        moved_since_refresh = [
+            not torch.equal(p, q) for p, q in zip(head.parameters(), objective.old_value_head.parameters())
+        ]
+        assert any(moved_since_refresh) == (step % 3 != 0), step
+    assert not all(torch.equal(p, q) for p, q in zip(start, reference))  # it did refresh (steps 3 and 6)
+
+
+def test_without_refresh_the_loaded_critic_stays_the_reference_and_state_round_trips():
+    model, head, objective = verifiable_setup()
+    start = copy.deepcopy(objective.old_value_head.state_dict())
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.5)
+    for step in range(1, 4):
+        optimizer.zero_grad()
+        objective.forward_backward(model, make_batch(20 + step), loss_scale=1.0)
+        optimizer.step()
+        objective.on_step_end(step)
+    for name, tensor in objective.old_value_head.state_dict().items():
+        assert torch.equal(tensor, start[name])
+
+    objective.refresh_old_values()
+    saved = objective.state_dict()
+    _, _, fresh = verifiable_setup()
+    fresh.load_state_dict(saved)
+    for p, q in zip(fresh.old_value_head.parameters(), head.parameters()):
+        assert torch.equal(p, q)

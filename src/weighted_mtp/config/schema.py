@@ -197,6 +197,12 @@ class ValueLossConfig(Section):
         description="Copy the value head into the frozen old-value snapshot every N optimizer steps; "
         "null: never (the loaded critic stays the reference).",
     )
+    old_values_refresh_every: int | None = Field(
+        None,
+        ge=1,
+        description="Copy the value head into the frozen old-value snapshot every N optimizer steps; "
+        "null: never (the loaded critic stays the reference).",
+    )
 
 
 class ValueWeightingConfig(Section):

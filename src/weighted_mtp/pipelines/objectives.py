@@ -3,7 +3,8 @@
 - `CriticObjective`  stage 1: a value head on the trunk regresses each solution's pass/fail reward;
                      the language-model heads are not run.
 - `VerifiableObjective` MTP loss weighted by the critic's GAE advantages, exp(A / beta) z-scored and
-                     clipped, plus continual value learning (PPO-style clipped value loss).
+                     clipped, plus continual value learning (PPO-style clipped value loss around
+                     a frozen snapshot of the value head, refreshed every N optimizer steps).
 - `Rho1Objective`    MTP loss on the tokens whose loss most exceeds a frozen reference model's.
 
 Objectives with a value head also collect, over one validation pass, how well the value at the last
@@ -13,6 +14,7 @@ response step predicts pass/fail (ROC AUC and accuracy at 0.5); the trainer asks
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 
 from weighted_mtp.data import Batch
 from weighted_mtp.losses import MTPLossOutput, mtp_evaluate, mtp_forward_backward
+from weighted_mtp.train.lora import merge_lora_state_dict
 from weighted_mtp.train.objective import loss_metrics
 from weighted_mtp.weighting import (
     CriticTargets,
@@ -174,14 +177,29 @@ class _TrunkTap:
         return getattr(self._model, name)
 
 
-class VerifiableObjective:
-    """Critic-weighted MTP with continual value learning.
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy that never trains: no gradients, eval mode (no dropout), outside any optimizer."""
+    return copy.deepcopy(module).eval().requires_grad_(False)
 
-    Per micro-batch: trunk -> values V (no grad; the "old" values) -> GAE advantages and returns ->
-    token weights clip(exp(z(A) / beta)) -> weighted MTP loss, head by head -> value loss
-    coefficient * 0.5 * max((V' - G)^2, (V_clip - G)^2) on the same trunk output, V' with grad and
-    V_clip = V + clamp(V' - V, +-clip_range). The value loss trains the value head and, when the
-    trunk trains, the trunk too.
+
+def _full_tensor(tensor: Tensor) -> Tensor:
+    """A parameter as one whole tensor on every rank (an FSDP shard is gathered: a collective)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+class VerifiableObjective:
+    """Critic-weighted MTP with continual value learning, PPO-style.
+
+    The "old" value function is `old_value_head`, a frozen snapshot of the value head taken from the
+    critic checkpoint at the start and, with `old_values_refresh_every=N`, re-copied from the
+    learning head after every N-th optimizer step (`on_step_end`). Per micro-batch, one trunk pass:
+    old values V_old = snapshot(h) (no grad) -> GAE advantages and returns G -> token weights
+    clip(exp(z(A) / beta)) -> weighted MTP loss, head by head -> value loss
+    coefficient * 0.5 * max((V - G)^2, (V_clip - G)^2) with V = value_head(h) (with grad) and
+    V_clip = V_old + clamp(V - V_old, +-clip_range): the value head may move at most clip_range
+    away from the values its targets came from before the clipped term stops its gradient. The
+    value loss trains the value head and, when the trunk trains, the trunk too. The snapshot is
+    checkpointed through `state_dict()` / `load_state_dict()`, so a resumed run continues exactly.
     """
 
     def __init__(
@@ -193,21 +211,57 @@ class VerifiableObjective:
         value_loss_coefficient: float = 0.5,
         value_clip_range: float | None = 0.2,
         train_values: bool = True,
+        old_values_refresh_every: int | None = None,
+        lora_scaling: float = 1.0,
         head_weights: Sequence[float] | None = None,
         chunk_size: int = 1024,
     ) -> None:
+        if old_values_refresh_every is not None and old_values_refresh_every < 1:
+            raise ValueError(f"old_values_refresh_every must be >= 1, got {old_values_refresh_every}")
         self.value_head = value_head
+        self.old_value_head = frozen_copy(value_head)
         self.weighting = weighting
         self.value_kind = value_kind
         self.value_loss_coefficient = value_loss_coefficient
         self.value_clip_range = value_clip_range
         self.train_values = train_values
+        self.old_values_refresh_every = old_values_refresh_every
+        self.lora_scaling = lora_scaling  # to fold a LoRA-adapted value head into the plain snapshot
         self.head_weights = list(head_weights) if head_weights is not None else None
         self.chunk_size = chunk_size
         self.pass_fail = PassFailMetrics()
 
+    # ------------------------------------------------------------------ the old value function
+
+    @torch.no_grad()
+    def refresh_old_values(self) -> None:
+        """The snapshot takes the learning head's current weights (every rank, under FSDP too)."""
+        state = {name: _full_tensor(tensor) for name, tensor in self.value_head.state_dict().items()}
+        self.old_value_head.load_state_dict(merge_lora_state_dict(state, self.lora_scaling))
+
+    def on_step_end(self, step: int) -> None:
+        """Called by the trainer after optimizer step `step` (1-based)."""
+        if self.old_values_refresh_every is not None and step % self.old_values_refresh_every == 0:
+            self.refresh_old_values()
+
+    def state_dict(self) -> dict[str, Any]:
+        snapshot = self.old_value_head.state_dict()
+        return {"old_value_head": {name: tensor.detach().cpu().clone() for name, tensor in snapshot.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.old_value_head.load_state_dict(state["old_value_head"])
+
+    @torch.no_grad()
+    def _old_values(self, hidden: Tensor) -> Tensor:
+        snapshot = self.old_value_head
+        if next(snapshot.parameters()).device != hidden.device:  # the trainer moves only trained modules
+            snapshot.to(hidden.device)
+        return value_estimates(snapshot(hidden.detach()), self.value_kind)
+
     def _values(self, hidden: Tensor) -> Tensor:
         return value_estimates(self.value_head(hidden), self.value_kind)
+
+    # ------------------------------------------------------------------ the loss
 
     def _run(self, loss_fn: Callable[..., MTPLossOutput], model: nn.Module, batch: Batch, **kwargs: Any):
         """One weighted MTP pass with the critic in the loop; returns the loss output and what it used."""
@@ -215,8 +269,7 @@ class VerifiableObjective:
         used: dict[str, Any] = {}
 
         def on_trunk(hidden: Tensor) -> None:
-            with torch.no_grad():
-                used["old_values"] = self._values(hidden.detach())
+            used["old_values"] = self._old_values(hidden)
             used["targets"] = self.weighting.targets(
                 used["old_values"], batch.rewards, batch.labels, n_heads=n_heads
             )
@@ -226,13 +279,11 @@ class VerifiableObjective:
 
         def clipped_value_loss(hidden: Tensor) -> Tensor:
             targets: CriticTargets = used["targets"]
+            values = self._values(hidden)
             loss = value_loss(
-                self._values(hidden),
-                used["old_values"],
-                targets.returns,
-                targets.step_mask,
-                self.value_clip_range,
+                values, used["old_values"], targets.returns, targets.step_mask, self.value_clip_range
             )
+            used["values"] = values.detach()
             used["value_loss"] = loss.detach()
             return self.value_loss_coefficient * loss
 
@@ -259,6 +310,9 @@ class VerifiableObjective:
         metrics["value/mean"] = float(step_values.mean()) if step_values.numel() else 0.0
         if "value_loss" in used:
             metrics["value/loss"] = float(used["value_loss"])
+            if self.value_clip_range is not None and step_values.numel():
+                moved = (used["values"] - used["old_values"]).abs()[targets.step_mask]
+                metrics["value/clip_fraction"] = float((moved > self.value_clip_range).float().mean())
         mask = head_target_mask(batch.labels, n_heads)
         metrics.update(_prefixed("weights", self.weighting.stats(targets.weights, mask)))
         return metrics
@@ -270,7 +324,7 @@ class VerifiableObjective:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch: Batch) -> dict[str, float]:
         out, used = self._run(mtp_evaluate, model, batch)
-        self.pass_fail.add(used["old_values"], batch)
+        self.pass_fail.add(used.get("values", used["old_values"]), batch)  # the learning head's
         return self._metrics(out, used, batch, model.n_future_tokens)
 
     def evaluation_summary(self) -> dict[str, float]:

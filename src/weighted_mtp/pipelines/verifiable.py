@@ -2,7 +2,9 @@
 
 Differs from the baseline in its objective: each response token's loss is weighted by
 clip(exp(z(A) / beta)), A the GAE advantage from the critic's values (`stage2.value_weighting`),
-and the value head keeps learning with the PPO-style clipped value loss (`stage2.value_loss`).
+and the value head keeps learning with the PPO-style clipped value loss (`stage2.value_loss`),
+clipped around a frozen snapshot of the head (the "old" values, which the advantages come from)
+that is refreshed every `stage2.value_loss.old_values_refresh_every` optimizer steps.
 Train on solutions with rewards, correct and incorrect (`data.sampler: all` over rollouts).
 
 The value head comes from the critic run's export (`stage2.critic_checkpoint`, default
@@ -23,6 +25,7 @@ from weighted_mtp.errors import CheckpointError, ConfigError
 from weighted_mtp.models.value_head import build_value_head
 from weighted_mtp.pipelines.objectives import VerifiableObjective
 from weighted_mtp.registry import PIPELINES
+from weighted_mtp.train.lora import lora_scaling
 from weighted_mtp.weighting import CriticWeighting, discounted_head_weights
 
 log = logging.getLogger(__name__)
@@ -110,6 +113,8 @@ def verifiable_objective(config: Config, model, tokenizer, env) -> VerifiableObj
         value_loss_coefficient=value_loss.coefficient,
         value_clip_range=value_loss.clip_range,
         train_values=value_loss.enabled and config.training.freeze.value_head != "frozen",
+        old_values_refresh_every=value_loss.old_values_refresh_every,
+        lora_scaling=lora_scaling(config.training.lora.r, config.training.lora.alpha),
         head_weights=discounted_head_weights(model.n_future_tokens, config.weighting.head_discount),
         chunk_size=config.training.loss_chunk_size,
     )

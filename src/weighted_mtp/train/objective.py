@@ -34,6 +34,9 @@ class Objective(Protocol):
 
     # Optional: `evaluation_summary() -> dict[str, float]`, metrics of a whole validation pass that
     # are not means over batches (e.g. a critic's AUC); the trainer logs them beside the means.
+    # Optional: `on_step_end(step: int)`, called after every optimizer step (step counts from 1).
+    # Optional: `state_dict() -> dict` / `load_state_dict(state)`, state besides the trained modules
+    # (e.g. a frozen value snapshot) that checkpoints save and a resumed run restores.
 
 
 def loss_metrics(out: MTPLossOutput) -> dict[str, float]:

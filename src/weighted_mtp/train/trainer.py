@@ -341,6 +341,9 @@ class Trainer:
             )
             self.scheduler.step()
         self.step += 1
+        on_step_end = getattr(self.objective, "on_step_end", None)  # e.g. refresh a value snapshot
+        if on_step_end is not None:
+            on_step_end(self.step)
 
         elapsed = time.perf_counter() - started
         metrics.update(
@@ -531,7 +534,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _trainer_state(self) -> dict[str, Any]:
-        return {
+        state = {
             "step": self.step,
             "epoch": self.epoch,
             "scheduler": self.scheduler.state_dict(),
@@ -544,6 +547,9 @@ class Trainer:
             "tracker_run_id": self.tracker_run_id,
             "total_steps": self.total_steps,
         }
+        if hasattr(self.objective, "state_dict"):  # state an objective keeps besides trained modules
+            state["objective"] = self.objective.state_dict()
+        return state
 
     def _save(self) -> Path:
         path = save_checkpoint(
@@ -604,6 +610,13 @@ class Trainer:
         self.evals_without_improvement = trainer_state["evals_without_improvement"]
         self.stopped_early = trainer_state["stopped_early"]
         self.tracker_run_id = trainer_state["tracker_run_id"]
+        if hasattr(self.objective, "load_state_dict"):
+            if "objective" not in trainer_state:
+                raise CheckpointError(
+                    f"{path}: has no state for the {type(self.objective).__name__} objective "
+                    "(saved by an older version or another pipeline)"
+                )
+            self.objective.load_state_dict(trainer_state["objective"])
         self._last_saved_step = self._last_eval_step = self.step
         self._last_checkpoint = path
         if rank_state["loader"] is not None:
