@@ -197,12 +197,6 @@ class ValueLossConfig(Section):
         description="Copy the value head into the frozen old-value snapshot every N optimizer steps; "
         "null: never (the loaded critic stays the reference).",
     )
-    old_values_refresh_every: int | None = Field(
-        None,
-        ge=1,
-        description="Copy the value head into the frozen old-value snapshot every N optimizer steps; "
-        "null: never (the loaded critic stays the reference).",
-    )
 
 
 class ValueWeightingConfig(Section):
