@@ -338,6 +338,11 @@ def _unembedding_weight(model: nn.Module) -> Tensor:
     output = model.output
     if getattr(output, "bias", None) is not None:
         raise ValueError("the unembedding has a bias; chunked cross-entropy supports weight-only heads")
+    if type(output.weight).__name__ == "DTensor":
+        raise RuntimeError(
+            "model.output.weight is still sharded: register trunk_forward and head_forward with "
+            "torch.distributed.fsdp.register_fsdp_forward_method so that FSDP unshards the root module"
+        )
     return output.weight
 
 
