@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import operator
+import shutil
 
 import pytest
 import torch
@@ -164,3 +165,49 @@ def test_validation_epochs_and_early_stopping(micro_workspace) -> None:
     assert result.stopped_early and result.steps == 6
     assert set(result.val_metrics) >= {"val/loss", "val/head1/ce", "val/head2/accuracy"}
     assert [m["epoch"] for m in result.history] == [0, 0, 1, 1, 2, 2]  # 2 batches an epoch
+
+
+class CountingSteps(BaselineObjective):
+    """The baseline loss with state of its own: the optimizer steps it was told about."""
+
+    def __init__(self) -> None:
+        super().__init__(chunk_size=64)
+        self.steps_seen: list[int] = []
+
+    def on_step_end(self, step: int) -> None:
+        self.steps_seen.append(step)
+
+    def state_dict(self) -> dict:
+        return {"steps_seen": list(self.steps_seen)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_seen = list(state["steps_seen"])
+
+
+def test_objective_hears_each_step_and_its_state_resumes_with_the_checkpoint(micro_workspace) -> None:
+    from weighted_mtp.errors import CheckpointError
+    from weighted_mtp.train.checkpoint import checkpoint_name
+
+    first = CountingSteps()
+    trainer, _ = build(micro_workspace, "objective_state", "training.max_steps=3", "training.save_every=2",
+                       objective=first)  # fmt: skip
+    trainer.export_model = False
+    trainer.fit()
+    assert first.steps_seen == [1, 2, 3]
+
+    checkpoints = micro_workspace.runs / "objective_state" / "checkpoints"
+    shutil.rmtree(checkpoints / checkpoint_name(3))  # as if killed after step 2's checkpoint
+    resumed = CountingSteps()
+    trainer, _ = build(micro_workspace, "objective_state", "training.max_steps=3", "training.save_every=2",
+                       objective=resumed)  # fmt: skip
+    trainer.export_model = False
+    result = trainer.fit()
+    assert result.resumed_from == checkpoints / checkpoint_name(2)
+    assert resumed.steps_seen == [1, 2, 3]  # 1 and 2 restored from the checkpoint, 3 heard
+
+    # a checkpoint without the objective's state (another pipeline's) is refused, not half-restored
+    trainer, _ = build(micro_workspace, "stateless", "training.max_steps=1")
+    trainer.export_model = False
+    trainer.fit()
+    with pytest.raises(CheckpointError, match="no state for the CountingSteps objective"):
+        build(micro_workspace, "stateless", "training.max_steps=2", objective=CountingSteps())[0].fit()
