@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,34 @@ def test_critic_then_verifiable_from_the_critics_export(raw_data, models_dir):
         )
         assert step["weights/std"] > 0 and math.isfinite(step["value/loss"])
     assert (result.model_dir / "value_head.safetensors").is_file()
+
+
+def test_verifiable_resumes_with_the_old_value_snapshot_of_its_checkpoint(raw_data, models_dir):
+    critic_config = config_for(
+        "critic", raw_data, models_dir, "data.dataset=rollouts", "data.sampler=pairs", "training.max_steps=1"
+    )
+    critics: list = []
+    train_with_objective(critic_config, recording("critic", critics))
+    critic_head = critics[0][0].value_head.cpu()
+
+    # refreshed after step 2 (the checkpoint), not after step 3: the end state is step 2's head
+    overrides = ("data.dataset=rollouts", "data.sampler=all", "training.max_steps=3", "training.save_every=2",
+                 "training.keep_last=3", "stage2.value_loss.old_values_refresh_every=2")  # fmt: skip
+    config = config_for("verifiable", raw_data, models_dir, *overrides)
+    made: list = []
+    uninterrupted = train_with_objective(config, recording("verifiable", made))
+    snapshot = {k: v.clone() for k, v in made[0][0].old_value_head.state_dict().items()}
+    assert any(not torch.equal(v, critic_head.state_dict()[k]) for k, v in snapshot.items())  # refreshed
+
+    checkpoints = config.run_dir / "checkpoints"
+    shutil.rmtree(checkpoints / "step_00000003")  # as if killed after step 2's checkpoint
+    resumed = train_with_objective(config, recording("verifiable", made), resume=True)
+    assert resumed.resumed_from == checkpoints / "step_00000002"
+    for name, tensor in made[1][0].old_value_head.state_dict().items():
+        assert torch.equal(tensor, snapshot[name]), name
+    step_3, resumed_step_3 = uninterrupted.history[-1], resumed.history[-1]
+    for key in ("loss", "value/mean", "value/loss", "value/clip_fraction", "weights/mean"):
+        assert resumed_step_3[key] == pytest.approx(step_3[key], rel=1e-6, abs=1e-9), key
 
 
 def test_verifiable_without_a_critic_names_the_command_to_run_first(raw_data, models_dir):
