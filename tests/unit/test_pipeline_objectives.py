@@ -382,3 +382,21 @@ def test_without_refresh_the_loaded_critic_stays_the_reference_and_state_round_t
     fresh.load_state_dict(saved)
     for p, q in zip(fresh.old_value_head.parameters(), head.parameters()):
         assert torch.equal(p, q)
+
+
+def test_refresh_folds_a_lora_adapted_value_head_into_the_plain_snapshot():
+    from torch import nn
+
+    from weighted_mtp.train.lora import inject_lora, lora_scaling
+
+    head = MLPValueHead(16)
+    objective = VerifiableObjective(head, CriticWeighting(), lora_scaling=lora_scaling(4, 8))
+    linear = [name for name, module in head.named_modules() if isinstance(module, nn.Linear)]
+    inject_lora(head, linear, r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for name, param in head.named_parameters():
+            if "lora_B" in name:  # 0 when injected: give the adapters something to merge
+                param.normal_(generator=torch.Generator().manual_seed(2))
+    objective.refresh_old_values()
+    hidden = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(objective.old_value_head(hidden), head.eval()(hidden))
