@@ -31,6 +31,7 @@ class SampleResult:
     error_message: str
     duration_s: float
     exact_match: bool | None = None
+    failed_case: int | None = None  # stdin/stdout tests: the first failing case, counted public, private, generated
 
 
 @dataclass
@@ -150,7 +151,7 @@ def evaluate_completions(
     samples = [
         SampleResult(
             task_id, index, completion, program, result.status, result.error_class, result.error_message,
-            result.duration_s, benchmark.exact_match(problem_of[task_id], program),
+            result.duration_s, benchmark.exact_match(problem_of[task_id], program), result.extra.get("failed_case"),
         )
         for (task_id, index, completion, program), result in zip(jobs, results)
     ]

@@ -2,7 +2,7 @@
 
 Two kinds of test: an `AssertProgram` (MBPP, HumanEval: the program text ends with its asserts; it
 passes when they all complete) and a `StdioProgram` (CodeContests: each input is fed on stdin and the
-output compared after whitespace normalisation).
+output compared token by token, as CodeContests' own checker does).
 
 Design: each worker is a fork server (`sandbox_worker.py`), a fresh interpreter that has imported
 only the standard library, set up the shared isolation once, and forks one child per program. The
@@ -22,6 +22,7 @@ import math
 import os
 import pwd
 import queue
+import re
 import select
 import signal
 import struct
@@ -115,9 +116,28 @@ class ExecutionResult:
         return asdict(self)
 
 
-def normalize_output(text: str) -> str:
-    """Whitespace normalisation for stdin/stdout problems: runs of whitespace are one separator."""
-    return " ".join(text.split())
+_INTEGER = re.compile(r"[+-]?\d+")
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+FLOAT_TOLERANCE = 1e-5
+
+
+def outputs_match(output: str, expected: str) -> bool:
+    """CodeContests' checker (`OutputsMatch` in deepmind/code_contests): the outputs split at
+    whitespace into the same number of tokens, compared case-insensitively; two numbers where either
+    is not an integer match within an absolute 1e-5, integers exactly (the reference compares them
+    as doubles too, which lets integers beyond 2**53 that differ match)."""
+    got, want = output.lower().split(), expected.lower().split()
+    return len(got) == len(want) and all(_tokens_match(a, b) for a, b in zip(got, want))
+
+
+def _tokens_match(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    if _INTEGER.fullmatch(a) and _INTEGER.fullmatch(b):
+        return int(a) == int(b)
+    if _DECIMAL.fullmatch(a) and _DECIMAL.fullmatch(b):
+        return abs(float(a) - float(b)) < FLOAT_TOLERANCE
+    return False
 
 
 class SandboxError(RuntimeError):
@@ -275,7 +295,7 @@ def _stdio_verdict(reply: dict, expected: str) -> ExecutionResult:
     result = ExecutionResult("passed", None, "", 0, reply["stdout"], reply["stderr"], reply["duration_s"], reply["cpu_s"])
     if reply["stdout_truncated"]:
         result.status, result.error_class = "failed", "OutputLimitExceeded"
-    elif normalize_output(reply["stdout"]) != normalize_output(expected):
+    elif not outputs_match(reply["stdout"], expected):
         result.status, result.error_class = "failed", "WrongAnswer"
     return result
 
