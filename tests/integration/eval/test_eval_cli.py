@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -69,6 +70,24 @@ def test_generates_with_a_model(in_tmp_repo: Path, shared_data: Path) -> None:
     report = json.loads((in_tmp_repo / "model.json").read_text())
     assert (report["n_problems"], report["n_samples"]) == (2, 4)
     assert report["metadata"]["source"] == "model" and report["metadata"]["generated_tokens"] > 0
+    assert set(report["pass_at_k"]) == {"1", "2"}
+
+
+def test_generates_humaneval_with_a_model(in_tmp_repo: Path, shared_data: Path) -> None:
+    done = wmtp_eval(
+        in_tmp_repo, shared_data, "--model", "micro", "--benchmark", "humaneval", "--limit", "2", "--n-samples", "2",
+        "--k", "1,2", "--max-new-tokens", "16", "--output", "humaneval.json", "tracking.enabled=false", "device=cpu",
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads((in_tmp_repo / "humaneval.json").read_text())
+    assert (report["benchmark"], report["n_problems"], report["n_samples"]) == ("humaneval", 2, 4)
+    assert [row["task_id"] for row in report["per_problem"]] == ["HumanEval/0", "HumanEval/1"]
+    assert report["metadata"]["template"] and report["metadata"]["generated_tokens"] > 0
+    with gzip.open(shared_data / "humaneval" / "HumanEval.jsonl.gz", "rt") as lines:
+        prompts = [json.loads(line)["prompt"] for line in lines][:2]
+    for sample in report["samples"]:  # the program is the prompt completed by the model, then tested
+        assert sample["program"].startswith(prompts[int(sample["task_id"].split("/")[1])])
+        assert sample["status"] in ("passed", "failed", "timeout") and sample["error_class"] != "SandboxError"
     assert set(report["pass_at_k"]) == {"1", "2"}
 
 
