@@ -226,10 +226,12 @@ class Attention(nn.Module):
         if bias is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, enable_gqa=repeats > 1)
         else:
-            # Memory-efficient kernels take a mask but not GQA: expand the K/V heads instead.
-            if repeats > 1:
+            # CUDA's memory-efficient kernels take a mask but not GQA: expand the K/V heads there
+            # (the CPU kernel takes both, and copying the whole cache each call would cost more).
+            expand = repeats > 1 and q.device.type != "cpu"
+            if expand:
                 k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=repeats > 1 and not expand)
         return self.wo(out.transpose(1, 2).reshape(batch, length, -1))
 
 
