@@ -1,22 +1,28 @@
 """Plain greedy vs self-speculative greedy decoding: tokens/s side by side, acceptance per head.
 
-Speculation only pays with heads that predict well, so by default the script first trains a small
-MTP model on code: a byte-level BPE (1024 tokens) fitted to MBPP solutions, and a LLaMA-style
-model (8 trunk blocks + n heads, dim 128) trained on them with `mtp_forward_backward` for a few
-thousand steps, until it has memorised them (saved under --work-dir for reruns). Or give `--checkpoint` (anything `load_model` reads) to decode with that model.
+Speculation only pays with heads that predict well, and only where running the model over a few
+tokens costs about what one token does (matrix products bound by reading the weights, not by
+per-op dispatch). So by default the script first trains such a model on code: a byte-level BPE
+(2048 tokens) fitted to all MBPP train solutions, and a LLaMA-style model (8 trunk blocks + 4 heads,
+dim 384, 22M parameters: 7 MB of weights per block, 85 MB in all, more than the L3 cache) trained
+with `mtp_forward_backward` on the first 32 MBPP train programs until it has mostly memorised them
+(600 steps, ~8 minutes on 2 cores; saved under --work-dir, reuse it with --checkpoint).
 
-Both decoders then continue the same prompts (the first line of MBPP programs) with batch size 1,
-alternating prompt by prompt so the load of a shared machine hits both alike, and the script checks
-that they produced the same tokens. Prompts come from two sets: programs the model was trained on
-(its heads know them: high acceptance, the regime of predictable code) and held-out MBPP test
-programs (what a barely trained small model does on new problems).
+Both decoders then continue the same prompts (the first `def` line of MBPP programs) with batch
+size 1, alternating prompt by prompt so the load of a shared machine hits both alike, and the script
+checks that they produced the same tokens. Three prompt sets: programs the model was trained on (its
+heads know them: the regime of predictable code) and held-out MBPP validation and test programs
+(what a small model trained on 32 programs does on new problems).
 
     .venv/bin/python benchmarks/speculative_decoding.py                       # train, then decode
-    .venv/bin/python benchmarks/speculative_decoding.py --steps 600 --heads 4
+    .venv/bin/python benchmarks/speculative_decoding.py --checkpoint storage/bench/speculative/model \
+        --draft-heads 2,3,4                                                   # one row per number of heads
     .venv/bin/python benchmarks/speculative_decoding.py --checkpoint storage/runs/x/checkpoints/final
 
 Tokens/s counts the generated tokens (prompt processing included in the time) over the wall time;
 each decode runs `--repeats` times and the fastest counts, since a shared machine only adds time.
+"Step cost" is the time of one speculative step (one model call) over one plain step, so
+speed-up = tokens per forward / step cost.
 """
 
 from __future__ import annotations
@@ -70,8 +76,8 @@ def fit_tokenizer(programs: list[str], directory: Path, vocab_size: int) -> Toke
 
 
 def train_model(programs: list[str], tokenizer: Tokenizer, args: argparse.Namespace) -> MTPTransformer:
-    model_args = ModelArgs(dim=args.dim, n_layers=args.trunk_layers + args.heads, n_heads=args.dim // 32,
-                           n_kv_heads=max(1, args.dim // 64), vocab_size=tokenizer.vocab_size,
+    model_args = ModelArgs(dim=args.dim, n_layers=args.trunk_layers + args.heads, n_heads=max(1, args.dim // 64),
+                           n_kv_heads=max(1, args.dim // 128), vocab_size=tokenizer.vocab_size,
                            ffn_hidden_dim=3 * args.dim, rope_theta=10000.0, n_future_tokens=args.heads,
                            tie_embeddings=True)
     model = MTPTransformer(model_args)
@@ -110,31 +116,41 @@ def best_time(decode, repeats: int):
     return min(times), result
 
 
-def benchmark(model, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int, repeats: int) -> dict:
+def benchmark(model, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int, repeats: int,
+              draft_heads: list[int]) -> list[dict]:
+    """Plain greedy and speculative greedy with each number of heads in `draft_heads`, prompt by prompt."""
     encoded = [tokenizer.encode(p) for p in prompts]
     # warm-up (allocator, kernels)
     generate_ids(model, [encoded[0]], max_new_tokens=8)
     speculative_generate_ids(model, encoded[0], max_new_tokens=8)
-    plain_time = speculative_time = 0.0
-    plain_tokens = speculative_tokens = mismatches = 0
-    stats = SpeculativeStats(model.n_future_tokens)
+    plain_time, plain_tokens = 0.0, 0
+    times = dict.fromkeys(draft_heads, 0.0)
+    stats = {n: SpeculativeStats(n) for n in draft_heads}
+    mismatches = dict.fromkeys(draft_heads, 0)
     for prompt in encoded:
         seconds, [plain] = best_time(lambda p=prompt: generate_ids(
             model, [p], max_new_tokens=max_new_tokens, stop_ids=tokenizer.stop_ids), repeats)
         plain_time += seconds
-        seconds, (fast, prompt_stats) = best_time(lambda p=prompt: speculative_generate_ids(
-            model, p, max_new_tokens=max_new_tokens, stop_ids=tokenizer.stop_ids), repeats)
-        speculative_time += seconds
         plain_tokens += len(plain.token_ids)
-        speculative_tokens += len(fast.token_ids)
-        mismatches += fast.token_ids != plain.token_ids
-        stats.add(prompt_stats)
-    return {
-        "prompts": len(prompts), "tokens": plain_tokens, "mismatches": mismatches,
-        "plain_tok_s": plain_tokens / plain_time, "speculative_tok_s": speculative_tokens / speculative_time,
-        "speedup": (speculative_tokens / speculative_time) / (plain_tokens / plain_time),
-        "tokens_per_forward": stats.tokens_per_forward, "acceptance": stats.acceptance_rates,
-    }
+        for n in draft_heads:
+            seconds, (fast, prompt_stats) = best_time(lambda p=prompt, n=n: speculative_generate_ids(
+                model, p, max_new_tokens=max_new_tokens, stop_ids=tokenizer.stop_ids, n_heads=n), repeats)
+            times[n] += seconds
+            mismatches[n] += fast.token_ids != plain.token_ids
+            stats[n].add(prompt_stats)
+    plain_tok_s = plain_tokens / plain_time
+    plain_step_ms = 1e3 * plain_time / plain_tokens  # one forward per token
+    rows = []
+    for n in draft_heads:
+        tok_s = stats[n].new_tokens / times[n]
+        step_ms = 1e3 * times[n] / stats[n].forwards
+        rows.append({
+            "heads": n, "prompts": len(prompts), "tokens": plain_tokens, "mismatches": mismatches[n],
+            "plain_tok_s": plain_tok_s, "speculative_tok_s": tok_s, "speedup": tok_s / plain_tok_s,
+            "tokens_per_forward": stats[n].tokens_per_forward, "acceptance": stats[n].acceptance_rates,
+            "plain_step_ms": plain_step_ms, "speculative_step_ms": step_ms, "step_cost": step_ms / plain_step_ms,
+        })
+    return rows
 
 
 def main() -> int:
@@ -144,28 +160,31 @@ def main() -> int:
                         help="the paths.raw_data directory holding mbpp/ (default: %(default)s)")
     parser.add_argument("--heads", type=int, default=4, help="MTP heads (n_future_tokens)")
     parser.add_argument("--trunk-layers", type=int, default=8)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--vocab-size", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--vocab-size", type=int, default=2048,
+                        help="BPE fitted to all MBPP train solutions")
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--train-programs", type=int, default=16,
-                        help="train on the first N MBPP train+validation programs (0: all)")
+    parser.add_argument("--train-programs", type=int, default=32,
+                        help="train on the first N MBPP train programs (0: all)")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per set")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3, help="time each decode this many times, keep the fastest")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for decoding (default 1)")
+    parser.add_argument("--train-threads", type=int, default=2, help="torch CPU threads for training")
+    parser.add_argument("--draft-heads", default="",
+                        help="comma-separated numbers of heads to draft with, one row each (default: all)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=Path("storage/bench/speculative"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    train_programs = read_programs(args.raw_data, "train") + read_programs(args.raw_data, "validation")
-    if args.train_programs:
-        train_programs = train_programs[: args.train_programs]
-    test_programs = read_programs(args.raw_data, "test")
+    all_train_programs = read_programs(args.raw_data, "train")
+    train_programs = all_train_programs[: args.train_programs or None]
     if args.checkpoint:
         from weighted_mtp.models.loading import load_model
 
@@ -174,24 +193,37 @@ def main() -> int:
     else:
         from weighted_mtp.models.checkpoints.native import save
 
-        tokenizer = fit_tokenizer(train_programs, args.work_dir / "tokenizer", args.vocab_size)
+        tokenizer = fit_tokenizer(all_train_programs, args.work_dir / "tokenizer", args.vocab_size)
+        torch.set_num_threads(args.train_threads)
         model = train_model(train_programs, tokenizer, args)
+        torch.set_num_threads(args.threads)
         save(model, args.work_dir / "model", tokenizer=tokenizer)
         print(f"saved to {args.work_dir / 'model'} (rerun with --checkpoint to skip training)")
 
     print(f"\ngreedy decoding, batch size 1, up to {args.max_new_tokens} new tokens, "
-          f"{torch.get_num_threads()} thread(s), {model.n_future_tokens} heads")
-    header = f"{'prompts':<22} {'plain tok/s':>11} {'spec tok/s':>10} {'speed-up':>8} {'tok/fwd':>7}  acceptance (heads 2..n)"
+          f"{torch.get_num_threads()} thread(s), {model.n_future_tokens} heads, fastest of {args.repeats}")
+    header = (f"{'prompts':<24} {'heads':>5} {'plain tok/s':>11} {'spec tok/s':>10} {'speed-up':>8} {'tok/fwd':>7} "
+              f"{'step cost':>9}  acceptance (heads 2..n)")
     print(header)
     print("-" * len(header))
-    sets = {"trained-on programs": train_programs, "held-out (MBPP test)": test_programs}
+    sets = {"trained-on (MBPP train)": train_programs,
+            "held-out (MBPP valid.)": read_programs(args.raw_data, "validation"),
+            "held-out (MBPP test)": read_programs(args.raw_data, "test")}
+    draft_heads = [int(n) for n in args.draft_heads.split(",")] if args.draft_heads else [model.n_future_tokens]
+    results = {}
     for name, programs in sets.items():
         prompts = [first_line_prompt(p) for p in programs[: args.prompts]]
-        r = benchmark(model, tokenizer, prompts, args.max_new_tokens, args.repeats)
-        acceptance = " ".join(f"{a:.2f}" for a in r["acceptance"])
-        print(f"{name:<22} {r['plain_tok_s']:>11.1f} {r['speculative_tok_s']:>10.1f} {r['speedup']:>7.2f}x "
-              f"{r['tokens_per_forward']:>7.2f}  {acceptance}   ({r['tokens']} tokens, "
-              f"{r['mismatches']} of {r['prompts']} outputs differ from plain greedy)", flush=True)
+        results[name] = benchmark(model, tokenizer, prompts, args.max_new_tokens, args.repeats, draft_heads)
+        for r in results[name]:
+            acceptance = " ".join(f"{a:.2f}" for a in r["acceptance"])
+            print(f"{name:<24} {r['heads']:>5} {r['plain_tok_s']:>11.1f} {r['speculative_tok_s']:>10.1f} "
+                  f"{r['speedup']:>7.2f}x {r['tokens_per_forward']:>7.2f} {r['step_cost']:>8.2f}x  {acceptance:<15} "
+                  f"({r['tokens']} tokens, {r['mismatches']} of {r['prompts']} outputs differ from plain greedy)",
+                  flush=True)
+    print("\nstep cost: a speculative step's time over a plain step's (plain: "
+          f"{results[name][0]['plain_step_ms']:.2f} ms); speed-up = tokens per forward / step cost")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
     return 0
 
 

@@ -124,3 +124,44 @@ def test_bad_arguments_are_rejected() -> None:
         speculative_generate_ids(model, [1], n_heads=5)
     with pytest.raises(ValueError, match="at least one token"):
         speculative_generate_ids(model, [])
+
+
+def recomputed_speculative(model: MTPTransformer, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """Blockwise decoding without a cache: every step runs the whole model over the whole sequence.
+
+    Returns the tokens and, per verification, how many drafts it checked and accepted: what the cached decoder
+    must reproduce if its draft heads' caches hold exactly the accepted tokens' keys and values.
+    """
+    sequence, generated, verifications = list(prompt), [], []
+    all_heads = model(torch.tensor([sequence]), return_all_heads=True).logits[0, -1].argmax(-1).tolist()
+    next_token, drafts = all_heads[0], all_heads[1:]
+    while True:
+        generated.append(next_token)
+        if len(generated) == max_new_tokens:
+            return generated, verifications
+        drafts = drafts[: max_new_tokens - len(generated) - 1]
+        block = [next_token, *drafts]
+        greedy = model(torch.tensor([sequence + block]), return_all_heads=True).logits[0, len(sequence):].argmax(-1)
+        n_accepted = 0
+        while n_accepted < len(drafts) and drafts[n_accepted] == greedy[n_accepted, 0]:
+            n_accepted += 1
+        verifications.append((len(drafts), n_accepted))
+        generated += drafts[:n_accepted]
+        if len(generated) >= max_new_tokens:
+            return generated[:max_new_tokens], verifications
+        sequence += block[: n_accepted + 1]
+        next_token, drafts = int(greedy[n_accepted, 0]), greedy[n_accepted, 1:].tolist()
+
+
+@torch.inference_mode()
+def test_drafts_and_acceptances_match_a_decoder_without_cache(trained_model: MTPTransformer) -> None:
+    generator = torch.Generator().manual_seed(9)
+    for prompt in word_sequences(3, 7, generator).tolist():
+        tokens, verifications = recomputed_speculative(trained_model, prompt, 45)
+        result, stats = speculative_generate_ids(trained_model, prompt, max_new_tokens=45)
+        assert result.token_ids == tokens
+        assert stats.forwards == 1 + len(verifications)
+        expected = SpeculativeStats(trained_model.n_future_tokens)
+        for n_drafts, n_accepted in verifications:
+            expected.record(n_drafts, n_accepted)
+        assert (stats.drafted, stats.accepted) == (expected.drafted, expected.accepted)

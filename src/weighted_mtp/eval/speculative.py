@@ -3,13 +3,16 @@
 Blockwise parallel decoding (Stern et al. 2018) as Gloeckle et al. (2024, section 3.2, appendix A)
 apply it to multi-token prediction: at the last accepted position, head 1 gives the next token `g`
 (certain: it is the greedy token) and heads 2..n draft the n - 1 tokens after it. One forward of the
-trunk and head 1 over the block [g, draft_2, ..., draft_n] then verifies every draft at once: head 1's
+trunk and every head over the block [g, draft_2, ..., draft_n] then does two things at once. Head 1's
 greedy token at each block position is what plain greedy decoding would produce there, so the drafts
-are accepted while they match it. The accepted prefix is kept, head 1's own token after it becomes the
-next `g`, and heads 2..n run over the accepted positions only, which keeps their caches exactly as if
-every token had been decoded one by one and gives the next drafts. Rejected positions are never
-cleaned up: the next block is written over them (`start_pos` rolls back), and attention never looks
-past the block being computed.
+are accepted while they match it, and head 1's own token after the accepted prefix becomes the next
+`g`. Heads 2..n at that same position give the next drafts: causal attention means their output there
+depends on the accepted tokens only. Positions past the accepted prefix are never cleaned up in any
+cache: the next block is written over them (`start_pos` rolls back), and attention never looks past
+the block being computed.
+
+Each step is thus one model call: the trunk and n heads over at most n tokens, and one unembedding
+matmul for all heads and positions, whose argmax comes back in one `tolist`.
 
 The output is token for token the output of plain greedy decoding (up to floating-point ties: the
 block forward computes the same values with different matrix shapes). Batch size 1, greedy only.
@@ -70,17 +73,18 @@ class SpeculativeStats:
                 "tokens_per_forward": self.tokens_per_forward, "acceptance_rates": self.acceptance_rates}
 
 
-def _greedy(model, hidden: Tensor) -> list[int]:
-    """Greedy tokens from head outputs [T, D] (shared norm and unembedding)."""
+def _greedy_per_head(model, tokens: Tensor, n_heads: int, start_pos: int, cache, *, last_only: bool) -> list:
+    """One forward of the trunk and heads 1..n_heads over tokens [1, T], writing every cache.
+
+    Returns each head's greedy token at each position ([n_heads][T]), or at the last position only
+    ([n_heads]). All heads' rows go through the shared norm and unembedding in one matmul, so the
+    unembedding's weights are read once per step, and one `tolist` brings every token back at once.
+    """
+    h_trunk = model.trunk_forward(tokens, start_pos=start_pos, cache=cache)
+    hidden = torch.cat([model.head_forward(k, h_trunk, start_pos=start_pos, cache=cache) for k in range(n_heads)])
+    if last_only:
+        hidden = hidden[:, -1]
     return model.logits(hidden).argmax(dim=-1).tolist()
-
-
-def _draft(model, h_trunk: Tensor, n_heads: int, start_pos: int, cache) -> list[int]:
-    """Run heads 2..n_heads over h_trunk [1, T, D] (writing their caches); their tokens at the last position."""
-    if n_heads == 1:
-        return []
-    last = [model.head_forward(k, h_trunk, start_pos=start_pos, cache=cache)[0, -1] for k in range(1, n_heads)]
-    return _greedy(model, torch.stack(last))
 
 
 @torch.inference_mode()
@@ -110,9 +114,8 @@ def speculative_generate_ids(
     stats = SpeculativeStats(n_heads)
     cache = model.new_cache(1, len(prompt) + max_new_tokens + n_heads)
 
-    h_trunk = model.trunk_forward(torch.tensor([list(prompt)], device=device), cache=cache)
-    next_token = _greedy(model, model.head_forward(0, h_trunk, cache=cache)[0, -1:])[0]
-    drafts = _draft(model, h_trunk, n_heads, 0, cache)
+    prompt_tokens = torch.tensor([list(prompt)], device=device)
+    next_token, *drafts = _greedy_per_head(model, prompt_tokens, n_heads, 0, cache, last_only=True)
     stats.forwards += 1
     position = len(prompt)  # where next_token goes
     generated: list[int] = []
@@ -133,8 +136,7 @@ def speculative_generate_ids(
             return result, stats
         drafts = drafts[: max_new_tokens - len(generated) - 1]  # no point verifying past the budget
         block = torch.tensor([[next_token, *drafts]], device=device)
-        h_trunk = model.trunk_forward(block, start_pos=position, cache=cache)
-        verified = _greedy(model, model.head_forward(0, h_trunk, start_pos=position, cache=cache)[0])
+        verified, *drafted = _greedy_per_head(model, block, n_heads, position, cache, last_only=False)
         stats.forwards += 1
         n_accepted = 0
         while n_accepted < len(drafts) and drafts[n_accepted] == verified[n_accepted]:
@@ -143,6 +145,8 @@ def speculative_generate_ids(
         for token in drafts[:n_accepted]:
             if (result := finished(token)) is not None:
                 return result, stats
+        # Every head saw the whole block; at the last accepted position head 1 gives the next token
+        # and heads 2..n its drafts. Their cache entries past that position are rewritten next step.
         next_token = verified[n_accepted]
-        drafts = _draft(model, h_trunk[:, : n_accepted + 1], n_heads, position, cache)
+        drafts = [tokens[n_accepted] for tokens in drafted]
         position += n_accepted + 1
