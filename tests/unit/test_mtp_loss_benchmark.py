@@ -1,14 +1,12 @@
-"""Smoke test of benchmarks/mtp_loss_memory.py: one configuration measured in-process, and the table."""
+"""Smoke test of benchmarks/mtp_loss_memory.py: one configuration measured in its own process, and the table."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 
 import pytest
-import torch
 
 
 @pytest.fixture(scope="module")
@@ -23,17 +21,14 @@ def bench(repo_root):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU peak is read from /proc")
 @pytest.mark.parametrize("loss", ["naive", "efficient"])
-def test_worker_measures_a_positive_peak_and_step_time(bench, loss, capsys):
+def test_worker_measures_a_positive_peak_and_step_time(bench, loss):
+    """Through the driver, as the benchmark runs it: a fresh process per configuration, since the peak
+    is the process's resident high-water mark above its state right after importing torch."""
     args = argparse.Namespace(
-        loss=loss, n=2, shape="micro", batch=2, seq=32, dtype="float32", device="cpu", repeats=1,
+        shape="micro", batch=2, seq=32, dtype="float32", device="cpu", repeats=1,
         chunk_size=16, threads=1, activation_checkpointing=False,
     )
-    threads = torch.get_num_threads()
-    try:
-        bench.run_worker(args)
-    finally:
-        torch.set_num_threads(threads)  # the worker sets it for its own process
-    result = bench.Result(**json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    result = bench.run_configuration(args, loss, 2)
     assert result.loss == loss and result.n == 2
     assert result.peak_bytes > 0 and result.step_s > 0
     assert result.flops == bench.forward_flops_per_token(bench.SHAPES["micro"], 2, 32)
