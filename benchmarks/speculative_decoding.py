@@ -3,10 +3,10 @@
 Speculation only pays with heads that predict well, and only where running the model over a few
 tokens costs about what one token does (matrix products bound by reading the weights, not by
 per-op dispatch). So by default the script first trains such a model on code: a byte-level BPE
-(2048 tokens) fitted to all MBPP train solutions, and a LLaMA-style model (8 trunk blocks + 4 heads,
-dim 384, 22M parameters: 7 MB of weights per block, 85 MB in all, more than the L3 cache) trained
-with `mtp_forward_backward` on the first 32 MBPP train programs until it has mostly memorised them
-(600 steps, ~8 minutes on 2 cores; saved under --work-dir, reuse it with --checkpoint).
+(2048 tokens) fitted to all MBPP train solutions, and a LLaMA-style model (12 trunk blocks + 4 heads,
+dim 384, 29M parameters: 7 MB of weights per block, 116 MB in all, well over the L3 cache) trained
+with `mtp_forward_backward` on the first 16 MBPP train programs until it has mostly memorised them
+(600 steps, ~10 minutes on 2 cores; saved under --work-dir, reuse it with --checkpoint).
 
 Both decoders then continue the same prompts (the first `def` line of MBPP programs) with batch
 size 1, alternating prompt by prompt so the load of a shared machine hits both alike, and the script
@@ -51,13 +51,21 @@ def read_programs(raw_data: Path, split: str) -> list[str]:
         return [json.loads(line)["code"].replace("\r\n", "\n") for line in handle if line.strip()]
 
 
-def first_line_prompt(program: str) -> str:
-    """The program up to the end of its first `def` line: the prompt to continue."""
+def first_line_prompt(tokenizer: Tokenizer, program: str) -> list[int]:
+    """The program's tokens up to the end of its first `def` line: the prompt to continue.
+
+    Cut from the whole program's tokens, not encoded alone, so the prompt ends on the token boundary
+    the model saw in context (encoding "def f(x):\n" alone would end in a lone "\n" token where the
+    program has "\n\t", which puts a model that memorised the program off its track).
+    """
     lines = program.split("\n")
-    for i, line in enumerate(lines):
-        if line.lstrip().startswith("def "):
-            return "\n".join(lines[: i + 1]) + "\n"
-    return lines[0] + "\n"
+    def_line = next((i for i, line in enumerate(lines) if line.lstrip().startswith("def ")), 0)
+    prompt_chars = len("\n".join(lines[: def_line + 1])) + 1
+    ids = tokenizer.encode(program)
+    for end in range(1, len(ids) + 1):
+        if len(tokenizer.decode(ids[:end])) >= prompt_chars:
+            return ids[:end]
+    return ids
 
 
 def fit_tokenizer(programs: list[str], directory: Path, vocab_size: int) -> Tokenizer:
@@ -116,10 +124,9 @@ def best_time(decode, repeats: int):
     return min(times), result
 
 
-def benchmark(model, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int, repeats: int,
+def benchmark(model, tokenizer: Tokenizer, encoded: list[list[int]], max_new_tokens: int, repeats: int,
               draft_heads: list[int]) -> list[dict]:
     """Plain greedy and speculative greedy with each number of heads in `draft_heads`, prompt by prompt."""
-    encoded = [tokenizer.encode(p) for p in prompts]
     # warm-up (allocator, kernels)
     generate_ids(model, [encoded[0]], max_new_tokens=8)
     speculative_generate_ids(model, encoded[0], max_new_tokens=8)
@@ -145,7 +152,7 @@ def benchmark(model, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: i
         tok_s = stats[n].new_tokens / times[n]
         step_ms = 1e3 * times[n] / stats[n].forwards
         rows.append({
-            "heads": n, "prompts": len(prompts), "tokens": plain_tokens, "mismatches": mismatches[n],
+            "heads": n, "prompts": len(encoded), "tokens": plain_tokens, "mismatches": mismatches[n],
             "plain_tok_s": plain_tok_s, "speculative_tok_s": tok_s, "speedup": tok_s / plain_tok_s,
             "tokens_per_forward": stats[n].tokens_per_forward, "acceptance": stats[n].acceptance_rates,
             "plain_step_ms": plain_step_ms, "speculative_step_ms": step_ms, "step_cost": step_ms / plain_step_ms,
@@ -159,7 +166,7 @@ def main() -> int:
     parser.add_argument("--raw-data", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data",
                         help="the paths.raw_data directory holding mbpp/ (default: %(default)s)")
     parser.add_argument("--heads", type=int, default=4, help="MTP heads (n_future_tokens)")
-    parser.add_argument("--trunk-layers", type=int, default=8)
+    parser.add_argument("--trunk-layers", type=int, default=12)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--vocab-size", type=int, default=2048,
                         help="BPE fitted to all MBPP train solutions")
@@ -167,7 +174,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--train-programs", type=int, default=32,
+    parser.add_argument("--train-programs", type=int, default=16,
                         help="train on the first N MBPP train programs (0: all)")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per set")
     parser.add_argument("--max-new-tokens", type=int, default=96)
@@ -212,7 +219,7 @@ def main() -> int:
     draft_heads = [int(n) for n in args.draft_heads.split(",")] if args.draft_heads else [model.n_future_tokens]
     results = {}
     for name, programs in sets.items():
-        prompts = [first_line_prompt(p) for p in programs[: args.prompts]]
+        prompts = [first_line_prompt(tokenizer, p) for p in programs[: args.prompts]]
         results[name] = benchmark(model, tokenizer, prompts, args.max_new_tokens, args.repeats, draft_heads)
         for r in results[name]:
             acceptance = " ".join(f"{a:.2f}" for a in r["acceptance"])
