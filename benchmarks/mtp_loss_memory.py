@@ -49,6 +49,9 @@ SHAPES = {
     "smollm2-8l": dict(dim=576, trunk_layers=8, n_heads=9, n_kv_heads=3, vocab_size=49152, ffn_hidden_dim=1536),
     # LLaMA-7B / Meta's 7B MTP model: heads are cheap next to a 32-block trunk.
     "llama-7b": dict(dim=4096, trunk_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000, ffn_hidden_dim=11008),
+    # LLaMA-7B's proportions at 1/8 width, FFN and vocabulary (head_dim 128, 32-block trunk): a head
+    # (block + unembedding) costs the same fraction of the trunk as at 7B, and it fits a CPU.
+    "llama-7b-eighth": dict(dim=512, trunk_layers=32, n_heads=4, n_kv_heads=4, vocab_size=4000, ffn_hidden_dim=1376),
     # Seconds-long, for the script's own smoke test.
     "micro": dict(dim=64, trunk_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1024, ffn_hidden_dim=128),
 }
@@ -92,7 +95,7 @@ def run_worker(args: argparse.Namespace) -> None:
     shape = dict(SHAPES[args.shape])
     trunk_layers = shape.pop("trunk_layers")
     model_args = ModelArgs(
-        **shape, n_layers=trunk_layers + args.n, n_future_tokens=args.n, tie_embeddings=args.shape != "llama-7b"
+        **shape, n_layers=trunk_layers + args.n, n_future_tokens=args.n, tie_embeddings=not args.shape.startswith("llama-7b")
     )
     with device:
         model = MTPTransformer(model_args).to(getattr(torch, args.dtype))
