@@ -3,10 +3,10 @@
 Speculation only pays with heads that predict well, and only where running the model over a few
 tokens costs about what one token does (matrix products bound by reading the weights, not by
 per-op dispatch). So by default the script first trains such a model on code: a byte-level BPE
-(2048 tokens) fitted to all MBPP train solutions, and a LLaMA-style model (12 trunk blocks + 4 heads,
-dim 384, 29M parameters: 7 MB of weights per block, 116 MB in all, well over the L3 cache) trained
+(2048 tokens) fitted to all MBPP train solutions, and a LLaMA-style model (8 trunk blocks + 4 heads,
+dim 384, 22M parameters: 7 MB of weights per block, 85 MB in all, more than the L3 cache) trained
 with `mtp_forward_backward` on the first 16 MBPP train programs until it has mostly memorised them
-(600 steps, ~10 minutes on 2 cores; saved under --work-dir, reuse it with --checkpoint).
+(600 steps, ~7 minutes on 2 idle cores; saved under --work-dir, reuse it with --checkpoint).
 
 Both decoders then continue the same prompts (the first `def` line of MBPP programs) with batch
 size 1, alternating prompt by prompt so the load of a shared machine hits both alike, and the script
@@ -166,7 +166,7 @@ def main() -> int:
     parser.add_argument("--raw-data", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data",
                         help="the paths.raw_data directory holding mbpp/ (default: %(default)s)")
     parser.add_argument("--heads", type=int, default=4, help="MTP heads (n_future_tokens)")
-    parser.add_argument("--trunk-layers", type=int, default=12)
+    parser.add_argument("--trunk-layers", type=int, default=8)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--vocab-size", type=int, default=2048,
                         help="BPE fitted to all MBPP train solutions")
