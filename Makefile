@@ -33,8 +33,16 @@ demo: setup
 	$(BIN)/wmtp train --recipe baseline --preset local-light
 	$(BIN)/wmtp eval --model storage/runs/baseline/final --benchmark mbpp --preset local-light --n-samples 2 --k 1,2
 
+# Side-by-side benchmarks (see benchmarks/README.md); each prints its own ratios.
 bench: setup
 	$(BIN)/python benchmarks/mtp_loss_memory.py
+	$(BIN)/python benchmarks/mtp_loss_memory.py --shape llama-7b-eighth --losses efficient
+	$(BIN)/python benchmarks/data_index_memory.py
+	$(BIN)/python benchmarks/sandbox_throughput.py --split test
+	$(BIN)/python benchmarks/bench_weighting.py
+	$(BIN)/python benchmarks/model_forward.py
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/speculative_decoding.py
 
 clean:
 	rm -rf $(VENV) storage .pytest_cache .coverage
