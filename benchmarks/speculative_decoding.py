@@ -7,16 +7,20 @@ per-op dispatch). So by default the script first trains such a model on code: a 
 dim 384, 22M parameters: 7 MB of weights per block, 85 MB in all, more than the L3 cache) trained
 with `mtp_forward_backward` on the first 16 MBPP train programs until it has mostly memorised them
 (600 steps, ~7 minutes on 2 idle cores; saved under --work-dir, reuse it with --checkpoint).
+`--trunk-layers 12` trains a deeper trunk (29M parameters, ~9 minutes): its extra heads are a smaller
+share of a step, but with the same 600 steps its heads memorise less (docs/generation.md has both), so
+the default stays at 8.
 
 Both decoders then continue the same prompts (the first `def` line of MBPP programs) with batch
 size 1, alternating prompt by prompt so the load of a shared machine hits both alike, and the script
 checks that they produced the same tokens. Three prompt sets: programs the model was trained on (its
 heads know them: the regime of predictable code) and held-out MBPP validation and test programs
-(what a small model trained on 32 programs does on new problems).
+(what a small model trained on 16 programs does on new problems).
 
     .venv/bin/python benchmarks/speculative_decoding.py                       # train, then decode
     .venv/bin/python benchmarks/speculative_decoding.py --checkpoint storage/bench/speculative/model \
         --draft-heads 2,3,4                                                   # one row per number of heads
+    .venv/bin/python benchmarks/speculative_decoding.py --trunk-layers 12 --work-dir storage/bench/speculative-t12
     .venv/bin/python benchmarks/speculative_decoding.py --checkpoint storage/runs/x/checkpoints/final
 
 Tokens/s counts the generated tokens (prompt processing included in the time) over the wall time;
@@ -166,7 +170,7 @@ def main() -> int:
     parser.add_argument("--raw-data", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data",
                         help="the paths.raw_data directory holding mbpp/ (default: %(default)s)")
     parser.add_argument("--heads", type=int, default=4, help="MTP heads (n_future_tokens)")
-    parser.add_argument("--trunk-layers", type=int, default=8)
+    parser.add_argument("--trunk-layers", type=int, default=8, help="trunk blocks under the heads (default 8)")
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--vocab-size", type=int, default=2048,
                         help="BPE fitted to all MBPP train solutions")
