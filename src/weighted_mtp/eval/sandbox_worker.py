@@ -271,7 +271,7 @@ def clean_environment(workdir):
     }
 
 
-def child(request, settings, workdir, stdin_path, out_w, err_w, verdict_w, nonce):
+def child(request, settings, workdir, stdin_path, out_w, err_w, verdict_w, nonce, worker_pid):
     """Runs in the forked child; never returns."""
     exit_now, write = os._exit, os.write
     try:
@@ -297,6 +297,8 @@ def child(request, settings, workdir, stdin_path, out_w, err_w, verdict_w, nonce
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != worker_pid:  # the worker died before the signal was armed: nobody will reap us
+            exit_now(CHILD_SETUP_FAILED)
         os.chdir(workdir)
         os.environ.clear()
         os.environ.update(clean_environment(workdir))
@@ -367,10 +369,11 @@ def run_program(request, settings):
     err_r, err_w = os.pipe()
     verdict_r, verdict_w = os.pipe()
     start = time.monotonic()
+    worker_pid = os.getpid()
     pid = os.fork()
     if pid == 0:
         try:
-            child(request, settings, workdir, stdin_path, out_w, err_w, verdict_w, nonce)
+            child(request, settings, workdir, stdin_path, out_w, err_w, verdict_w, nonce, worker_pid)
         finally:
             os._exit(CHILD_SETUP_FAILED)
     for fd in (out_w, err_w, verdict_w):
