@@ -224,51 +224,40 @@ def capture(fn, *args):
         return str(exc)
 
 
-def can_import_as(uid):
-    """Whether a child running as `uid` can read the standard library and site-packages."""
+def succeeds_as(uid, check=lambda: True):
+    """Whether a forked child can become `uid` and then pass `check()`."""
     pid = os.fork()
     if pid == 0:
         try:
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
-            readable = all(os.access(p, os.R_OK | os.X_OK) for p in sys.path if os.path.isdir(p))
-            os._exit(0 if readable else 1)
+            os._exit(0 if check() else 1)
         except BaseException:
             os._exit(1)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status) == 0
 
 
+def can_import_as(uid):
+    """Whether a child running as `uid` can read the standard library and site-packages."""
+    return succeeds_as(uid, lambda: all(os.access(p, os.R_OK | os.X_OK) for p in sys.path if os.path.isdir(p)))
+
+
 def try_drop_test(uid):
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-            os._exit(0)
-        except BaseException:
-            os._exit(1)
-    _, status = os.waitpid(pid, 0)
-    return None if os.waitstatus_to_exitcode(status) == 0 else f"setuid({uid}) failed"
+    return None if succeeds_as(uid) else f"setuid({uid}) failed"
 
 
 # ----------------------------------------------------------------------------- one program
 
 
+# The harness starts this worker with a minimal environment (sandbox.WORKER_ENV); programs get that
+# plus their own home and temporary directory.
+WORKER_ENVIRONMENT = dict(os.environ)
+
+
 def clean_environment(workdir):
-    return {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": workdir,
-        "TMPDIR": workdir,
-        "LANG": "C.UTF-8",
-        "PYTHONHASHSEED": "0",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "OMP_NUM_THREADS": "1",
-        "OPENBLAS_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-    }
+    return {**WORKER_ENVIRONMENT, "HOME": workdir, "TMPDIR": workdir}
 
 
 def child(request, settings, workdir, stdin_path, out_w, err_w, verdict_w, nonce, worker_pid):
