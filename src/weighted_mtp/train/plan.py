@@ -99,11 +99,8 @@ def _scratch_paths(config: Config, scratch: Path) -> Config:
     named_model = config.model.name in ("micro", "smollm2-135m")
     if named_model and not (paths.models / "smollm2-135m" / "tokenizer.json").is_file():
         updates["models"] = scratch / "models"
-    splits = [config.data.split]
-    if not all(
-        SplitPaths.of(processed_dir(paths.datasets, config.data.dataset), split).metadata.is_file()
-        for split in splits
-    ):
+    processed = processed_dir(paths.datasets, config.data.dataset)
+    if not SplitPaths.of(processed, config.data.split).metadata.is_file():
         updates["datasets"] = scratch / "datasets"
     return config.model_copy(update={"paths": paths.model_copy(update=updates)}) if updates else config
 
