@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from weighted_mtp.errors import CheckpointError
+from weighted_mtp.errors import CheckpointError, ConfigError
 from weighted_mtp.models.checkpoints import RawCheckpoint, build_model, read_checkpoint
 from weighted_mtp.models.tokenizer import Tokenizer
 from weighted_mtp.models.transformer import MTPTransformer, build_micro_model
@@ -238,12 +238,18 @@ def load_model(
     return model, text_tokenizer
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    return torch.device(device)
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """`auto` picks this rank's GPU when there is one; `cuda` under torchrun means cuda:LOCAL_RANK."""
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} requested but CUDA is not available here")
+    return device
 
 
 def load_model_from_config(config) -> tuple[MTPTransformer, Tokenizer]:

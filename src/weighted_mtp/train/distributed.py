@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from weighted_mtp.errors import ConfigError
+from weighted_mtp.models.loading import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +40,6 @@ class DistEnv:
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto` picks this rank's GPU when there is one; `cuda` under torchrun means cuda:LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name!r} requested but CUDA is not available here")
-    return device
 
 
 def init_distributed(
