@@ -17,6 +17,12 @@ the two to 1e-5 in the loss and in every parameter's gradient.
 Label convention: `labels` is aligned with `input_ids` ([B, T], -100 = no loss). Head k (1-based) at
 position t predicts labels[:, t + k]; targets beyond the sequence or equal to -100 contribute nothing.
 Weights are constants (no gradient flows into whatever produced them).
+
+Normalisation: head k's loss is divided by its number of targets, by default those of the call's
+own batch. A training step that spans several calls (micro-batches, ranks) passes `target_counts`,
+the counts over the whole step (`head_target_counts` summed): each call then returns and
+backpropagates its share of the global batch's loss, and the shares add up to the loss of the
+whole batch in one call, however the batch was split.
 """
 
 from __future__ import annotations
@@ -37,11 +43,14 @@ WeightFn = Callable[[int, Tensor, Tensor], Tensor]
 
 @dataclass
 class MTPLossOutput:
+    """Detached results of one call. With `target_counts`, the means are this call's shares of the
+    step's means (sum(...) / target_counts[k]): adding them over the step's calls gives the means."""
+
     loss: Tensor  # scalar, detached: the total objective, trunk_loss_fn's part included
     head_losses: Tensor  # [n] weighted mean CE per head
     head_ce: Tensor  # [n] unweighted mean CE per head
     head_accuracy: Tensor  # [n] top-1 accuracy per head over unmasked targets
-    head_tokens: Tensor  # [n] number of unmasked targets per head
+    head_tokens: Tensor  # [n] number of unmasked targets per head (in this call)
     aux_loss: Tensor | None  # trunk_loss_fn's loss, detached
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
@@ -268,6 +277,30 @@ def head_targets(labels: Tensor, k: int) -> Tensor:
     return targets
 
 
+def head_target_counts(labels: Tensor, n_heads: int) -> Tensor:
+    """[n] number of targets of heads 1..n in `labels` (float64: exact when summed over a step)."""
+    valid = labels != IGNORE_INDEX
+    return torch.stack([valid[:, k:].sum() for k in range(1, n_heads + 1)]).double()
+
+
+def _step_counts(target_counts: Sequence[float] | Tensor | None, n: int) -> list[float | None]:
+    """Each head's count as a float, or None per head (each call normalises by its own count)."""
+    if target_counts is None:
+        return [None] * n
+    if isinstance(target_counts, Tensor):
+        target_counts = target_counts.tolist()
+    counts = [float(count) for count in target_counts]
+    if len(counts) != n:
+        raise ValueError(f"target_counts has {len(counts)} entries for {n} heads")
+    return counts
+
+
+def _denominator(tokens: Tensor, count: float | None, dtype: torch.dtype) -> Tensor:
+    """What head k's sums are divided by: the step's count if given, else this batch's (at least 1)."""
+    n = tokens if count is None else torch.tensor(count, dtype=torch.float64, device=tokens.device)
+    return n.clamp(min=1).to(dtype)
+
+
 def _resolve_heads(model: nn.Module, n_heads: int | None, head_weights: Sequence[float] | None) -> tuple[int, list[float]]:
     n_model = model.n_future_tokens
     n = n_model if n_heads is None else n_heads
@@ -306,9 +339,9 @@ class _HeadStats:
     tokens: Tensor
 
 
-def _head_stats(ce: Tensor, correct: Tensor, mask: Tensor, w: Tensor) -> _HeadStats:
+def _head_stats(ce: Tensor, correct: Tensor, mask: Tensor, w: Tensor, count: float | None) -> _HeadStats:
     tokens = mask.sum()
-    denom = tokens.clamp(min=1).to(ce.dtype)
+    denom = _denominator(tokens, count, ce.dtype)
     return _HeadStats(
         loss=(w.to(ce.dtype) * ce * mask).sum() / denom,
         ce=(ce.detach() * mask).sum() / denom,
@@ -356,11 +389,13 @@ def _head_loss(
     chunk_size: int,
     weight_grad: Tensor | None = None,
     weight_scale: float = 1.0,
+    count: float | None = None,
 ) -> _HeadStats:
     """Head k0's block, the shared norm and unembedding, and its weighted loss, chunk by chunk.
 
-    Only rows with a target reach the unembedding. The loss's gradients are computed in the same pass
-    as the loss (`_FusedWeightedCrossEntropy`): wrt the head's input through autograd, wrt the
+    The loss is divided by `count` (head k0's targets in the whole step), or by this batch's number
+    of targets when None. Only rows with a target reach the unembedding. The loss's gradients are
+    computed in the same pass as the loss (`_FusedWeightedCrossEntropy`): wrt the head's input through autograd, wrt the
     unembedding added into `weight_grad` times `weight_scale`. A weight function first needs the
     per-token CE, which costs one extra forward pass of the unembedding without gradient.
     """
@@ -385,7 +420,7 @@ def _head_loss(
             per_token_ce = scatter(_ChunkedCrossEntropy.apply(hidden, weight, targets, chunk_size)[0])
     w = _token_weights(weights, k0, mask.view(batch, seq), per_token_ce).reshape(-1).index_select(0, index)
     tokens = mask.sum()
-    denom = tokens.clamp(min=1).to(acc_dtype)
+    denom = _denominator(tokens, count, acc_dtype)
     want_hidden = torch.is_grad_enabled() and hidden.requires_grad
     loss, ce, correct = _FusedWeightedCrossEntropy.apply(
         hidden, weight, targets, w.to(acc_dtype) / denom, chunk_size, want_hidden, weight_grad, weight_scale
@@ -405,17 +440,21 @@ def mtp_forward_backward(
     loss_scale: float = 1.0,
     trunk_loss_fn: Callable[[Tensor], Tensor] | None = None,
     n_heads: int | None = None,
+    target_counts: Sequence[float] | Tensor | None = None,
 ) -> MTPLossOutput:
     """Forward and backward of the weighted MTP loss, one head at a time.
 
-    Calls `.backward()` itself on `loss_scale * total` (use loss_scale = 1 / accumulation steps);
-    the returned values are detached and unscaled.
+    Calls `.backward()` itself on `loss_scale * total`; the returned values are detached and unscaled.
     total = sum_k head_weights[k] * L_k / sum_k head_weights[k] (+ trunk_loss_fn(h_trunk)), where
-    L_k = sum_t(w * ce * mask) / sum_t(mask) over head k's unmasked targets.
+    L_k = sum_t(w * ce * mask) / N_k over head k's unmasked targets, N_k = target_counts[k] (head k's
+    targets in the whole step: every micro-batch and rank) or, when None, this batch's own count.
+    With target_counts the calls of a step add up to the loss and gradients of the step's batch in
+    one call: accumulate with loss_scale = 1. trunk_loss_fn's loss is added as it is returned.
     `weights` is [B, T, n] or fn(k0, per_token_ce [B, T], target_mask [B, T]) -> [B, T].
     """
     n, hw = _resolve_heads(model, n_heads, head_weights)
     hw_total = sum(hw)
+    counts = _step_counts(target_counts, n)
 
     h_trunk = model.trunk_forward(input_ids, attention_mask=attention_mask)
     # Heads write their gradient into this leaf; the trunk's graph is kept for one backward at the end.
@@ -429,7 +468,9 @@ def mtp_forward_backward(
     stats: list[_HeadStats] = []
     for k0 in range(n):
         scale = hw[k0] / hw_total * loss_scale
-        head = _head_loss(model, k0, h_heads_input, labels, attention_mask, weights, chunk_size, weight_grad, scale)
+        head = _head_loss(
+            model, k0, h_heads_input, labels, attention_mask, weights, chunk_size, weight_grad, scale, counts[k0]
+        )  # fmt: skip
         if head.loss.requires_grad:
             (head.loss * scale).backward()
         head.loss = head.loss.detach()
@@ -467,11 +508,16 @@ def mtp_evaluate(
     chunk_size: int = 1024,
     trunk_loss_fn: Callable[[Tensor], Tensor] | None = None,
     n_heads: int | None = None,
+    target_counts: Sequence[float] | Tensor | None = None,
 ) -> MTPLossOutput:
     """The same losses and metrics as `mtp_forward_backward`, without gradients (validation)."""
     n, hw = _resolve_heads(model, n_heads, head_weights)
+    counts = _step_counts(target_counts, n)
     h_trunk = model.trunk_forward(input_ids, attention_mask=attention_mask)
-    stats = [_head_loss(model, k0, h_trunk, labels, attention_mask, weights, chunk_size) for k0 in range(n)]
+    stats = [
+        _head_loss(model, k0, h_trunk, labels, attention_mask, weights, chunk_size, count=counts[k0])
+        for k0 in range(n)
+    ]
     aux = trunk_loss_fn(h_trunk) if trunk_loss_fn is not None else None
     return _collect(stats, hw, aux)
 
@@ -487,6 +533,7 @@ def mtp_loss_naive(
     chunk_size: int = 1024,
     trunk_loss_fn: Callable[[Tensor], Tensor] | None = None,
     n_heads: int | None = None,
+    target_counts: Sequence[float] | Tensor | None = None,
 ) -> tuple[Tensor, MTPLossOutput]:
     """The straightforward reference: all heads' logits materialised, one graph for everything.
 
@@ -495,6 +542,7 @@ def mtp_loss_naive(
     """
     del chunk_size
     n, hw = _resolve_heads(model, n_heads, head_weights)
+    counts = _step_counts(target_counts, n)
     out = model(input_ids, attention_mask=attention_mask, return_all_heads=True, return_trunk=trunk_loss_fn is not None)
     logits = out.logits  # [B, T, n_model, V]
     stats = []
@@ -506,7 +554,7 @@ def mtp_loss_naive(
             head_logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
         ).view_as(targets)
         correct = head_logits.argmax(dim=-1) == targets
-        stats.append(_head_stats(ce, correct, mask, _token_weights(weights, k0, mask, ce)))
+        stats.append(_head_stats(ce, correct, mask, _token_weights(weights, k0, mask, ce), counts[k0]))
     total = sum(w * s.loss for w, s in zip(hw, stats)) / sum(hw)
     aux = trunk_loss_fn(out.trunk_hidden) if trunk_loss_fn is not None else None
     if aux is not None:

@@ -7,6 +7,10 @@
                      a frozen snapshot of the value head, refreshed every N optimizer steps).
 - `Rho1Objective`    MTP loss on the tokens whose loss most exceeds a frozen reference model's.
 
+Every loss is normalised over the whole step (see train/objective.py): the MTP heads by their target
+tokens, a value loss by its steps (`token_counts`: "head1".."headn", "steps", "value"); a call with
+`global_counts` returns that micro-batch's share of every loss and metric.
+
 Objectives with a value head also collect, over one validation pass, how well the value at the last
 response step predicts pass/fail (ROC AUC and accuracy at 0.5); the trainer asks for these with
 `evaluation_summary()` after the pass.
@@ -24,7 +28,7 @@ from torch import Tensor, nn
 from weighted_mtp.data import Batch
 from weighted_mtp.losses import MTPLossOutput, mtp_evaluate, mtp_forward_backward
 from weighted_mtp.train.lora import merge_lora_state_dict
-from weighted_mtp.train.objective import loss_metrics
+from weighted_mtp.train.objective import Counts, head_counts, loss_metrics, scaled, share, target_counts
 from weighted_mtp.weighting import (
     CriticTargets,
     CriticWeighting,
@@ -130,14 +134,25 @@ class CriticObjective:
         mask = response_step_mask(batch.labels)
         return critic_pretrain_loss(raw, batch.rewards, mask, self.loss, self.reward_on), raw
 
-    def forward_backward(self, model: nn.Module, batch: Batch, *, loss_scale: float) -> dict[str, float]:
-        loss, raw = self._loss(model, batch)
+    def token_counts(self, model: nn.Module, batch: Batch) -> Counts:
+        """The positions the value loss trains ("value": every step, or each row's last) and all steps."""
+        steps = response_step_mask(batch.labels)
+        trained = last_true(steps) if self.reward_on == "last_token" else steps
+        return {"value": float(trained.sum()), "steps": float(steps.sum())}
+
+    def forward_backward(
+        self, model: nn.Module, batch: Batch, *, loss_scale: float, global_counts: Counts | None = None
+    ) -> dict[str, float]:
+        local = self.token_counts(model, batch)
+        total = global_counts or local
+        mean_loss, raw = self._loss(model, batch)
+        loss = mean_loss * share(local["value"], total["value"])
         (loss * loss_scale).backward()
         estimates = value_estimates(raw.detach(), self.loss)
         step_mask = response_step_mask(batch.labels)
         return {
             "loss": loss.item(),
-            "value/mean": float(estimates[step_mask].mean()) if step_mask.any() else 0.0,
+            "value/mean": float(estimates[step_mask].sum()) / max(total["steps"], 1.0),
         }
 
     @torch.no_grad()
@@ -263,8 +278,24 @@ class VerifiableObjective:
 
     # ------------------------------------------------------------------ the loss
 
-    def _run(self, loss_fn: Callable[..., MTPLossOutput], model: nn.Module, batch: Batch, **kwargs: Any):
-        """One weighted MTP pass with the critic in the loop; returns the loss output and what it used."""
+    def token_counts(self, model: nn.Module, batch: Batch) -> Counts:
+        """Each head's targets, and "steps": the positions where values are trained."""
+        steps = response_step_mask(batch.labels)
+        return {**target_counts(batch.labels, model.n_future_tokens), "steps": float(steps.sum())}
+
+    def _run(
+        self,
+        loss_fn: Callable[..., MTPLossOutput],
+        model: nn.Module,
+        batch: Batch,
+        fractions: dict[str, float],
+        **kwargs: Any,
+    ):
+        """One weighted MTP pass with the critic in the loop; returns the loss output and what it used.
+
+        The value loss (a mean over this micro-batch's steps) is weighed by its fraction of the
+        step's steps, `fractions["steps"]`, so that it too is its share of the step's mean.
+        """
         n_heads = model.n_future_tokens
         used: dict[str, Any] = {}
 
@@ -283,6 +314,7 @@ class VerifiableObjective:
             loss = value_loss(
                 values, used["old_values"], targets.returns, targets.step_mask, self.value_clip_range
             )
+            loss = loss * fractions["steps"]
             used["values"] = values.detach()
             used["value_loss"] = loss.detach()
             return self.value_loss_coefficient * loss
@@ -301,31 +333,62 @@ class VerifiableObjective:
         return out, used
 
     def _metrics(
-        self, out: MTPLossOutput, used: dict[str, Any], batch: Batch, n_heads: int
+        self,
+        out: MTPLossOutput,
+        used: dict[str, Any],
+        batch: Batch,
+        n_heads: int,
+        fractions: dict[str, float],
     ) -> dict[str, float]:
         targets: CriticTargets = used["targets"]
         metrics = loss_metrics(out)
         metrics.pop("aux_loss", None)
         step_values = used["old_values"][targets.step_mask]
-        metrics["value/mean"] = float(step_values.mean()) if step_values.numel() else 0.0
+        value_stats = {"value/mean": float(step_values.mean()) if step_values.numel() else 0.0}
         if "value_loss" in used:
-            metrics["value/loss"] = float(used["value_loss"])
+            metrics["value/loss"] = float(used["value_loss"])  # already a share
             if self.value_clip_range is not None and step_values.numel():
                 moved = (used["values"] - used["old_values"]).abs()[targets.step_mask]
-                metrics["value/clip_fraction"] = float((moved > self.value_clip_range).float().mean())
+                value_stats["value/clip_fraction"] = float((moved > self.value_clip_range).float().mean())
+        metrics.update(scaled(value_stats, fractions["steps"]))
         mask = head_target_mask(batch.labels, n_heads)
-        metrics.update(_prefixed("weights", self.weighting.stats(targets.weights, mask)))
+        weight_stats = _prefixed("weights", self.weighting.stats(targets.weights, mask))
+        metrics.update(scaled(weight_stats, fractions["targets"]))
         return metrics
 
-    def forward_backward(self, model: nn.Module, batch: Batch, *, loss_scale: float) -> dict[str, float]:
-        out, used = self._run(mtp_forward_backward, model, batch, loss_scale=loss_scale)
-        return self._metrics(out, used, batch, model.n_future_tokens)
+    @staticmethod
+    def _fractions(local: Counts, total: Counts, n_heads: int) -> dict[str, float]:
+        """This micro-batch's fraction of the step's value steps and of its target tokens."""
+        heads = [f"head{k}" for k in range(1, n_heads + 1)]
+        return {
+            "steps": share(local["steps"], total["steps"]),
+            "targets": share(sum(local[h] for h in heads), sum(total[h] for h in heads)),
+        }
+
+    def forward_backward(
+        self, model: nn.Module, batch: Batch, *, loss_scale: float, global_counts: Counts | None = None
+    ) -> dict[str, float]:
+        n_heads = model.n_future_tokens
+        local = self.token_counts(model, batch)
+        counts = global_counts or local
+        fractions = self._fractions(local, counts, n_heads)
+        out, used = self._run(
+            mtp_forward_backward,
+            model,
+            batch,
+            fractions,
+            loss_scale=loss_scale,
+            target_counts=head_counts(counts, n_heads),
+        )
+        return self._metrics(out, used, batch, n_heads, fractions)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch: Batch) -> dict[str, float]:
-        out, used = self._run(mtp_evaluate, model, batch)
+        local = self.token_counts(model, batch)
+        fractions = self._fractions(local, local, model.n_future_tokens)
+        out, used = self._run(mtp_evaluate, model, batch, fractions)
         self.pass_fail.add(used.get("values", used["old_values"]), batch)  # the learning head's
-        return self._metrics(out, used, batch, model.n_future_tokens)
+        return self._metrics(out, used, batch, model.n_future_tokens, fractions)
 
     def evaluation_summary(self) -> dict[str, float]:
         return self.pass_fail.summary()
@@ -361,14 +424,21 @@ class Rho1Objective:
             batch, n_heads=n_heads, context=WeightingContext(reference_ce=reference_ce)
         )
 
+    def token_counts(self, model: nn.Module, batch: Batch) -> Counts:
+        return target_counts(batch.labels, model.n_future_tokens)
+
     def _metrics(
-        self, out: MTPLossOutput, weights: Rho1TokenWeights, batch: Batch, n_heads: int
+        self, out: MTPLossOutput, weights: Rho1TokenWeights, batch: Batch, n_heads: int, fraction: float = 1.0
     ) -> dict[str, float]:
         stats = self.weighting.stats(weights, head_target_mask(batch.labels, n_heads))
-        return {**loss_metrics(out), **_prefixed("weights", stats)}
+        return {**loss_metrics(out), **scaled(_prefixed("weights", stats), fraction)}
 
-    def forward_backward(self, model: nn.Module, batch: Batch, *, loss_scale: float) -> dict[str, float]:
+    def forward_backward(
+        self, model: nn.Module, batch: Batch, *, loss_scale: float, global_counts: Counts | None = None
+    ) -> dict[str, float]:
         n_heads = model.n_future_tokens
+        local = self.token_counts(model, batch)
+        counts = global_counts or local
         weights = self._token_weights(batch, n_heads)
         out = mtp_forward_backward(
             model,
@@ -379,8 +449,10 @@ class Rho1Objective:
             head_weights=self.head_weights,
             chunk_size=self.chunk_size,
             loss_scale=loss_scale,
+            target_counts=head_counts(counts, n_heads),
         )
-        return self._metrics(out, weights, batch, n_heads)
+        fraction = share(sum(local.values()), sum(counts.values()))
+        return self._metrics(out, weights, batch, n_heads, fraction)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch: Batch) -> dict[str, float]:

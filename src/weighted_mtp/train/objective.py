@@ -3,6 +3,13 @@
 The trainer owns the loop (accumulation, clipping, optimizer, checkpoints, logging); an `Objective`
 owns the loss. It runs its own backward because the memory-efficient MTP loss does
 (`mtp_forward_backward`), and returns plain metrics, "loss" among them.
+
+A step's loss is that of its whole global batch, however the batch is split into micro-batches and
+ranks: every loss is a sum over its terms (a head's target tokens, a value head's steps) divided by
+the number of terms in the whole step. The objective says how many terms each of its losses has in
+a micro-batch (`token_counts`); the trainer adds these up over the step's micro-batches and ranks
+and hands the totals back (`global_counts`), so each micro-batch contributes its share of the step's
+loss, and the shares add up to the loss of the global batch in one piece.
 """
 
 from __future__ import annotations
@@ -13,15 +20,24 @@ from typing import Protocol, runtime_checkable
 from torch import Tensor, nn
 
 from weighted_mtp.data import Batch
-from weighted_mtp.losses import MTPLossOutput, mtp_evaluate, mtp_forward_backward
+from weighted_mtp.losses import MTPLossOutput, head_target_counts, mtp_evaluate, mtp_forward_backward
+
+Counts = dict[str, float]
 
 
 @runtime_checkable
 class Objective(Protocol):
+    def token_counts(self, model: nn.Module, batch: Batch) -> Counts:
+        """How many terms each loss averages over in this micro-batch, e.g. {"head1": 97, ...}."""
+        ...
+
     def forward_backward(
-        self, model: nn.Module, batch: Batch, *, loss_scale: float
+        self, model: nn.Module, batch: Batch, *, loss_scale: float, global_counts: Counts | None = None
     ) -> dict[str, float | Tensor]:
-        """Forward, backward (gradients scaled by `loss_scale`), and this micro-batch's metrics."""
+        """Forward, backward (gradients scaled by `loss_scale`) and metrics of this micro-batch's
+        share of the step's loss: each loss's sum divided by its count in `global_counts` (the
+        step's totals of `token_counts`; None: this micro-batch's own, i.e. its own means). Every
+        metric is a share too: the step's value is their sum over micro-batches and ranks."""
         ...
 
     def evaluate(self, model: nn.Module, batch: Batch) -> dict[str, float]:
@@ -45,6 +61,26 @@ def loss_metrics(out: MTPLossOutput) -> dict[str, float]:
     return {key: value for key, value in metrics.items() if not key.endswith("/tokens")}
 
 
+def target_counts(labels: Tensor, n_heads: int) -> Counts:
+    """{"head1": N_1, ..., "headn": N_n}: each head's target tokens, what its loss is divided by."""
+    return {f"head{k + 1}": count for k, count in enumerate(head_target_counts(labels, n_heads).tolist())}
+
+
+def head_counts(counts: Counts, n_heads: int) -> list[float]:
+    """The heads' entries of `counts` in head order (`target_counts` of `mtp_forward_backward`)."""
+    return [counts[f"head{k + 1}"] for k in range(n_heads)]
+
+
+def share(local: float, total: float) -> float:
+    """This micro-batch's fraction of the step's terms: turns a statistic of the micro-batch into
+    its share of the step's term-weighted mean (0 for a micro-batch without terms)."""
+    return local / max(total, 1.0)
+
+
+def scaled(metrics: dict[str, float], fraction: float) -> dict[str, float]:
+    return {key: value * fraction for key, value in metrics.items()}
+
+
 class BaselineObjective:
     """Uniformly weighted MTP: every response token counts the same for every head."""
 
@@ -52,9 +88,13 @@ class BaselineObjective:
         self.chunk_size = chunk_size
         self.head_weights = list(head_weights) if head_weights is not None else None
 
+    def token_counts(self, model: nn.Module, batch: Batch) -> Counts:
+        return target_counts(batch.labels, model.n_future_tokens)
+
     def forward_backward(
-        self, model: nn.Module, batch: Batch, *, loss_scale: float
+        self, model: nn.Module, batch: Batch, *, loss_scale: float, global_counts: Counts | None = None
     ) -> dict[str, float | Tensor]:
+        counts = global_counts or self.token_counts(model, batch)
         out = mtp_forward_backward(
             model,
             batch.input_ids,
@@ -63,6 +103,7 @@ class BaselineObjective:
             head_weights=self.head_weights,
             chunk_size=self.chunk_size,
             loss_scale=loss_scale,
+            target_counts=head_counts(counts, model.n_future_tokens),
         )
         return loss_metrics(out)
 

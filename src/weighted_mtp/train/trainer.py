@@ -5,9 +5,12 @@ rest: which parameters train (full, LoRA or frozen per part), FSDP2 or data-para
 AdamW with warmup + cosine, gradient accumulation and clipping, skipping non-finite steps,
 validation and early stopping, logging, and checkpoints from which a killed run resumes exactly.
 
-One step:  take `grad_accum_steps` batches -> per micro-batch: objective.forward_backward (it runs
-its own backward, gradients scaled by 1 / micro-batches) -> average gradients across ranks ->
-clip -> if loss and gradient norm are finite, optimizer step -> scheduler step.
+One step:  take `grad_accum_steps` batches -> count every loss's terms (e.g. each head's target
+tokens) over all the step's micro-batches and ranks -> per micro-batch: objective.forward_backward
+(it runs its own backward of its share of the step's loss: sums divided by those global counts) ->
+average gradients across ranks -> clip -> if loss and gradient norm are finite, optimizer step ->
+scheduler step. The step's loss and gradients are therefore those of its global batch in one piece,
+whatever the accumulation, the out-of-memory splitting or the number of ranks.
 """
 
 from __future__ import annotations
@@ -311,7 +314,7 @@ class Trainer:
 
         if self.strategy == "ddp":
             D.all_reduce_gradients(self.trainable, self.env)
-        metrics = D.all_reduce_mean(sums, self.env)
+        metrics = D.all_reduce_sum(sums, self.env)  # shares of the global batch's values
         tokens = D.all_reduce_sum({"tokens": float(tokens)}, self.env)["tokens"]
         grad_norm = self._clip_gradients()
         lr = self.scheduler.get_last_lr()[0]
@@ -361,8 +364,16 @@ class Trainer:
         return metrics
 
     def _accumulate(self, batches: list[Any]) -> tuple[dict[str, float], int]:
+        """Run the step's micro-batches; return the sums of their metrics (their shares of the step's
+        values on this rank) and this rank's number of tokens.
+
+        Each micro-batch's losses are divided by their global counts, so the micro-batches' gradients
+        add up to this rank's share of the global batch's gradient. The ranks' gradients are then
+        averaged (FSDP's reduce-scatter, `D.all_reduce_gradients`), so the shares are scaled by the
+        world size: the average of world_size x share_r over ranks is the sum of the shares.
+        """
         micro = [piece for batch in batches for piece in split_batch(batch, self.micro_splits)]
-        scale = 1.0 / len(micro)
+        global_counts = self._global_counts(micro)
         sums: dict[str, float] = defaultdict(float)
         tokens = 0
         self.modules.train()
@@ -371,13 +382,23 @@ class Trainer:
                 self._set_gradient_sync(i == len(micro) - 1)
             batch = batch.to(self.env.device)
             with self._autocast():
-                metrics = self.objective.forward_backward(self.model, batch, loss_scale=scale)
+                metrics = self.objective.forward_backward(
+                    self.model, batch, loss_scale=float(self.env.world_size), global_counts=global_counts
+                )
             for key, value in metrics.items():
-                sums[key] += float(value) * scale
+                sums[key] += float(value)
             tokens += int(batch.attention_mask.sum())
         if "loss" not in sums:
             raise TypeError(f"{type(self.objective).__name__}.forward_backward must return a 'loss' metric")
         return dict(sums), tokens
+
+    def _global_counts(self, micro: list[Any]) -> dict[str, float]:
+        """The objective's loss denominators summed over this step's micro-batches on every rank."""
+        counts: dict[str, float] = defaultdict(float)
+        for batch in micro:
+            for key, value in self.objective.token_counts(self.model, batch).items():
+                counts[key] += float(value)
+        return D.all_reduce_sum(dict(counts), self.env)
 
     def _halve_micro_batch(self, batches: list[Any]) -> None:
         rows = len(batches[0].input_ids)

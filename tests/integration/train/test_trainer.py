@@ -37,7 +37,7 @@ class Scripted(BaselineObjective):
         self.rows_seen: list[int] = []
         self.snapshots: list[torch.Tensor] = []
 
-    def forward_backward(self, model, batch, *, loss_scale):
+    def forward_backward(self, model, batch, *, loss_scale, global_counts=None):
         self.calls += 1
         if self.oom_above_rows is not None and len(batch) > self.oom_above_rows:
             # a CUDA out-of-memory cannot happen on this CPU machine; raise what torch raises
@@ -46,7 +46,7 @@ class Scripted(BaselineObjective):
         self.snapshots.append(model.extra_heads[0].feed_forward.w2.weight.detach().clone())
         if self.calls in self.nan_calls:
             loss_scale = float("nan")  # poisons every gradient of this step
-        return super().forward_backward(model, batch, loss_scale=loss_scale)
+        return super().forward_backward(model, batch, loss_scale=loss_scale, global_counts=global_counts)
 
 
 def test_nonfinite_gradient_skips_the_step(micro_workspace) -> None:
