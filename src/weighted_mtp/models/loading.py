@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from weighted_mtp.errors import CheckpointError, ConfigError
-from weighted_mtp.models.checkpoints import RawCheckpoint, build_model, read_checkpoint
+from weighted_mtp.models.checkpoints import RawCheckpoint, TensorSource, build_model, read_checkpoint
 from weighted_mtp.models.tokenizer import Tokenizer
 from weighted_mtp.models.transformer import MTPTransformer, build_micro_model
 from weighted_mtp.registry import MODEL_LOADERS
@@ -136,7 +136,8 @@ def micro(models_dir: Path, seed: int) -> RawCheckpoint:
     tokenizer_path = resolve_smollm2(models_dir) / "tokenizer.json"
     vocab_size = Tokenizer.from_file(tokenizer_path).vocab_size
     model = build_micro_model(vocab_size, n_future_tokens=1, seed=seed)
-    return RawCheckpoint(model.args, model.state_dict(), tokenizer_path, Path("micro"), "micro")
+    state = {name: TensorSource.in_memory(tensor) for name, tensor in model.state_dict().items()}
+    return RawCheckpoint(model.args, state, tokenizer_path, Path("micro"), "micro")
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -5,13 +5,15 @@ every vocabulary string and takes seconds); blocks are dequantised by `gguf.quan
 
 llama.cpp's converter permutes HF's wq/wk back to Meta's interleaved rotary layout before writing,
 so GGUF tensors already have our layout: no permutation here (transformers' own GGUF loader has to
-permute them to HF's). The tokenizer comes from the same file's metadata.
+permute them to HF's). The tokenizer comes from the same file's metadata. Each tensor is dequantised
+when the model is built, one at a time, and cast to the model's dtype straight away.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor
 
 from weighted_mtp.errors import CheckpointError
-from weighted_mtp.models.checkpoints import RawCheckpoint
+from weighted_mtp.models.checkpoints import RawCheckpoint, TensorSource
 from weighted_mtp.models.transformer import ModelArgs
 
 BLOCK_NAMES = {
@@ -182,10 +184,22 @@ def our_name(gguf_name: str, source: Path) -> str:
     raise CheckpointError(f"{source}: unexpected tensor {gguf_name!r} for a llama GGUF")
 
 
-def load(path: Path) -> RawCheckpoint:
+def read_dequantised(tensor: GGUFTensor, source: Path, dtype: torch.dtype) -> Tensor:
+    """One tensor dequantised to float32 (in memory of its own, not the file's), then cast."""
     from gguf.constants import GGMLQuantizationType
     from gguf.quants import dequantize
 
+    try:
+        values = dequantize(tensor.data, GGMLQuantizationType(tensor.qtype))
+    except NotImplementedError as exc:
+        raise CheckpointError(f"{source}: tensor {tensor.name}: {exc}") from None
+    values = np.asarray(values, dtype=np.float32).reshape(tensor.shape)
+    if np.may_share_memory(values, tensor.data):  # F32 tensors dequantise to a view of the file
+        values = values.copy()
+    return torch.from_numpy(values).to(dtype)
+
+
+def load(path: Path) -> RawCheckpoint:
     gguf_file = read_gguf(path)
     meta = gguf_file.metadata
     arch = meta.get("general.architecture")
@@ -197,16 +211,11 @@ def load(path: Path) -> RawCheckpoint:
             raise CheckpointError(f"{path}: GGUF metadata has no llama.{key}")
         return meta[f"llama.{key}"]
 
-    state: dict[str, Tensor] = {}
-    for tensor in gguf_file.tensors:
-        if tensor.name in IGNORED:
-            continue
-        name = our_name(tensor.name, path)
-        try:
-            values = dequantize(tensor.data, GGMLQuantizationType(tensor.qtype))
-        except NotImplementedError as exc:
-            raise CheckpointError(f"{path}: tensor {tensor.name}: {exc}") from None
-        state[name] = torch.from_numpy(np.array(values, dtype=np.float32).reshape(tensor.shape))
+    state = {
+        our_name(tensor.name, path): TensorSource(tensor.shape, partial(read_dequantised, tensor, path))
+        for tensor in gguf_file.tensors
+        if tensor.name not in IGNORED
+    }
 
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab_size = meta.get("llama.vocab_size") or (len(tokens) if tokens is not None else None)

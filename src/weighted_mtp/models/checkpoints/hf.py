@@ -9,16 +9,22 @@ to `mtp_heads.safetensors` beside it; loading such a directory brings the heads 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from weighted_mtp.errors import CheckpointError
 from weighted_mtp.io import atomic_directory, atomic_write_json
-from weighted_mtp.models.checkpoints import RawCheckpoint, read_json, require
+from weighted_mtp.models.checkpoints import (
+    RawCheckpoint,
+    TensorSource,
+    read_json,
+    require,
+    safetensors_sources,
+)
 from weighted_mtp.models.transformer import ModelArgs, MTPTransformer
 
 HEADS_FILE = "mtp_heads.safetensors"
@@ -108,25 +114,18 @@ def args_from_config(config: dict, path: Path) -> ModelArgs:
         raise CheckpointError(f"{path}: {exc}") from None
 
 
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read safetensors file ({exc})") from None
-
-
-def read_hf_weights(path: Path) -> dict[str, Tensor]:
+def read_hf_weights(path: Path) -> dict[str, TensorSource]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = require(read_json(index), "weight_map", index)
-        tensors: dict[str, Tensor] = {}
+        tensors: dict[str, TensorSource] = {}
         for shard in sorted(set(weight_map.values())):
             if not (path / shard).is_file():
                 raise CheckpointError(f"{path / shard}: shard listed in {index.name} not found")
-            tensors.update(_read_safetensors(path / shard))
+            tensors.update(safetensors_sources(path / shard))
         return tensors
     if (path / "model.safetensors").is_file():
-        return _read_safetensors(path / "model.safetensors")
+        return safetensors_sources(path / "model.safetensors")
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json beside config.json")
 
 
@@ -134,30 +133,29 @@ def load(path: Path) -> RawCheckpoint:
     config_path = path / "config.json"
     args = args_from_config(read_json(config_path), config_path)
     hf_tensors = read_hf_weights(path)
-    state: dict[str, Tensor] = {}
+    state: dict[str, TensorSource] = {}
     names = {
         hf_name(f"layers.{i}.{suffix}"): f"layers.{i}.{suffix}"
         for i in range(args.n_layers)
         for suffix in BLOCK_NAMES
     }
     names.update({hf: ours for ours, hf in TOP_NAMES.items()})
-    for hf_key, tensor in hf_tensors.items():
+    for hf_key, source in hf_tensors.items():
         if hf_key.endswith("rotary_emb.inv_freq"):
             continue
         if hf_key not in names:
             raise CheckpointError(f"{path}: unexpected tensor {hf_key} for a {args.n_layers}-layer LLaMA")
         ours = names[hf_key]
-        if ours.endswith("attention.wq.weight"):
-            tensor = from_hf_rotary(tensor, args.n_heads)
-        elif ours.endswith("attention.wk.weight"):
-            tensor = from_hf_rotary(tensor, args.n_kv_heads)
-        state[ours] = tensor
+        if ours.endswith(("attention.wq.weight", "attention.wk.weight")):
+            n_heads = args.n_heads if ours.endswith("wq.weight") else args.n_kv_heads
+            source = source.then(partial(from_hf_rotary, n_heads=n_heads))
+        state[ours] = source
     if "output.weight" not in state:
         args.tie_embeddings = True
 
     heads_path = path / HEADS_FILE
     if heads_path.is_file():
-        heads = _read_safetensors(heads_path)
+        heads = safetensors_sources(heads_path)
         n_extra = len({key.split(".")[1] for key in heads if key.startswith("extra_heads.")})
         if any(not key.startswith("extra_heads.") for key in heads):
             raise CheckpointError(f"{heads_path}: holds tensors other than extra_heads.*")

@@ -3,6 +3,10 @@
 Meta's fairscale layers split each tensor across shards: column-parallel layers (wq, wk, wv, w1, w3,
 output) along their output rows (dim 0), row-parallel layers (wo, w2) and the parallel embedding along
 dim 1; norms are replicated. Loading concatenates along those dims.
+
+Shards are memory-mapped (`torch.load(mmap=True)`); each tensor is copied out (cast, and concatenated
+across shards) when the model is built, and its file pages are dropped right after, so a 28 GB fp32
+checkpoint never needs more than its parameters plus one tensor in memory.
 """
 
 from __future__ import annotations
@@ -14,7 +18,13 @@ import torch
 from torch import Tensor
 
 from weighted_mtp.errors import CheckpointError
-from weighted_mtp.models.checkpoints import RawCheckpoint, read_json, require
+from weighted_mtp.models.checkpoints import (
+    RawCheckpoint,
+    TensorSource,
+    read_json,
+    release_file_pages,
+    require,
+)
 from weighted_mtp.models.transformer import ModelArgs
 
 ROW_SPLIT = (
@@ -50,19 +60,34 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-def merge_shards(shards: list[dict[str, Tensor]], paths: list[Path]) -> dict[str, Tensor]:
-    names = set(shards[0])
-    for shard, path in zip(shards[1:], paths[1:]):
-        if set(shard) != names:
-            raise CheckpointError(f"{path}: holds different tensors than {paths[0].name}")
-    merged = {}
-    for name in sorted(names):
-        if name in IGNORED:
-            continue
-        parts = [shard[name] for shard in shards]
-        dim = shard_dim(name)
-        merged[name] = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
+def read_merged(parts: list[Tensor], dim: int | None, dtype: torch.dtype) -> Tensor:
+    """One tensor in `dtype` from its memory-mapped shard pieces, then the pieces' pages released."""
+    if dim is None or len(parts) == 1:
+        merged = parts[0].to(dtype=dtype, copy=True)
+    else:
+        merged = torch.cat([part.to(dtype) for part in parts], dim=dim)
+    for part in parts:
+        release_file_pages(part)
     return merged
+
+
+def merged_source(parts: list[Tensor], dim: int | None) -> TensorSource:
+    shape = list(parts[0].shape)
+    if dim is not None:
+        shape[dim] = sum(part.shape[dim] for part in parts)
+    return TensorSource(tuple(shape), lambda dtype: read_merged(parts, dim, dtype))
+
+
+def merge_shards(shards: list[dict[str, Tensor]], paths: list[Path]) -> dict[str, TensorSource]:
+    names = list(shards[0])
+    for shard, path in zip(shards[1:], paths[1:]):
+        if set(shard) != set(names):
+            raise CheckpointError(f"{path}: holds different tensors than {paths[0].name}")
+    return {
+        name: merged_source([shard[name] for shard in shards], shard_dim(name))
+        for name in names
+        if name not in IGNORED
+    }
 
 
 def load(path: Path) -> RawCheckpoint:

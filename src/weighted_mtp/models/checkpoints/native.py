@@ -9,12 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from weighted_mtp.errors import CheckpointError
 from weighted_mtp.io import atomic_directory, atomic_write_json
-from weighted_mtp.models.checkpoints import RawCheckpoint, read_json
+from weighted_mtp.models.checkpoints import RawCheckpoint, read_json, safetensors_sources
 from weighted_mtp.models.transformer import ModelArgs, MTPTransformer
 
 FORMAT = "weighted_mtp"
@@ -78,9 +77,6 @@ def load(path: Path) -> RawCheckpoint:
     weights = path / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{weights}: file not found")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{weights}: cannot read safetensors file ({exc})") from None
+    state = safetensors_sources(weights)
     tokenizer = next((path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()), None)
     return RawCheckpoint(args, state, tokenizer, path, "native")
