@@ -323,10 +323,12 @@ class MTPTransformer(nn.Module):
             self.extra_heads = nn.ModuleList(list(self.extra_heads)[: n_future_tokens - 1])
         elif n_future_tokens > current:
             template = self.heads()[-1]
+            reference = template.attention.wq.weight
             generator = torch.Generator().manual_seed(seed)
             for _ in range(n_future_tokens - current):
-                block = TransformerBlock(self.args).to(device=template.attention.wq.weight.device)
-                block.to(dtype=template.attention.wq.weight.dtype)
+                with torch.device("meta"):  # every value is written below: allocate once, no default init
+                    block = TransformerBlock(self.args)
+                block = block.to(dtype=reference.dtype).to_empty(device=reference.device)
                 with torch.no_grad():
                     for (name, new), (_, old) in zip(block.named_parameters(), template.named_parameters()):
                         if init == "copy" or name.endswith("norm.weight"):
