@@ -180,12 +180,23 @@ def measure(method: str, fmt: str, root: Path, dtype: str) -> Measurement:
 
 
 def shape_flags(shape: Shape) -> list[str]:
-    return ["--dim", str(shape.dim), "--ffn", str(shape.ffn), "--blocks", str(shape.blocks), "--vocab", str(shape.vocab)]
+    return [
+        "--dim",
+        str(shape.dim),
+        "--ffn",
+        str(shape.ffn),
+        "--blocks",
+        str(shape.blocks),
+        "--vocab",
+        str(shape.vocab),
+    ]
 
 
 def print_table(results: list[Measurement]) -> None:
     mb = 2**20
-    print(f"{'format':<8}{'dtype':<10}{'method':<12}{'file MB':>9}{'peak +MB':>10}{'x file':>8}{'x target':>10}")
+    print(
+        f"{'format':<8}{'dtype':<10}{'method':<12}{'file MB':>9}{'peak +MB':>10}{'x file':>8}{'x target':>10}"
+    )
     for r in results:
         target = r.file_bytes * (0.5 if r.dtype == "bfloat16" else 1.0)
         print(
@@ -199,7 +210,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, default=Shape.dim)
     parser.add_argument("--ffn", type=int, default=Shape.ffn)
-    parser.add_argument("--blocks", type=int, default=Shape.blocks, help="all blocks, the extra head included")
+    parser.add_argument(
+        "--blocks", type=int, default=Shape.blocks, help="all blocks, the extra head included"
+    )
     parser.add_argument("--vocab", type=int, default=Shape.vocab)
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))

@@ -31,8 +31,14 @@ SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, 
 
 def written_model(tie: bool = False) -> MTPTransformer:
     args = ModelArgs(
-        dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_hidden_dim=192,
-        n_future_tokens=2, tie_embeddings=tie,
+        dim=64,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=300,
+        ffn_hidden_dim=192,
+        n_future_tokens=2,
+        tie_embeddings=tie,
     )
     model = MTPTransformer(args)
     model.init_weights(seed=7, std=0.1)
@@ -55,8 +61,14 @@ def write_meta(model: MTPTransformer, directory: Path, n_shards: int) -> None:
     for i, shard in enumerate(shards):
         torch.save(shard, directory / f"consolidated.{i:02d}.pth")
     a = model.args
-    params = {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
-              "vocab_size": a.vocab_size, "n_future_tokens": a.n_future_tokens}
+    params = {
+        "dim": a.dim,
+        "n_layers": a.n_layers,
+        "n_heads": a.n_heads,
+        "n_kv_heads": a.n_kv_heads,
+        "vocab_size": a.vocab_size,
+        "n_future_tokens": a.n_future_tokens,
+    }
     (directory / "params.json").write_text(json.dumps(params))
 
 

@@ -42,7 +42,9 @@ def measured(bench):
         root = Path(tmp)
         bench.write_in_subprocess(root, bench.Shape())
         with ThreadPoolExecutor(max_workers=2) as pool:
-            futures = {case: pool.submit(bench.measure, "load_model", case[0], root, case[1]) for case in CASES}
+            futures = {
+                case: pool.submit(bench.measure, "load_model", case[0], root, case[1]) for case in CASES
+            }
             yield {case: future.result() for case, future in futures.items()}
 
 
