@@ -38,6 +38,7 @@ bench: setup
 	$(BIN)/python benchmarks/mtp_loss_memory.py
 	$(BIN)/python benchmarks/mtp_loss_memory.py --shape llama-7b-eighth --losses efficient
 	$(BIN)/python benchmarks/data_index_memory.py
+	$(BIN)/python benchmarks/checkpoint_loading_memory.py
 	$(BIN)/python benchmarks/sandbox_throughput.py --split test
 	$(BIN)/python benchmarks/bench_weighting.py
 	$(BIN)/python benchmarks/model_forward.py
