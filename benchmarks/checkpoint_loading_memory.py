@@ -3,7 +3,7 @@
 Writes one model (default: 3 blocks, the extra head included, dim 1024, SwiGLU 8192, vocabulary 4096:
 96M parameters, 386 MB in fp32; few wide matrices, as in a 7B model) as a Meta directory (`consolidated.00.pth` + `params.json`) and as a
 native directory (`model.safetensors` + `config.json`), then loads each in a fresh Python process per
-(method, format, dtype) and reads that process's peak resident set (ru_maxrss) above its state just
+(method, format, dtype) and reads that process's peak resident set (VmHWM) above its state just
 before loading (after a warm-up load of a tiny checkpoint the same way, so imports are not counted):
 
 - naive:      `MTPTransformer(args)` initialised at random, cast to dtype, then `load_state_dict` from
@@ -148,27 +148,37 @@ def load(method: str, fmt: str, root: Path, dtype):
     return model
 
 
-def measure_here(method: str, fmt: str, root: Path, dtype_name: str) -> dict:
+def peak_resident_bytes() -> int:
+    """This process's resident high-water mark: VmHWM where there is /proc, not ru_maxrss, which after
+    fork + exec starts at the parent's peak and would hide the load whenever the parent (a pytest run)
+    is larger than the model."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+
+
+def measure_here(method: str, fmt: str, root: Path, dtype_name: str) -> dict:
     import torch
 
     dtype = getattr(torch, dtype_name)
     load(method, fmt, root / "warmup", dtype)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_resident_bytes()
     model = load(method, fmt, root, dtype)
     with torch.no_grad():  # touch every weight, as the first forward pass would
         sums = [param.sum() for param in model.parameters()]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
-        "peak_increase_bytes": (peak - before) * 1024,
+        "peak_increase_bytes": peak_resident_bytes() - before,
         "largest_tensor_bytes": 4 * max(p.numel() for p in model.parameters()),
         "checksum": sum(float(s) for s in sums),
     }
 
 
 def measure(method: str, fmt: str, root: Path, dtype: str) -> Measurement:
-    """Load in a fresh process: ru_maxrss only ever grows, so each measurement needs its own."""
+    """Load in a fresh process: the high-water mark only ever grows, so each measurement needs its own."""
     command = [sys.executable, __file__, "--measure", method, fmt, str(root), dtype]
     result = subprocess.run(command, check=True, capture_output=True, text=True)
     child = json.loads(result.stdout.strip().splitlines()[-1])
