@@ -205,7 +205,7 @@ def shape_flags(shape: Shape) -> list[str]:
 def print_table(results: list[Measurement]) -> None:
     mb = 2**20
     print(
-        f"{'format':<8}{'dtype':<10}{'method':<12}{'file MB':>9}{'peak +MB':>10}{'x file':>8}{'x target':>10}"
+        f"{'format':<8}{'dtype':<10}{'method':<12}{'file MiB':>9}{'peak +MiB':>10}{'x file':>8}{'x target':>10}"
     )
     for r in results:
         target = r.file_bytes * (0.5 if r.dtype == "bfloat16" else 1.0)
