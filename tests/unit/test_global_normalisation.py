@@ -283,6 +283,47 @@ def test_every_objective_gives_the_whole_batch_loss_and_gradients_when_split(nam
     assert abs(old["loss"] - whole["loss"]) > 1e-4
 
 
+def rho1():
+    model = tiny_model(2)
+    reference = build_micro_model(VOCAB, n_future_tokens=2, seed=7).requires_grad_(False)
+    objective = Rho1Objective(
+        reference, Rho1Weighting(ratio=0.5, per_head=True), head_weights=[1.0, 0.5], chunk_size=5
+    )
+    return model, [model], objective
+
+
+@pytest.mark.parametrize("name", [*sorted(SETUPS), "rho1"])
+def test_every_objective_evaluates_the_whole_set_when_batches_share_its_counts(name):
+    """Validation as the trainer runs it: counts over every batch, then each batch's shares, summed.
+    (Rho-1 selects tokens per batch, so only its unweighted cross-entropy and accuracy are exact.)"""
+    model, _, objective = (rho1 if name == "rho1" else SETUPS[name])()
+    batch = make_batch(17)
+    whole = objective.evaluate(model, batch)
+    split = pieces(batch)
+    counts: dict[str, float] = {}
+    for piece in split:
+        for key, value in objective.token_counts(model, piece).items():
+            counts[key] = counts.get(key, 0.0) + value
+    summed: dict[str, float] = {}
+    own_means: dict[str, float] = {}
+    for piece in split:
+        for key, value in objective.evaluate(model, piece, global_counts=counts).items():
+            summed[key] = summed.get(key, 0.0) + value
+        for key, value in objective.evaluate(model, piece).items():
+            own_means[key] = own_means.get(key, 0.0) + value / len(split)
+    assert summed.keys() == whole.keys()
+    exact = [
+        key
+        for key in whole
+        if key.endswith(("/ce", "/accuracy"))
+        or (name != "rho1" and (key == "loss" or key.endswith("/loss") or key == "value/mean"))
+    ]
+    assert len(exact) > 1
+    for key in exact:
+        assert summed[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-6), key
+    assert max(abs(own_means[key] - whole[key]) for key in exact) > 1e-4  # the old rule differs
+
+
 def test_rho1_divides_each_heads_loss_by_the_global_count():
     """Rho-1 picks tokens within each micro-batch (so a split changes which), but every piece's loss
     is still its sum over the global count: its share is its own mean times its fraction of the targets."""

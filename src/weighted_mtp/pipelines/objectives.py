@@ -9,7 +9,8 @@
 
 Every loss is normalised over the whole step (see train/objective.py): the MTP heads by their target
 tokens, a value loss by its steps (`token_counts`: "head1".."headn", "steps", "value"); a call with
-`global_counts` returns that micro-batch's share of every loss and metric.
+`global_counts` returns that micro-batch's share of every loss and metric. `evaluate` does the same
+with the counts of the whole validation pass.
 
 Objectives with a value head also collect, over one validation pass, how well the value at the last
 response step predicts pass/fail (ROC AUC and accuracy at 0.5); the trainer asks for these with
@@ -156,10 +157,18 @@ class CriticObjective:
         }
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batch: Batch) -> dict[str, float]:
-        loss, raw = self._loss(model, batch)
-        self.pass_fail.add(value_estimates(raw, self.loss), batch)
-        return {"loss": loss.item()}
+    def evaluate(
+        self, model: nn.Module, batch: Batch, *, global_counts: Counts | None = None
+    ) -> dict[str, float]:
+        local = self.token_counts(model, batch)
+        total = global_counts or local
+        mean_loss, raw = self._loss(model, batch)
+        estimates = value_estimates(raw, self.loss)
+        self.pass_fail.add(estimates, batch)
+        return {
+            "loss": mean_loss.item() * share(local["value"], total["value"]),
+            "value/mean": float(estimates[response_step_mask(batch.labels)].sum()) / max(total["steps"], 1.0),
+        }
 
     def evaluation_summary(self) -> dict[str, float]:
         return self.pass_fail.summary()
@@ -383,12 +392,18 @@ class VerifiableObjective:
         return self._metrics(out, used, batch, n_heads, fractions)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batch: Batch) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, batch: Batch, *, global_counts: Counts | None = None
+    ) -> dict[str, float]:
+        n_heads = model.n_future_tokens
         local = self.token_counts(model, batch)
-        fractions = self._fractions(local, local, model.n_future_tokens)
-        out, used = self._run(mtp_evaluate, model, batch, fractions)
+        counts = global_counts or local
+        fractions = self._fractions(local, counts, n_heads)
+        out, used = self._run(
+            mtp_evaluate, model, batch, fractions, target_counts=head_counts(counts, n_heads)
+        )
         self.pass_fail.add(used.get("values", used["old_values"]), batch)  # the learning head's
-        return self._metrics(out, used, batch, model.n_future_tokens, fractions)
+        return self._metrics(out, used, batch, n_heads, fractions)
 
     def evaluation_summary(self) -> dict[str, float]:
         return self.pass_fail.summary()
@@ -455,8 +470,12 @@ class Rho1Objective:
         return self._metrics(out, weights, batch, n_heads, fraction)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batch: Batch) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, batch: Batch, *, global_counts: Counts | None = None
+    ) -> dict[str, float]:
         n_heads = model.n_future_tokens
+        local = self.token_counts(model, batch)
+        counts = global_counts or local
         weights = self._token_weights(batch, n_heads)
         out = mtp_evaluate(
             model,
@@ -466,8 +485,9 @@ class Rho1Objective:
             weights=weights,
             head_weights=self.head_weights,
             chunk_size=self.chunk_size,
+            target_counts=head_counts(counts, n_heads),
         )
-        return self._metrics(out, weights, batch, n_heads)
+        return self._metrics(out, weights, batch, n_heads, share(sum(local.values()), sum(counts.values())))
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {}

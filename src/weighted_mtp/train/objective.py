@@ -40,8 +40,12 @@ class Objective(Protocol):
         metric is a share too: the step's value is their sum over micro-batches and ranks."""
         ...
 
-    def evaluate(self, model: nn.Module, batch: Batch) -> dict[str, float]:
-        """Validation metrics without gradients."""
+    def evaluate(
+        self, model: nn.Module, batch: Batch, *, global_counts: Counts | None = None
+    ) -> dict[str, float]:
+        """Validation metrics without gradients, shares like `forward_backward`'s: with the totals
+        of `token_counts` over the whole validation pass, their sum over batches and ranks is each
+        metric's term-weighted value over the validation set."""
         ...
 
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -49,7 +53,7 @@ class Objective(Protocol):
         ...
 
     # Optional: `evaluation_summary() -> dict[str, float]`, metrics of a whole validation pass that
-    # are not means over batches (e.g. a critic's AUC); the trainer logs them beside the means.
+    # are not sums of shares (e.g. a critic's AUC); the trainer logs them beside the others.
     # Optional: `on_step_end(step: int)`, called after every optimizer step (step counts from 1).
     # Optional: `state_dict() -> dict` / `load_state_dict(state)`, state besides the trained modules
     # (e.g. a frozen value snapshot) that checkpoints save and a resumed run restores.
@@ -107,7 +111,10 @@ class BaselineObjective:
         )
         return loss_metrics(out)
 
-    def evaluate(self, model: nn.Module, batch: Batch) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, batch: Batch, *, global_counts: Counts | None = None
+    ) -> dict[str, float]:
+        counts = global_counts or self.token_counts(model, batch)
         out = mtp_evaluate(
             model,
             batch.input_ids,
@@ -115,6 +122,7 @@ class BaselineObjective:
             attention_mask=batch.attention_mask,
             head_weights=self.head_weights,
             chunk_size=self.chunk_size,
+            target_counts=head_counts(counts, model.n_future_tokens),
         )
         return loss_metrics(out)
 

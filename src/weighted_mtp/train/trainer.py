@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -392,10 +392,11 @@ class Trainer:
             raise TypeError(f"{type(self.objective).__name__}.forward_backward must return a 'loss' metric")
         return dict(sums), tokens
 
-    def _global_counts(self, micro: list[Any]) -> dict[str, float]:
-        """The objective's loss denominators summed over this step's micro-batches on every rank."""
+    def _global_counts(self, batches: Iterable[Any]) -> dict[str, float]:
+        """The objective's loss denominators summed over these batches (a step's micro-batches, a
+        validation pass) on every rank."""
         counts: dict[str, float] = defaultdict(float)
-        for batch in micro:
+        for batch in batches:
             for key, value in self.objective.token_counts(self.model, batch).items():
                 counts[key] += float(value)
         return D.all_reduce_sum(dict(counts), self.env)
@@ -449,23 +450,28 @@ class Trainer:
 
     @torch.no_grad()
     def _validate(self) -> dict[str, float]:
+        """Metrics of the whole validation set, as if it were one batch: like a step's loss, every
+        batch's metrics are its shares of the pass's totals (counted first, over every rank), and
+        their sum over batches and ranks is the term-weighted value, whatever the batch size."""
         self.modules.eval()
-        sums: dict[str, float] = defaultdict(float)
-        n_batches = 0
         self.val_loader.set_epoch(0)
+        global_counts = self._global_counts(self.val_loader)  # reads the batches once more, no model
+        self.val_loader.set_epoch(0)
+        sums: dict[str, float] = defaultdict(float)
         for batch in self.val_loader:
             with self._autocast():
-                metrics = self.objective.evaluate(self.model, batch.to(self.env.device))
+                metrics = self.objective.evaluate(
+                    self.model, batch.to(self.env.device), global_counts=global_counts
+                )
             for key, value in metrics.items():
                 sums[key] += float(value)
-            n_batches += 1
         self.modules.train()
         self._reshard()
-        local = {f"val/{key}": value / max(1, n_batches) for key, value in sums.items()}
+        metrics = D.all_reduce_sum({f"val/{key}": value for key, value in sums.items()}, self.env)
         summary = getattr(self.objective, "evaluation_summary", None)  # metrics of the whole pass (AUC)
         if summary is not None:
-            local.update({f"val/{key}": value for key, value in summary().items()})
-        metrics = D.all_reduce_mean(local, self.env)
+            local = {f"val/{key}": value for key, value in summary().items()}
+            metrics.update(D.all_reduce_mean(local, self.env))
         self._val_metrics = metrics
         self._last_eval_step = self.step
         if self.env.is_main:
