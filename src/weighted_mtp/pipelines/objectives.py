@@ -448,14 +448,13 @@ class Rho1Objective:
         stats = self.weighting.stats(weights, head_target_mask(batch.labels, n_heads))
         return {**loss_metrics(out), **scaled(_prefixed("weights", stats), fraction)}
 
-    def forward_backward(
-        self, model: nn.Module, batch: Batch, *, loss_scale: float, global_counts: Counts | None = None
-    ) -> dict[str, float]:
+    def _run(self, loss_fn, model: nn.Module, batch: Batch, global_counts: Counts | None, **loss_kwargs):
+        """`mtp_forward_backward` or `mtp_evaluate` with the selection's weights, as shares of the step."""
         n_heads = model.n_future_tokens
         local = self.token_counts(model, batch)
         counts = global_counts or local
         weights = self._token_weights(batch, n_heads)
-        out = mtp_forward_backward(
+        out = loss_fn(
             model,
             batch.input_ids,
             batch.labels,
@@ -463,31 +462,22 @@ class Rho1Objective:
             weights=weights,
             head_weights=self.head_weights,
             chunk_size=self.chunk_size,
-            loss_scale=loss_scale,
             target_counts=head_counts(counts, n_heads),
+            **loss_kwargs,
         )
         fraction = share(sum(local.values()), sum(counts.values()))
         return self._metrics(out, weights, batch, n_heads, fraction)
+
+    def forward_backward(
+        self, model: nn.Module, batch: Batch, *, loss_scale: float, global_counts: Counts | None = None
+    ) -> dict[str, float]:
+        return self._run(mtp_forward_backward, model, batch, global_counts, loss_scale=loss_scale)
 
     @torch.no_grad()
     def evaluate(
         self, model: nn.Module, batch: Batch, *, global_counts: Counts | None = None
     ) -> dict[str, float]:
-        n_heads = model.n_future_tokens
-        local = self.token_counts(model, batch)
-        counts = global_counts or local
-        weights = self._token_weights(batch, n_heads)
-        out = mtp_evaluate(
-            model,
-            batch.input_ids,
-            batch.labels,
-            attention_mask=batch.attention_mask,
-            weights=weights,
-            head_weights=self.head_weights,
-            chunk_size=self.chunk_size,
-            target_counts=head_counts(counts, n_heads),
-        )
-        return self._metrics(out, weights, batch, n_heads, share(sum(local.values()), sum(counts.values())))
+        return self._run(mtp_evaluate, model, batch, global_counts)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {}

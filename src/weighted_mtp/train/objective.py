@@ -95,36 +95,30 @@ class BaselineObjective:
     def token_counts(self, model: nn.Module, batch: Batch) -> Counts:
         return target_counts(batch.labels, model.n_future_tokens)
 
-    def forward_backward(
-        self, model: nn.Module, batch: Batch, *, loss_scale: float, global_counts: Counts | None = None
-    ) -> dict[str, float | Tensor]:
+    def _run(self, loss_fn, model: nn.Module, batch: Batch, global_counts: Counts | None, **loss_kwargs):
+        """`mtp_forward_backward` or `mtp_evaluate` on the batch, normalised by the step's counts."""
         counts = global_counts or self.token_counts(model, batch)
-        out = mtp_forward_backward(
+        out = loss_fn(
             model,
             batch.input_ids,
             batch.labels,
             attention_mask=batch.attention_mask,
             head_weights=self.head_weights,
             chunk_size=self.chunk_size,
-            loss_scale=loss_scale,
             target_counts=head_counts(counts, model.n_future_tokens),
+            **loss_kwargs,
         )
         return loss_metrics(out)
+
+    def forward_backward(
+        self, model: nn.Module, batch: Batch, *, loss_scale: float, global_counts: Counts | None = None
+    ) -> dict[str, float | Tensor]:
+        return self._run(mtp_forward_backward, model, batch, global_counts, loss_scale=loss_scale)
 
     def evaluate(
         self, model: nn.Module, batch: Batch, *, global_counts: Counts | None = None
     ) -> dict[str, float]:
-        counts = global_counts or self.token_counts(model, batch)
-        out = mtp_evaluate(
-            model,
-            batch.input_ids,
-            batch.labels,
-            attention_mask=batch.attention_mask,
-            head_weights=self.head_weights,
-            chunk_size=self.chunk_size,
-            target_counts=head_counts(counts, model.n_future_tokens),
-        )
-        return loss_metrics(out)
+        return self._run(mtp_evaluate, model, batch, global_counts)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {}
