@@ -126,16 +126,9 @@ def verifiable_setup(train_values: bool = True):
     return model, head, objective
 
 
-def test_verifiable_gradients_equal_the_naive_weighted_loss_with_the_clipped_value_loss():
-    model, head, objective = verifiable_setup()
-    reference_model, reference_head = copy.deepcopy(model), copy.deepcopy(head)
-    batch = make_batch(4)
-    metrics = objective.forward_backward(model, batch, loss_scale=1.0)
-
-    with torch.no_grad():
-        old = reference_head(
-            reference_model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)
-        )
+def naive_verifiable_step(reference_model, reference_head, batch, old, clipped_value_loss):
+    """The verifiable objective by hand, with `verifiable_setup`'s settings: critic targets from the old
+    values, the naive weighted MTP loss plus 0.5 x the clipped value loss; backward already run."""
     targets = critic_targets(
         old,
         batch.rewards,
@@ -149,7 +142,7 @@ def test_verifiable_gradients_equal_the_naive_weighted_loss_with_the_clipped_val
     )
 
     def clipped(hidden):
-        return 0.5 * value_loss(reference_head(hidden), old, targets.returns, targets.step_mask, 0.05)
+        return 0.5 * clipped_value_loss(reference_head(hidden), old, targets.returns, targets.step_mask, 0.05)
 
     total, out = mtp_loss_naive(
         reference_model,
@@ -161,6 +154,20 @@ def test_verifiable_gradients_equal_the_naive_weighted_loss_with_the_clipped_val
         trunk_loss_fn=clipped,
     )
     total.backward()
+    return total, out, targets
+
+
+def test_verifiable_gradients_equal_the_naive_weighted_loss_with_the_clipped_value_loss():
+    model, head, objective = verifiable_setup()
+    reference_model, reference_head = copy.deepcopy(model), copy.deepcopy(head)
+    batch = make_batch(4)
+    metrics = objective.forward_backward(model, batch, loss_scale=1.0)
+
+    with torch.no_grad():
+        old = reference_head(
+            reference_model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)
+        )
+    total, out, targets = naive_verifiable_step(reference_model, reference_head, batch, old, value_loss)
     assert metrics["loss"] == pytest.approx(float(total.detach()), rel=1e-5)
     for (name, p), q in zip(
         [*model.named_parameters(), *head.named_parameters()],
@@ -278,33 +285,9 @@ def test_moved_head_gradients_equal_a_hand_written_ppo_value_loss_around_the_sna
     with torch.no_grad():
         hidden = reference_model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)
         old = snapshot.eval()(hidden)
-    targets = critic_targets(
-        old,
-        batch.rewards,
-        batch.labels,
-        n_heads=3,
-        gamma=1.0,
-        lam=0.9,
-        temperature=0.7,
-        clip_min=0.2,
-        clip_max=2.5,
+    total, out, targets = naive_verifiable_step(
+        reference_model, reference_head, batch, old, ppo_value_loss_by_hand
     )
-
-    def clipped(hidden):
-        return 0.5 * ppo_value_loss_by_hand(
-            reference_head(hidden), old, targets.returns, targets.step_mask, 0.05
-        )
-
-    total, out = mtp_loss_naive(
-        reference_model,
-        batch.input_ids,
-        batch.labels,
-        attention_mask=batch.attention_mask,
-        weights=targets.weights,
-        head_weights=[1.0, 0.8, 0.64],
-        trunk_loss_fn=clipped,
-    )
-    total.backward()
     assert metrics["loss"] == pytest.approx(float(total.detach()), rel=1e-5)
     assert metrics["value/loss"] == pytest.approx(float(out.aux_loss) / 0.5, rel=1e-5)
     for (name, p), q in zip(
