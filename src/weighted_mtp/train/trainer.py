@@ -188,6 +188,7 @@ class Trainer:
         self._iterator: Iterator | None = None
         self._last_saved_step = -1
         self._last_eval_step = -1
+        self._val_counts: dict[str, float] | None = None  # the validation set's, counted once
         self._last_checkpoint: Path | None = None
         self._val_metrics: dict[str, float] = {}
 
@@ -454,14 +455,15 @@ class Trainer:
         batch's metrics are its shares of the pass's totals (counted first, over every rank), and
         their sum over batches and ranks is the term-weighted value, whatever the batch size."""
         self.modules.eval()
-        self.val_loader.set_epoch(0)
-        global_counts = self._global_counts(self.val_loader)  # reads the batches once more, no model
+        if self._val_counts is None:  # the same batches every pass (epoch 0): count them once, no model
+            self.val_loader.set_epoch(0)
+            self._val_counts = self._global_counts(self.val_loader)
         self.val_loader.set_epoch(0)
         sums: dict[str, float] = defaultdict(float)
         for batch in self.val_loader:
             with self._autocast():
                 metrics = self.objective.evaluate(
-                    self.model, batch.to(self.env.device), global_counts=global_counts
+                    self.model, batch.to(self.env.device), global_counts=self._val_counts
                 )
             for key, value in metrics.items():
                 sums[key] += float(value)
