@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weighted_mtp.models.transformer import ModelArgs, MTPTransformer, attention_bias, build_micro_model
+from weighted_mtp.models.transformer import (
+    ModelArgs,
+    MTPTransformer,
+    attention_bias,
+    build_micro_model,
+    few_query_attention,
+)
 
 
 def small_model(n_future_tokens: int = 3, seed: int = 0, **overrides) -> MTPTransformer:
@@ -174,3 +180,58 @@ def test_low_precision_forward_is_close(dtype) -> None:
     low = model.to(dtype)(tokens, return_all_heads=True).logits
     assert low.dtype == torch.float32
     assert (low - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def naive_attention(q, k, v, allowed):
+    """Loop over heads in float64: head h reads key/value head h // (H / KV)."""
+    batch, n_heads, length, head_dim = q.shape
+    groups = n_heads // k.shape[1]
+    out = torch.zeros(batch, n_heads, length, head_dim, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(n_heads):
+            kk, vv = k[b, h // groups].double(), v[b, h // groups].double()
+            scores = q[b, h].double() @ kk.T / head_dim**0.5
+            scores = scores.masked_fill(~allowed[min(b, allowed.shape[0] - 1), 0], float("-inf"))
+            out[b, h] = scores.softmax(-1) @ vv
+    return out
+
+
+@pytest.mark.parametrize("length", [1, 3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_few_query_attention_equals_a_loop_over_heads(length, masked) -> None:
+    torch.manual_seed(0)
+    start, batch = 9, 3
+    q = torch.randn(batch, 6, length, 8, dtype=torch.float64)
+    k, v = torch.randn(2, batch, 2, start + length, 8, dtype=torch.float64)
+    mask = torch.ones(batch, start + length, dtype=torch.long)
+    mask[0, :4] = 0  # a left-padded row
+    bias = attention_bias(start, length, mask if masked else None, q.device)
+    allowed = bias if bias is not None else torch.ones(1, 1, length, start + length, dtype=torch.bool)
+    expected = naive_attention(q, k, v, allowed)
+    torch.testing.assert_close(few_query_attention(q, k, v, bias).double(), expected, atol=1e-6, rtol=1e-6)
+
+
+@torch.no_grad()
+def test_bf16_decoding_through_the_cache_stays_close_to_the_float64_forward() -> None:
+    """bf16 decoding on CPU takes the few-query attention path; it must track the exact forward."""
+    torch.manual_seed(0)
+    model = small_model()
+    tokens = torch.randint(0, 97, (2, 12))
+    exact = model.double()(tokens, return_all_heads=True).logits
+    low = model.to(torch.bfloat16)
+    cache = low.new_cache(2, 12)
+    steps = [low(tokens[:, :8], cache=cache, return_all_heads=True).logits]
+    steps += [low(tokens[:, t : t + 1], start_pos=t, cache=cache, return_all_heads=True).logits for t in range(8, 10)]
+    steps.append(low(tokens[:, 10:], start_pos=10, cache=cache, return_all_heads=True).logits)
+    decoded = torch.cat(steps, dim=1).double()
+    assert (decoded - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+@torch.no_grad()
+def test_last_position_only_unembeds_just_the_last_position() -> None:
+    model = small_model()
+    tokens = torch.randint(0, 97, (2, 7))
+    full = model(tokens, return_all_heads=True).logits
+    last = model(tokens, return_all_heads=True, last_position_only=True).logits
+    assert last.shape == (2, 1, 3, 97)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=1e-6)

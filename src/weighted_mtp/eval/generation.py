@@ -160,7 +160,9 @@ def generate_ids(
     generated: list[list[int]] = [[] for _ in range(n_rows)]
     active = list(range(n_rows))  # original row of each batch row
     cache = model.new_cache(n_rows, longest + max_new_tokens)
-    logits = model(tokens, cache=cache, attention_mask=mask if padded else None).logits[:, -1, 0]
+    logits = model(
+        tokens, cache=cache, attention_mask=mask if padded else None, last_position_only=True
+    ).logits[:, -1, 0]
     position = longest
     for step in range(max_new_tokens):
         next_tokens = sample_next(
