@@ -219,7 +219,9 @@ def test_rollout_labels_are_what_the_sandbox_says(raw_data, models_dir):
     ])  # fmt: skip
     assert status == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(records) == 4 and {r["problem_id"] for r in records} == {"mbpp/601", "mbpp/602"}
+    assert len(records) == 6 and {r["problem_id"] for r in records} == {"mbpp/601", "mbpp/602"}
+    assert [r["source"] for r in records] == ["model", "model", "gold"] * 2
+    assert all(r["is_correct"] for r in records if r["source"] == "gold")  # MBPP 601 and 602 gold pass
     benchmark = get_benchmark("mbpp")
     problems = {p.problem_id: p for p in benchmark.load(raw_data, "train", 2)}
     with Sandbox(1) as sandbox:
@@ -228,4 +230,7 @@ def test_rollout_labels_are_what_the_sandbox_says(raw_data, models_dir):
             assert record["program"] == benchmark.extract(problem, record["output"])
             assert sandbox.run(benchmark.program(problem, record["program"])).passed == record["is_correct"]
     prepared = Path("storage/datasets/rollouts/processed/train_metadata.json")
-    assert json.loads(prepared.read_text())["n_solutions"] == 4
+    assert json.loads(prepared.read_text())["n_solutions"] == 6
+    summary = json.loads(out.with_name("train.summary.json").read_text())
+    assert summary["n_samples"] == 6 and summary["correct"]["gold"] == 2
+    assert not out.with_name("train.jsonl.partial").exists()

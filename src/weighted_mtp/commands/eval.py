@@ -135,6 +135,7 @@ def _read_samples(path: Path, known: set[str], limited: bool) -> dict[str, list[
 def _generate(args, config, benchmark, problems) -> tuple[dict[str, list[str]], dict]:
     import torch
 
+    from weighted_mtp.data.templates import prompt_adds_bos
     from weighted_mtp.eval.generation import generate
     from weighted_mtp.models.loading import load_model, resolve_device
 
@@ -154,7 +155,7 @@ def _generate(args, config, benchmark, problems) -> tuple[dict[str, list[str]], 
     samples = generate(
         model, tokenizer, prompts, n_samples=n_samples, temperature=temperature, top_p=top_p,
         max_new_tokens=max_new_tokens, stop=benchmark.stop_sequences(template), seed=config.seed,
-        speculative=args.speculative or settings.speculative,
+        speculative=args.speculative or settings.speculative, add_bos=prompt_adds_bos(template),
     )
     elapsed = time.monotonic() - start
     completions = {benchmark.task_id(p): [c.text for c in row] for p, row in zip(problems, samples)}

@@ -4,7 +4,9 @@
   wmtp rollout --recipe critic --model storage/runs/baseline/final --split validation --limit 50
 
 By default the file goes where the `rollouts` dataset reads it (<paths.rollouts>/<split>.jsonl)
-and is prepared right away, so `data.dataset: rollouts` trains on it (critic, verifiable).
+and is prepared right away, so `data.dataset: rollouts` trains on it (critic, verifiable). Each
+problem's gold solution is added as a correct sample (`source: gold`) unless --no-gold. A killed
+rollout, run again with the same settings, continues after its last finished problem.
 """
 
 from __future__ import annotations
@@ -36,13 +38,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", type=Path, help="output JSONL (default: <paths.rollouts>/<split>.jsonl)"
     )
+    parser.add_argument(
+        "--no-gold", action="store_true", help="model samples only, without each problem's gold solution"
+    )
+    parser.add_argument(
+        "--fresh", action="store_true", help="discard an unfinished rollout to the same file and start over"
+    )
     add_config_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from weighted_mtp.errors import ConfigError
-    from weighted_mtp.pipelines.rollout import run_rollouts
+    from weighted_mtp.eval.rollout import run_rollouts
 
     for flag, value in (
         ("--n-samples", args.n_samples),
@@ -60,9 +68,8 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         out=args.out,
         workers=args.workers,
+        include_gold=not args.no_gold,
+        fresh=args.fresh,
     )
-    print(
-        f"{summary.path}: {summary.n_samples} samples of {summary.n_problems} problems, {summary.n_correct} correct, "
-        f"{summary.problems_with_both} problems with both a correct and an incorrect sample"
-    )
+    print(summary.line())
     return 0

@@ -21,7 +21,7 @@ from weighted_mtp.data.index import SplitIndex, SplitPaths
 from weighted_mtp.data.prepare import prepare_dataset, processed_dir, tokenizer_fingerprint
 from weighted_mtp.data.samplers import select, shard
 from weighted_mtp.data.sources import raw_dir_for
-from weighted_mtp.data.templates import render
+from weighted_mtp.data.templates import prompt_adds_bos, render
 from weighted_mtp.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class TrainLoader:
 
     def _make_batch(self, units: np.ndarray) -> Batch:
         records = self.index.read(units.reshape(-1))  # pairs flatten to correct, incorrect, correct, ...
-        add_bos = self.template != "chat"
+        add_bos = prompt_adds_bos(self.template)
         examples = [
             example_from_record(record, *render(self.template, record, self.tokenizer), self.tokenizer,
                                 self.max_length, add_bos=add_bos)

@@ -17,8 +17,15 @@ from weighted_mtp.errors import DataError
 SAMPLERS = ("all", "correct_only", "difficulty_weighted", "pairs", "length_balanced_pairs")
 
 
-def _empty(index: SplitIndex, what: str) -> DataError:
-    return DataError(f"{index.paths.jsonl}: empty selection: {what}")
+PAIR_REMEDY = (
+    "for more pairs, roll out more samples (rollout.n_samples, --n-samples), sample at a higher "
+    "rollout.temperature, keep each problem's gold solution (wmtp rollout adds it unless --no-gold), "
+    "or use data.sampler=pairs (no length bins)"
+)
+
+
+def _empty(index: SplitIndex, what: str, remedy: str = "") -> DataError:
+    return DataError(f"{index.paths.jsonl}: empty selection: {what}" + (f"; {remedy}" if remedy else ""))
 
 
 def _draw(candidates: np.ndarray, n: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -104,7 +111,7 @@ def pairs(index: SplitIndex, *, max_pairs_per_problem: int, n_samples: int | Non
         i, j = _distinct_pairs(len(good), len(bad), max_pairs_per_problem, rng)
         chosen.append(np.stack([good[i], bad[j]], axis=1))
     if not chosen:
-        raise _empty(index, "no problem has both a correct and an incorrect solution (pairs need both)")
+        raise _empty(index, "no problem has both a correct and an incorrect solution (pairs need both)", PAIR_REMEDY)
     return _limit(rng.permutation(np.concatenate(chosen)), n_samples)
 
 
@@ -144,6 +151,7 @@ def length_balanced_pairs(
         raise _empty(
             index,
             f"no problem has a correct and an incorrect solution in the same {length_bin_size}-token length bin",
+            PAIR_REMEDY.replace(" (no length bins)", " (no length bins) or a larger data.length_bin_size"),
         )
     return _limit(rng.permutation(np.array(chosen, dtype=np.int64)), n_samples)
 

@@ -103,6 +103,13 @@ def mbpp_fewshot_prompt(text: str, tests: str) -> str:
     return shots + _mbpp_task(text, tests)
 
 
+def prompt_adds_bos(template: str) -> bool:
+    """Whether a prompt under this template is encoded with BOS in front: the chat template writes its
+    own start-of-turn token, the others begin with plain text. Training, rollouts and evaluation all
+    ask here, so a model is sampled with exactly the token ids it was trained on."""
+    return template != "chat"
+
+
 def render(template: str, record: Mapping[str, Any], tokenizer: Any = None) -> tuple[str, str]:
     """(prompt, response) text of a processed record under the named template."""
     instruction, input, output = record["instruction"], record.get("input") or "", record["output"]

@@ -217,6 +217,7 @@ def generate(
     batch_size: int | None = None,
     add_bos: bool = False,
     speculative: bool = False,
+    prompt_keys: Sequence[int] | None = None,
 ) -> list[list[Completion]]:
     """`n_samples` completions per prompt: result[i][j] is sample j of prompts[i].
 
@@ -225,11 +226,16 @@ def generate(
     text is cut before it), or after `max_new_tokens`. Rows run `batch_size` at a time (default
     32), longest prompts first; results do not depend on the batch size. `speculative=True` decodes
     greedy samples one prompt at a time with the model's own MTP heads (same tokens, fewer forwards).
+    Sample j of prompt i is seeded by (seed, prompt_keys[i], j); `prompt_keys` defaults to the
+    positions, and a caller that generates a long list in pieces passes each prompt's place in it.
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be at least 1, got {n_samples}")
     stop = [s for s in stop if s]
     encoded = tokenizer.encode_batch(prompts, add_bos=add_bos)
+    keys = list(prompt_keys) if prompt_keys is not None else list(range(len(prompts)))
+    if len(keys) != len(prompts):
+        raise ValueError(f"{len(keys)} prompt_keys for {len(prompts)} prompts")
     distinct = 1 if temperature == 0 else n_samples
     rows = [(i, j) for i in range(len(prompts)) for j in range(distinct)]
     rows.sort(key=lambda row: -len(encoded[row[0]]))
@@ -252,7 +258,7 @@ def generate(
             batch = rows[start : start + batch_size]
             generated = generate_ids(
                 model, [encoded[i] for i, _ in batch], max_new_tokens=max_new_tokens, temperature=temperature,
-                top_p=top_p, stop_ids=tokenizer.stop_ids, seeds=[row_seed(seed, i, j) for i, j in batch],
+                top_p=top_p, stop_ids=tokenizer.stop_ids, seeds=[row_seed(seed, keys[i], j) for i, j in batch],
                 stop_when=(lambda _row, ids: stop_in_text(ids)) if stop else None, pad_id=tokenizer.pad_id,
             )
             outputs.update(zip(batch, generated))

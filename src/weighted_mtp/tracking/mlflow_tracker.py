@@ -399,8 +399,11 @@ class MlflowTracker:
         return str(version.version)
 
 
-def build_tracker(config: Config, rank: int = 0) -> Tracker:
-    """The run's tracker: MLflow on rank 0 when tracking is enabled, a `NullTracker` otherwise."""
+def build_tracker(config: Config, rank: int = 0, *, run_name: str | None = None) -> Tracker:
+    """The run's tracker: MLflow on rank 0 when tracking is enabled, a `NullTracker` otherwise.
+
+    The MLflow run is named `run_name`, by default the experiment's name.
+    """
     tracking = config.tracking
     if rank != 0 or not tracking.enabled:
         return NullTracker()
@@ -409,6 +412,6 @@ def build_tracker(config: Config, rank: int = 0) -> Tracker:
     return MlflowTracker(
         tracking.uri,
         tracking.experiment,
-        run_name=config.experiment.name,
+        run_name=run_name or config.experiment.name,
         register_models=tracking.register_model,
     )

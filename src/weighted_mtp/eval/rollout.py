@@ -1,0 +1,439 @@
+"""Verifiable rollouts: sample solutions from a model, run each against its tests, label it.
+
+The output is the raw form of the `rollouts` dataset (`weighted_mtp.data.sources.RolloutSource`),
+by default `<paths.rollouts>/<split>.jsonl`, one sample a line:
+
+    problem_id, instruction, input, output, is_correct, difficulty, tests   (what the data layer reads)
+    source, sample, program, status, error_class                           (for inspection and reports)
+
+`source` is "model" for the model's own samples and "gold" for the benchmark's reference solution,
+which is added to every problem (rendered as the response the template expects) so that each problem
+with a failing model sample gives the critic a (correct, incorrect) pair. Gold solutions are run
+like any sample: one that fails its tests is labelled incorrect.
+
+Prompts are the benchmark's prompts under the training template, encoded with BOS exactly as the
+training loader encodes them (`prompt_adds_bos`), so a rollout is trained on under the token ids it
+was sampled from; `output` is the completion as sampled (cut at the template's stop sequences), while
+the label comes from the program extracted from it.
+
+Rollouts are written in pieces: every batch of problems is generated, executed and appended to
+`<out>.partial` (with its settings in `<out>.partial.json`) before the next starts. A killed rollout
+run again with the same settings continues after the last finished problem; the finished file
+replaces `<out>` atomically at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weighted_mtp.config.schema import Config
+from weighted_mtp.data.sources import Problem
+from weighted_mtp.data.templates import prompt_adds_bos
+from weighted_mtp.errors import ConfigError, DataError
+from weighted_mtp.eval.benchmarks import Benchmark, get_benchmark
+from weighted_mtp.eval.report import SampleResult, evaluate_completions
+from weighted_mtp.io import atomic_write, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROWS_PER_PIECE = 32
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """Everything that decides which samples a rollout produces; a resumed rollout must match it."""
+
+    model: str
+    benchmark: str
+    split: str
+    n_samples: int = 8
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    template: str = "alpaca"
+    seed: int = 0
+    include_gold: bool = True
+    limit: int | None = None
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Config,
+        *,
+        model: str | None = None,
+        benchmark: str = "mbpp",
+        split: str = "train",
+        n_samples: int | None = None,
+        limit: int | None = None,
+        include_gold: bool = True,
+    ) -> RolloutSettings:
+        section = config.rollout
+        return cls(
+            model=str(model or config.model.name),
+            benchmark=benchmark,
+            split=split,
+            n_samples=section.n_samples if n_samples is None else n_samples,
+            temperature=section.temperature,
+            top_p=section.top_p,
+            max_new_tokens=section.max_new_tokens,
+            template=config.data.prompt_template,
+            seed=config.seed,
+            include_gold=include_gold,
+            limit=limit,
+        )
+
+
+@dataclass
+class RolloutSummary:
+    """What a rollout produced, in the terms that decide whether the critic can learn from it."""
+
+    path: Path
+    n_problems: int
+    n_samples: int
+    correct: dict[str, int]  # by source: model, gold
+    incorrect: dict[str, int]
+    problems_with_correct_model_sample: int
+    problems_usable_as_pairs: int  # a correct and an incorrect sample of the same problem
+    generated_tokens: int = 0
+    generation_s: float = 0.0
+    execution_s: float = 0.0
+    resumed_problems: int = 0
+    dtype: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.generation_s if self.generation_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["path"] = str(self.path)
+        out["tokens_per_s"] = self.tokens_per_s
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers for a tracker."""
+        out = {
+            "rollout/samples": self.n_samples,
+            "rollout/problems": self.n_problems,
+            "rollout/problems_with_correct_model_sample": self.problems_with_correct_model_sample,
+            "rollout/problems_usable_as_pairs": self.problems_usable_as_pairs,
+            "rollout/tokens_per_s": self.tokens_per_s,
+        }
+        for source in sorted({*self.correct, *self.incorrect}):
+            out[f"rollout/{source}_correct"] = self.correct.get(source, 0)
+            out[f"rollout/{source}_incorrect"] = self.incorrect.get(source, 0)
+        return out
+
+    def line(self) -> str:
+        by_source = ", ".join(
+            f"{source} {self.correct.get(source, 0)} correct / {self.incorrect.get(source, 0)} incorrect"
+            for source in sorted({*self.correct, *self.incorrect})
+        )
+        return (
+            f"{self.path}: {self.n_samples} samples of {self.n_problems} problems ({by_source}); "
+            f"{self.problems_with_correct_model_sample} problems with a correct model sample, "
+            f"{self.problems_usable_as_pairs} usable as pairs"
+        )
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def gold_response(problem: Problem, benchmark: Benchmark, template: str) -> str | None:
+    """The benchmark's reference solution as a response under `template`: a fenced block for chat
+    (how chat models answer, and what `extract` takes back out), the bare program otherwise."""
+    program = benchmark.reference(problem)
+    if program is None:
+        return None
+    return f"```python\n{program}\n```" if template == "chat" else program
+
+
+def sample_piece(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    benchmark: Benchmark,
+    problems: list[Problem],
+    keys: list[int],
+    settings: RolloutSettings,
+) -> tuple[dict[str, list[str]], int]:
+    """`n_samples` completions per problem, keyed by task id, and how many tokens were generated.
+
+    Each problem's samples are seeded by its place in the whole split (`keys`), so a piece gives the
+    same samples whichever other problems share its batch.
+    """
+    from weighted_mtp.eval.generation import generate
+
+    prompts = [benchmark.prompt(p, settings.template, tokenizer) for p in problems]
+    samples = generate(
+        model,
+        tokenizer,
+        prompts,
+        n_samples=settings.n_samples,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        max_new_tokens=settings.max_new_tokens,
+        stop=benchmark.stop_sequences(settings.template),
+        seed=settings.seed,
+        add_bos=prompt_adds_bos(settings.template),
+        prompt_keys=keys,
+    )
+    completions = {benchmark.task_id(p): [c.text.rstrip() for c in row] for p, row in zip(problems, samples)}
+    return completions, sum(c.n_tokens for row in samples for c in row)
+
+
+def rollout_records(
+    benchmark: Benchmark, problems: list[Problem], results: list[SampleResult], n_model: int
+) -> list[dict]:
+    """One JSON object per sample, in the `rollouts` source's schema; sample n_model of a problem is gold."""
+    problem_of = {benchmark.task_id(p): p for p in problems}
+    records = []
+    for result in results:
+        problem = problem_of[result.task_id]
+        is_gold = result.sample_index >= n_model
+        records.append(
+            {
+                "problem_id": problem.problem_id,
+                "instruction": problem.instruction,
+                "input": problem.input,
+                "output": result.completion,
+                "is_correct": result.status == "passed",
+                "difficulty": problem.difficulty,
+                "tests": problem.tests,
+                "source": "gold" if is_gold else "model",
+                "sample": 0 if is_gold else result.sample_index,
+                "program": result.program,
+                "status": result.status,
+                "error_class": result.error_class,
+            }
+        )
+    return records
+
+
+def summarize(path: Path, records: list[dict]) -> RolloutSummary:
+    outcomes: dict[str, set[bool]] = {}
+    model_correct: set[str] = set()
+    correct: Counter[str] = Counter()
+    incorrect: Counter[str] = Counter()
+    for record in records:
+        source = record.get("source", "model")
+        outcomes.setdefault(record["problem_id"], set()).add(bool(record["is_correct"]))
+        (correct if record["is_correct"] else incorrect)[source] += 1
+        if record["is_correct"] and source == "model":
+            model_correct.add(record["problem_id"])
+    return RolloutSummary(
+        path=path,
+        n_problems=len(outcomes),
+        n_samples=len(records),
+        correct=dict(correct),
+        incorrect=dict(incorrect),
+        problems_with_correct_model_sample=len(model_correct),
+        problems_usable_as_pairs=sum(len(seen) == 2 for seen in outcomes.values()),
+    )
+
+
+# ----------------------------------------------------------------------------- resumable writing
+
+
+class PartialRollout:
+    """`<out>.partial`: finished problems' records, appended piece by piece and fsynced.
+
+    `<out>.partial.json` holds the settings it was started with; resuming with other settings is an
+    error rather than a file that mixes two rollouts.
+    """
+
+    def __init__(self, out: Path, settings: RolloutSettings) -> None:
+        self.out = out
+        self.path = out.with_name(out.name + ".partial")
+        self.settings_path = out.with_name(out.name + ".partial.json")
+        self.settings = settings
+
+    def load(self, samples_per_problem: dict[str, int]) -> list[dict]:
+        """Records of the problems finished so far; a piece cut short by a kill is dropped."""
+        if not self.path.exists():
+            atomic_write_json(self.settings_path, asdict(self.settings))
+            self.path.write_text("", encoding="utf-8")
+            return []
+        try:
+            saved = json.loads(self.settings_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            saved = None
+        if saved != json.loads(json.dumps(asdict(self.settings))):
+            raise ConfigError(
+                f"{self.path}: an unfinished rollout with other settings ({self.settings_path}); run it "
+                "again with the same settings to finish it, or pass --fresh to start over"
+            )
+        records = []
+        with open(self.path, encoding="utf-8") as handle:
+            for line in handle:
+                if not line.endswith("\n"):
+                    break  # the last write was cut short
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break
+        counts = Counter(r["problem_id"] for r in records)
+        complete = {pid for pid, n in counts.items() if n == samples_per_problem.get(pid)}
+        kept = [r for r in records if r["problem_id"] in complete]
+        if len(kept) != len(records) or self.path.stat().st_size != sum(len(json.dumps(r, ensure_ascii=False)) + 1 for r in kept):
+            with atomic_write(self.path) as handle:
+                handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
+        return kept
+
+    def append(self, records: list[dict]) -> None:
+        """One write for a piece's records, flushed to disk before the next piece starts."""
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def finish(self, records: list[dict]) -> None:
+        """The whole rollout replaces `out` in one rename; the partial files go."""
+        with atomic_write(self.out) as handle:
+            handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        self.path.unlink(missing_ok=True)
+        self.settings_path.unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.settings_path.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def default_rollout_path(config: Config, split: str) -> Path:
+    """Where the `rollouts` dataset reads a split from."""
+    return Path(config.paths.rollouts) / f"{split}.jsonl"
+
+
+def run_rollouts(
+    config: Config,
+    *,
+    model_name: str | None = None,
+    benchmark_name: str = "mbpp",
+    split: str = "train",
+    n_samples: int | None = None,
+    limit: int | None = None,
+    out: Path | None = None,
+    workers: int | None = None,
+    include_gold: bool = True,
+    fresh: bool = False,
+    rows_per_piece: int = DEFAULT_ROWS_PER_PIECE,
+    progress: Any = None,
+) -> RolloutSummary:
+    """Sample, execute, label and write, resuming an unfinished rollout with the same settings.
+
+    When written where the `rollouts` dataset reads, the split is prepared right away. `progress`
+    (a `weighted_mtp.eval.progress.GenerationProgress`) is told of every finished piece.
+    """
+    from weighted_mtp.eval.progress import GenerationProgress
+    from weighted_mtp.eval.sandbox import Limits, Sandbox
+    from weighted_mtp.models.loading import DTYPES, load_model, resolve_device
+
+    benchmark = get_benchmark(benchmark_name)
+    problems = benchmark.load(config.paths.raw_data, split, limit)
+    if not problems:
+        raise DataError(f"{benchmark_name} {split}: no problems under {config.paths.raw_data}")
+    settings = RolloutSettings.from_config(
+        config, model=model_name, benchmark=benchmark_name, split=split, n_samples=n_samples, limit=limit,
+        include_gold=include_gold,
+    )
+    path = Path(out) if out is not None else default_rollout_path(config, split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = PartialRollout(path, settings)
+    if fresh:
+        partial.discard()
+    has_gold = {p.problem_id: include_gold and benchmark.reference(p) is not None for p in problems}
+    expected = {pid: settings.n_samples + gold for pid, gold in has_gold.items()}
+    records = partial.load(expected)
+    done = {r["problem_id"] for r in records}
+    todo = [(key, p) for key, p in enumerate(problems) if p.problem_id not in done]
+    if done:
+        log.info("resuming %s: %d of %d problems done", partial.path, len(done), len(problems))
+
+    device = resolve_device(config.device)
+    model, tokenizer = load_model(
+        settings.model,
+        models_dir=config.paths.models,
+        device=device,
+        dtype=DTYPES[config.dtype],
+        seed=config.seed,
+        tokenizer=config.model.tokenizer if model_name is None else None,
+    )
+    model.eval()
+    log.info("rollout generation on %s in %s", device, config.dtype)
+    progress = progress or GenerationProgress(config.logging.progress_bar, f"rollout {benchmark_name} {split}")
+    per_piece = max(1, rows_per_piece // settings.n_samples)
+    generated_tokens, generation_s, execution_s = 0, 0.0, 0.0
+    with Sandbox(workers or config.evaluation.workers, Limits(timeout_s=config.rollout.timeout_s)) as sandbox, progress:
+        progress.start(total=len(problems), done=len(done))
+        for start in range(0, len(todo), per_piece):
+            piece = todo[start : start + per_piece]
+            keys, piece_problems = [k for k, _ in piece], [p for _, p in piece]
+            began = time.monotonic()
+            completions, n_tokens = sample_piece(model, tokenizer, benchmark, piece_problems, keys, settings)
+            generation_s += time.monotonic() - began
+            generated_tokens += n_tokens
+            for problem in piece_problems:
+                gold = gold_response(problem, benchmark, settings.template) if has_gold[problem.problem_id] else None
+                if gold is not None:
+                    completions[benchmark.task_id(problem)].append(gold)
+            began = time.monotonic()
+            report = evaluate_completions(benchmark, piece_problems, completions, sandbox, split=split)
+            execution_s += time.monotonic() - began
+            piece_records = rollout_records(benchmark, piece_problems, report.samples, settings.n_samples)
+            partial.append(piece_records)
+            records.extend(piece_records)
+            progress.advance(len(piece_problems), n_tokens)
+
+    order = {p.problem_id: i for i, p in enumerate(problems)}
+    records.sort(key=lambda r: (order[r["problem_id"]], r["source"] == "gold", r["sample"]))
+    partial.finish(records)
+    summary = summarize(path, records)
+    summary.generated_tokens, summary.generation_s, summary.execution_s = generated_tokens, generation_s, execution_s
+    summary.resumed_problems, summary.dtype = len(done), config.dtype
+    atomic_write_json(path.with_name(path.stem + ".summary.json"), summary.to_dict())
+    log.info("%s", summary.line())
+    if summary.problems_usable_as_pairs == 0:
+        log.warning(
+            "no problem has both a correct and an incorrect sample: the critic has no pairs; raise "
+            "rollout.n_samples or rollout.temperature, keep the gold solutions (no --no-gold), or sample more problems"
+        )
+    _track(config, settings, summary)
+    if path.resolve() == default_rollout_path(config, split).resolve():
+        from weighted_mtp.data.prepare import prepare_dataset
+
+        # re-prepare now: a prepared split is otherwise reused as is, and these are new samples
+        prepare_dataset(
+            "rollouts",
+            raw_dir=config.paths.rollouts,
+            datasets_dir=config.paths.datasets,
+            split=split,
+            tokenizer=tokenizer,
+        )
+    return summary
+
+
+def _track(config: Config, settings: RolloutSettings, summary: RolloutSummary) -> None:
+    """One tracking run per rollout: its settings as parameters, its counts as metrics."""
+    from weighted_mtp.tracking import build_tracker
+
+    tracker = build_tracker(config, run_name=f"rollout-{settings.benchmark}-{settings.split}")
+    tracker.start()
+    try:
+        tracker.log_params({f"rollout.{key}": value for key, value in asdict(settings).items()})
+        tracker.log_metrics(summary.metrics(), step=0)
+        tracker.log_artifact(summary.path.with_name(summary.path.stem + ".summary.json"), artifact_path="rollout")
+    except BaseException:
+        tracker.end(status="FAILED")
+        raise
+    tracker.end()
