@@ -61,15 +61,21 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"{name} {split}: no problems under {config.paths.raw_data}")
     metadata: dict = {"source": "reference" if args.reference_solutions else "samples" if args.samples else "model"}
 
+    if args.model:
+        from weighted_mtp.eval.sampling import evaluate_model
+
+        report = evaluate_model(
+            config, args.model, benchmark_name=name, split=split, limit=limit,
+            settings=_sampling_settings(args, config), ks=ks, workers=args.workers,
+            timeout_s=args.timeout or settings.timeout_s,
+        )
+        return _finish(args, config, report, report.metadata)
     if args.reference_solutions:
         completions = {benchmark.task_id(p): [benchmark.reference(p)] for p in problems if benchmark.reference(p)}
         ks = [1]
-    elif args.samples:
+    else:
         completions = _read_samples(args.samples, {benchmark.task_id(p) for p in problems}, limit is not None)
         metadata["samples_file"] = str(args.samples)
-    else:
-        completions, generation = _generate(args, config, benchmark, problems)
-        metadata.update(generation)
 
     console = Console(stderr=True)
     limits = Limits(timeout_s=args.timeout or settings.timeout_s)
@@ -80,6 +86,14 @@ def run(args: argparse.Namespace) -> int:
             benchmark, problems, completions, sandbox, ks, split=split,
             are_programs=args.reference_solutions, on_result=lambda _: progress.advance(task), metadata=metadata,
         )
+    return _finish(args, config, report, metadata)
+
+
+def _finish(args, config, report, metadata: dict) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    name, split = report.benchmark, report.split
     output = args.output or config.paths.runs / "eval" / f"{name}-{split}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     report.write(output)
     console.print(report.summary_table())
@@ -132,39 +146,19 @@ def _read_samples(path: Path, known: set[str], limited: bool) -> dict[str, list[
     return completions
 
 
-def _generate(args, config, benchmark, problems) -> tuple[dict[str, list[str]], dict]:
-    import torch
-
-    from weighted_mtp.data.templates import prompt_adds_bos
-    from weighted_mtp.eval.generation import generate
-    from weighted_mtp.models.loading import load_model, resolve_device
+def _sampling_settings(args, config):
+    from weighted_mtp.eval.sampling import SamplingSettings
 
     settings = config.evaluation
-    n_samples = args.n_samples or settings.n_samples
-    temperature = settings.temperature if args.temperature is None else args.temperature
-    top_p = args.top_p or settings.top_p
-    max_new_tokens = args.max_new_tokens or settings.max_new_tokens
-    template = args.template or config.data.prompt_template
-    model, tokenizer = load_model(
-        args.model, models_dir=config.paths.models, device=resolve_device(config.device),
-        dtype=getattr(torch, config.dtype), seed=config.seed,
+    return SamplingSettings(
+        n_samples=args.n_samples or settings.n_samples,
+        temperature=settings.temperature if args.temperature is None else args.temperature,
+        top_p=args.top_p or settings.top_p,
+        max_new_tokens=args.max_new_tokens or settings.max_new_tokens,
+        template=args.template or config.data.prompt_template,
+        seed=config.seed,
+        speculative=args.speculative or settings.speculative,
     )
-    model.eval()
-    prompts = [benchmark.prompt(p, template, tokenizer) for p in problems]
-    start = time.monotonic()
-    samples = generate(
-        model, tokenizer, prompts, n_samples=n_samples, temperature=temperature, top_p=top_p,
-        max_new_tokens=max_new_tokens, stop=benchmark.stop_sequences(template), seed=config.seed,
-        speculative=args.speculative or settings.speculative, add_bos=prompt_adds_bos(template),
-    )
-    elapsed = time.monotonic() - start
-    completions = {benchmark.task_id(p): [c.text for c in row] for p, row in zip(problems, samples)}
-    n_tokens = sum(c.n_tokens for row in samples for c in row)
-    return completions, {
-        "model": args.model, "n_samples": n_samples, "temperature": temperature, "top_p": top_p,
-        "max_new_tokens": max_new_tokens, "template": template, "seed": config.seed,
-        "generation_s": elapsed, "generated_tokens": n_tokens, "tokens_per_s": n_tokens / max(elapsed, 1e-9),
-    }
 
 
 def _progress(console, config):

@@ -33,20 +33,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from weighted_mtp.config.schema import Config
 from weighted_mtp.data.sources import Problem
-from weighted_mtp.data.templates import prompt_adds_bos
 from weighted_mtp.errors import ConfigError, DataError
 from weighted_mtp.eval.benchmarks import Benchmark, get_benchmark
 from weighted_mtp.eval.report import SampleResult, evaluate_completions
+from weighted_mtp.eval.sampling import ROWS_PER_PIECE, SamplingSettings, sample_problems
 from weighted_mtp.io import atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
-
-DEFAULT_ROWS_PER_PIECE = 32
-
 
 @dataclass(frozen=True)
 class RolloutSettings:
@@ -55,12 +50,7 @@ class RolloutSettings:
     model: str
     benchmark: str
     split: str
-    n_samples: int = 8
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 256
-    template: str = "alpaca"
-    seed: int = 0
+    sampling: SamplingSettings
     include_gold: bool = True
     limit: int | None = None
 
@@ -77,19 +67,15 @@ class RolloutSettings:
         include_gold: bool = True,
     ) -> RolloutSettings:
         section = config.rollout
-        return cls(
-            model=str(model or config.model.name),
-            benchmark=benchmark,
-            split=split,
+        sampling = SamplingSettings(
             n_samples=section.n_samples if n_samples is None else n_samples,
             temperature=section.temperature,
             top_p=section.top_p,
             max_new_tokens=section.max_new_tokens,
             template=config.data.prompt_template,
             seed=config.seed,
-            include_gold=include_gold,
-            limit=limit,
         )
+        return cls(str(model or config.model.name), benchmark, split, sampling, include_gold, limit)
 
 
 @dataclass
@@ -155,39 +141,6 @@ def gold_response(problem: Problem, benchmark: Benchmark, template: str) -> str 
     if program is None:
         return None
     return f"```python\n{program}\n```" if template == "chat" else program
-
-
-def sample_piece(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    benchmark: Benchmark,
-    problems: list[Problem],
-    keys: list[int],
-    settings: RolloutSettings,
-) -> tuple[dict[str, list[str]], int]:
-    """`n_samples` completions per problem, keyed by task id, and how many tokens were generated.
-
-    Each problem's samples are seeded by its place in the whole split (`keys`), so a piece gives the
-    same samples whichever other problems share its batch.
-    """
-    from weighted_mtp.eval.generation import generate
-
-    prompts = [benchmark.prompt(p, settings.template, tokenizer) for p in problems]
-    samples = generate(
-        model,
-        tokenizer,
-        prompts,
-        n_samples=settings.n_samples,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        max_new_tokens=settings.max_new_tokens,
-        stop=benchmark.stop_sequences(settings.template),
-        seed=settings.seed,
-        add_bos=prompt_adds_bos(settings.template),
-        prompt_keys=keys,
-    )
-    completions = {benchmark.task_id(p): [c.text.rstrip() for c in row] for p, row in zip(problems, samples)}
-    return completions, sum(c.n_tokens for row in samples for c in row)
 
 
 def rollout_records(
@@ -327,7 +280,7 @@ def run_rollouts(
     workers: int | None = None,
     include_gold: bool = True,
     fresh: bool = False,
-    rows_per_piece: int = DEFAULT_ROWS_PER_PIECE,
+    rows_per_piece: int = ROWS_PER_PIECE,
     progress: Any = None,
 ) -> RolloutSummary:
     """Sample, execute, label and write, resuming an unfinished rollout with the same settings.
@@ -353,7 +306,7 @@ def run_rollouts(
     if fresh:
         partial.discard()
     has_gold = {p.problem_id: include_gold and benchmark.reference(p) is not None for p in problems}
-    expected = {pid: settings.n_samples + gold for pid, gold in has_gold.items()}
+    expected = {pid: settings.sampling.n_samples + gold for pid, gold in has_gold.items()}
     records = partial.load(expected)
     done = {r["problem_id"] for r in records}
     todo = [(key, p) for key, p in enumerate(problems) if p.problem_id not in done]
@@ -372,7 +325,7 @@ def run_rollouts(
     model.eval()
     log.info("rollout generation on %s in %s", device, config.dtype)
     progress = progress or GenerationProgress(config.logging.progress_bar, f"rollout {benchmark_name} {split}")
-    per_piece = max(1, rows_per_piece // settings.n_samples)
+    per_piece = max(1, rows_per_piece // settings.sampling.n_samples)
     generated_tokens, generation_s, execution_s = 0, 0.0, 0.0
     with Sandbox(workers or config.evaluation.workers, Limits(timeout_s=config.rollout.timeout_s)) as sandbox, progress:
         progress.start(total=len(problems), done=len(done))
@@ -380,17 +333,17 @@ def run_rollouts(
             piece = todo[start : start + per_piece]
             keys, piece_problems = [k for k, _ in piece], [p for _, p in piece]
             began = time.monotonic()
-            completions, n_tokens = sample_piece(model, tokenizer, benchmark, piece_problems, keys, settings)
+            completions, n_tokens = sample_problems(model, tokenizer, benchmark, piece_problems, keys, settings.sampling)
             generation_s += time.monotonic() - began
             generated_tokens += n_tokens
             for problem in piece_problems:
-                gold = gold_response(problem, benchmark, settings.template) if has_gold[problem.problem_id] else None
+                gold = gold_response(problem, benchmark, settings.sampling.template) if has_gold[problem.problem_id] else None
                 if gold is not None:
                     completions[benchmark.task_id(problem)].append(gold)
             began = time.monotonic()
             report = evaluate_completions(benchmark, piece_problems, completions, sandbox, split=split)
             execution_s += time.monotonic() - began
-            piece_records = rollout_records(benchmark, piece_problems, report.samples, settings.n_samples)
+            piece_records = rollout_records(benchmark, piece_problems, report.samples, settings.sampling.n_samples)
             partial.append(piece_records)
             records.extend(piece_records)
             progress.advance(len(piece_problems), n_tokens)
@@ -430,7 +383,9 @@ def _track(config: Config, settings: RolloutSettings, summary: RolloutSummary) -
     tracker = build_tracker(config, run_name=f"rollout-{settings.benchmark}-{settings.split}")
     tracker.start()
     try:
-        tracker.log_params({f"rollout.{key}": value for key, value in asdict(settings).items()})
+        params = {key: value for key, value in asdict(settings).items() if key != "sampling"}
+        params.update(asdict(settings.sampling))
+        tracker.log_params({f"rollout.{key}": value for key, value in params.items()})
         tracker.log_metrics(summary.metrics(), step=0)
         tracker.log_artifact(summary.path.with_name(summary.path.stem + ".summary.json"), artifact_path="rollout")
     except BaseException:

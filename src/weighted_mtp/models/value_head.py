@@ -8,12 +8,16 @@ runs in, so the regression target and its loss stay in fp32.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
 from weighted_mtp.config.schema import ValueHeadConfig
-from weighted_mtp.errors import UnknownComponentError
+from weighted_mtp.errors import CheckpointError, UnknownComponentError
 from weighted_mtp.registry import VALUE_HEADS
+
+VALUE_HEAD_FILE = "value_head.safetensors"  # beside a critic's exported model
 
 
 class _ValueHead(nn.Module):
@@ -56,3 +60,20 @@ def build_value_head(cfg: ValueHeadConfig, dim: int) -> nn.Module:
     except UnknownComponentError as err:
         raise UnknownComponentError(f"model.value_head.type: {err}") from None
     return head_cls(dim, hidden_size=cfg.hidden_size, dropout=cfg.dropout).to(torch.float32)
+
+
+def load_value_head(directory: Path, critic, dim: int) -> nn.Module:
+    """The value head exported in `directory` by a run whose config is `critic`."""
+    from safetensors.torch import load_file
+
+    head = build_value_head(critic.model.value_head, dim)
+    path = directory / VALUE_HEAD_FILE
+    state = load_file(str(path))
+    try:
+        head.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(
+            f"{path}: does not fit a {critic.model.value_head.type} value head of width {dim} ({first})"
+        ) from None
+    return head

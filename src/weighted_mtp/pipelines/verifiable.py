@@ -17,21 +17,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from torch import nn
 
 from weighted_mtp.config import load_saved_config
 from weighted_mtp.config.schema import Config
 from weighted_mtp.errors import CheckpointError, ConfigError
-from weighted_mtp.models.value_head import build_value_head
+from weighted_mtp.models.value_head import VALUE_HEAD_FILE, load_value_head
 from weighted_mtp.pipelines.objectives import VerifiableObjective
 from weighted_mtp.registry import PIPELINES
 from weighted_mtp.train.lora import lora_scaling
 from weighted_mtp.weighting import CriticWeighting, discounted_head_weights
 
 log = logging.getLogger(__name__)
-
-VALUE_HEAD_FILE = "value_head.safetensors"
-
 
 def critic_directory(config: Config) -> Path:
     """The critic export this run starts from; a clear error when it is not there yet."""
@@ -75,22 +71,6 @@ def critic_settings(config: Config, directory: Path) -> Config:
             f"nothing on another trunk; set model.name={trunk_source}"
         )
     return critic
-
-
-def load_value_head(directory: Path, critic: Config, dim: int) -> nn.Module:
-    from safetensors.torch import load_file
-
-    head = build_value_head(critic.model.value_head, dim)
-    path = directory / VALUE_HEAD_FILE
-    state = load_file(str(path))
-    try:
-        head.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(
-            f"{path}: does not fit a {critic.model.value_head.type} value head of width {dim} ({first})"
-        ) from None
-    return head
 
 
 @PIPELINES.register("verifiable")
