@@ -25,12 +25,22 @@ def test_maps_hidden_to_fp32_values(kind, cls, trunk_dtype):
     assert values.shape == (3, 7) and values.dtype == torch.float32
 
 
-def test_linear_head_is_an_affine_map_of_each_position():
+def test_linear_head_is_an_affine_map_of_each_rms_normalised_position():
     head = build_value_head(ValueHeadConfig(type="linear"), dim=8)
-    hidden = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        head.norm.weight.uniform_(0.5, 1.5)
+    hidden = torch.randn(2, 5, 8, dtype=torch.float64) * 300
     linear = head.net[1]
-    expected = hidden @ linear.weight[0] + linear.bias[0]
-    torch.testing.assert_close(head(hidden), expected)
+    normed = hidden / (hidden.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * head.norm.weight.double()
+    expected = normed @ linear.weight[0].double() + linear.bias[0].double()
+    torch.testing.assert_close(head(hidden).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_value_head_outputs_stay_small_on_hidden_states_of_any_scale():
+    torch.manual_seed(0)
+    head = build_value_head(ValueHeadConfig(type="mlp"), dim=64)
+    small, large = torch.randn(4, 9, 64), torch.randn(4, 9, 64) * 1e4
+    assert head(small).abs().max() < 3 and head(large).abs().max() < 3
 
 
 def test_mlp_width_defaults_to_model_width():

@@ -21,11 +21,16 @@ VALUE_HEAD_FILE = "value_head.safetensors"  # beside a critic's exported model
 
 
 class _ValueHead(nn.Module):
+    """RMS-normalises its input first: the trunk's residual stream is not normalised (SmolLM2's
+    hidden states have norms of ~600, and ~10,000 at the first position), so a head on raw states
+    starts with outputs far from [0, 1] and gradients a hundred times too large."""
+
+    norm: nn.Module
     net: nn.Module
 
     def forward(self, hidden: Tensor) -> Tensor:
         param_dtype = next(self.parameters()).dtype
-        return self.net(hidden.to(param_dtype)).squeeze(-1).float()
+        return self.net(self.norm(hidden.to(param_dtype))).squeeze(-1).float()
 
 
 @VALUE_HEADS.register("linear")
@@ -35,6 +40,7 @@ class LinearValueHead(_ValueHead):
     def __init__(self, dim: int, *, hidden_size: int | None = None, dropout: float = 0.0) -> None:
         super().__init__()
         del hidden_size  # no hidden layer
+        self.norm = nn.RMSNorm(dim, eps=1e-5)
         self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, 1))
 
 
@@ -45,6 +51,7 @@ class MLPValueHead(_ValueHead):
     def __init__(self, dim: int, *, hidden_size: int | None = None, dropout: float = 0.0) -> None:
         super().__init__()
         width = hidden_size or dim
+        self.norm = nn.RMSNorm(dim, eps=1e-5)
         self.net = nn.Sequential(
             nn.Linear(dim, width),
             nn.GELU(),
