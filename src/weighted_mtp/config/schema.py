@@ -266,6 +266,8 @@ class Config(Section):
     paths: PathsConfig = Field(default_factory=PathsConfig)
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # sampling in `wmtp eval` and `wmtp rollout`; auto: bf16 where the device computes it natively
+    generation_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     seed: int = 42
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     s3: S3Config = Field(default_factory=S3Config)

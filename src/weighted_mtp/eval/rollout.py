@@ -290,7 +290,7 @@ def run_rollouts(
     """
     from weighted_mtp.eval.progress import GenerationProgress
     from weighted_mtp.eval.sandbox import Limits, Sandbox
-    from weighted_mtp.models.loading import DTYPES, load_model, resolve_device
+    from weighted_mtp.models.loading import DTYPES, generation_dtype, load_model, resolve_device
 
     benchmark = get_benchmark(benchmark_name)
     problems = benchmark.load(config.paths.raw_data, split, limit)
@@ -314,16 +314,17 @@ def run_rollouts(
         log.info("resuming %s: %d of %d problems done", partial.path, len(done), len(problems))
 
     device = resolve_device(config.device)
+    dtype = generation_dtype(config, device)
     model, tokenizer = load_model(
         settings.model,
         models_dir=config.paths.models,
         device=device,
-        dtype=DTYPES[config.dtype],
+        dtype=DTYPES[dtype],
         seed=config.seed,
         tokenizer=config.model.tokenizer if model_name is None else None,
     )
     model.eval()
-    log.info("rollout generation on %s in %s", device, config.dtype)
+    log.info("rollout generation on %s in %s", device, dtype)
     progress = progress or GenerationProgress(config.logging.progress_bar, f"rollout {benchmark_name} {split}")
     per_piece = max(1, rows_per_piece // settings.sampling.n_samples)
     generated_tokens, generation_s, execution_s = 0, 0.0, 0.0
@@ -353,7 +354,7 @@ def run_rollouts(
     partial.finish(records)
     summary = summarize(path, records)
     summary.generated_tokens, summary.generation_s, summary.execution_s = generated_tokens, generation_s, execution_s
-    summary.resumed_problems, summary.dtype = len(done), config.dtype
+    summary.resumed_problems, summary.dtype = len(done), dtype
     atomic_write_json(path.with_name(path.stem + ".summary.json"), summary.to_dict())
     log.info("%s", summary.line())
     if summary.problems_usable_as_pairs == 0:

@@ -8,6 +8,7 @@ resume a rollout) gives the same samples as generating it at once.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from typing import Any
 from weighted_mtp.data.sources import Problem
 from weighted_mtp.data.templates import prompt_adds_bos
 from weighted_mtp.eval.benchmarks import Benchmark
+
+log = logging.getLogger(__name__)
 
 ROWS_PER_PIECE = 32  # one generation batch: 8 problems of 4 samples
 
@@ -120,21 +123,22 @@ def evaluate_model(
     from weighted_mtp.eval.progress import GenerationProgress
     from weighted_mtp.eval.report import evaluate_completions
     from weighted_mtp.eval.sandbox import Limits, Sandbox
-    from weighted_mtp.models.loading import load_model, resolve_device
+    from weighted_mtp.models.loading import generation_dtype, load_model, resolve_device
 
     benchmark = get_benchmark(benchmark_name)
     problems = benchmark.load(config.paths.raw_data, split, limit)
     device = resolve_device(config.device)
+    dtype = generation_dtype(config, device)
     model, tokenizer = load_model(
-        model_name, models_dir=config.paths.models, device=device, dtype=getattr(torch, config.dtype),
-        seed=config.seed,
+        model_name, models_dir=config.paths.models, device=device, dtype=getattr(torch, dtype), seed=config.seed,
     )
     model.eval()
+    log.info("sampling %s %s on %s in %s", benchmark_name, split, device, dtype)
     progress = GenerationProgress(progress_mode or config.logging.progress_bar, f"sampling {benchmark_name} {split}")
     completions, speed = sample_split(model, tokenizer, benchmark, problems, settings, progress)
     del model
     metadata = {
-        "source": "model", "model": str(model_name), "device": str(device), "dtype": config.dtype,
+        "source": "model", "model": str(model_name), "device": str(device), "dtype": dtype,
         **{key: value for key, value in vars(settings).items()}, **speed,
     }
     with Sandbox(workers or config.evaluation.workers, Limits(timeout_s=timeout_s or config.evaluation.timeout_s)) as sandbox:

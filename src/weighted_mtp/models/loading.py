@@ -239,6 +239,28 @@ def load_model(
     return model, text_tokenizer
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bf16 natively: a CUDA GPU that supports it, or a CPU with AVX-512
+    BF16 or AMX (where bf16 decoding reads half the bytes and runs 1.8-2x faster than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def generation_dtype(config, device: torch.device) -> str:
+    """The dtype `wmtp eval` and `wmtp rollout` sample in: `generation_dtype`, where auto means bf16
+    on a device that computes it natively and the training dtype elsewhere."""
+    if config.generation_dtype != "auto":
+        return config.generation_dtype
+    return "bfloat16" if native_bf16(device) else config.dtype
+
+
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     """`auto` picks this rank's GPU when there is one; `cuda` under torchrun means cuda:LOCAL_RANK."""
     if local_rank is None:
