@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-all demo bench lint clean
+.PHONY: setup test test-all demo demo-micro bench lint clean
 
 setup: $(STAMP)
 
@@ -27,11 +27,14 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest --cov=weighted_mtp --cov-report=term-missing:skip-covered $(PYTEST_ARGS)
 
-# The embedded default, end to end on CPU: train baseline MTP on the micro model with MBPP, then
-# sample its exported model on MBPP test problems and run them in the sandbox for pass@k.
+# The method end to end on the real SmolLM2-135M-Instruct (about 10-15 minutes on 2 CPU cores):
+# evaluate the base model, roll out, train the critic and Verifiable Critic WMTP, evaluate again.
 demo: setup
-	$(BIN)/wmtp train --recipe baseline --preset local-light
-	$(BIN)/wmtp eval --model storage/runs/baseline/final --benchmark mbpp --preset local-light --n-samples 2 --k 1,2
+	$(BIN)/wmtp demo
+
+# The same stages on the random micro model with a few problems and steps: the plumbing in seconds.
+demo-micro: setup
+	$(BIN)/wmtp demo --use-micro-model --preset local-light --scale smoke
 
 # Side-by-side benchmarks (see benchmarks/README.md); each prints its own ratios.
 bench: setup

@@ -267,3 +267,18 @@ def test_speculative_generate_gives_the_same_completions(char_tokenizer: Tokeniz
     fast = generate(model, char_tokenizer, prompts, n_samples=2, max_new_tokens=16, stop=["\n\n", "ab"],
                     speculative=True)
     assert fast == plain
+
+
+def test_generation_dtype_is_bf16_only_where_the_device_computes_it(monkeypatch):
+    import torch
+
+    import weighted_mtp.models.loading as loading
+    from weighted_mtp.config.schema import Config
+
+    cpu = torch.device("cpu")
+    assert loading.generation_dtype(Config(generation_dtype="float32"), cpu) == "float32"
+    monkeypatch.setattr(loading, "native_bf16", lambda device: True)
+    assert loading.generation_dtype(Config(), cpu) == "bfloat16"
+    monkeypatch.setattr(loading, "native_bf16", lambda device: False)
+    assert loading.generation_dtype(Config(dtype="float16"), cpu) == "float16"
+    assert loading.native_bf16(torch.device("mps")) is False

@@ -224,19 +224,20 @@ class PartialRollout:
                 f"{self.path}: an unfinished rollout with other settings ({self.settings_path}); run it "
                 "again with the same settings to finish it, or pass --fresh to start over"
             )
-        records = []
+        records, whole = [], True
         with open(self.path, encoding="utf-8") as handle:
             for line in handle:
-                if not line.endswith("\n"):
-                    break  # the last write was cut short
                 try:
+                    if not line.endswith("\n"):
+                        raise ValueError("no line end")
                     records.append(json.loads(line))
-                except json.JSONDecodeError:
+                except ValueError:  # the last write was cut short by the kill
+                    whole = False
                     break
         counts = Counter(r["problem_id"] for r in records)
         complete = {pid for pid, n in counts.items() if n == samples_per_problem.get(pid)}
         kept = [r for r in records if r["problem_id"] in complete]
-        if len(kept) != len(records) or self.path.stat().st_size != sum(len(json.dumps(r, ensure_ascii=False)) + 1 for r in kept):
+        if not whole or len(kept) != len(records):
             with atomic_write(self.path) as handle:
                 handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
         return kept
