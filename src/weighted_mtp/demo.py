@@ -196,6 +196,13 @@ def run_demo(
         after.write(root / "eval-after.json")
     result.after = _pass_at_1(after)
     result.paired = _paired(before, after)
+    from weighted_mtp.plots import training_curves
+
+    curves = training_curves(
+        {"critic": critic.history, "verifiable": verifiable.history},
+        ["loss", "head1/ce", "head2/ce", "value/loss", "weights/mean", "weights/clipped_high"],
+        root / "training-curves.png",
+    )
     result.locations = {
         "run root": str(root),
         "critic checkpoints": str(critic.run_dir),
@@ -203,6 +210,7 @@ def run_demo(
         "trained model": str(verifiable.model_dir),
         "eval reports": f"{root / 'eval-before.json'}, {root / 'eval-after.json'}",
         "rollouts": str(root / "rollouts"),
+        "plots": str(curves),
         "tracking": _tracking_location(base),
     }
     atomic_write_json(root / "demo.json", result.to_dict())

@@ -332,8 +332,31 @@ def paired_test(a: dict, b: dict) -> str:
     return f"+{a_only} / -{b_only}, p = {exact_mcnemar_p(a_only, b_only):.2f}"
 
 
-def render_results(study: Study) -> str:
-    """docs/RESULTS.md from the finished cells: every figure in it was measured by a cell."""
+PLOTTED_METRICS = ("loss", "head1/ce", "head2/ce", "head4/ce", "weights/mean", "value/loss")
+
+
+def write_plots(study: Study) -> dict[str, Path]:
+    """PNGs beside the cell results: training curves of every finished run, pass@1 of every arm."""
+    from weighted_mtp.plots import pass_at_k_chart, training_curves
+
+    done = study.finished()
+    plots: dict[str, Path] = {}
+    histories = {r["arm"]: r["history"] for name, r in done.items() if name.startswith("train-") and r["history"]}
+    if histories:
+        plots["training curves"] = training_curves(histories, PLOTTED_METRICS, study.cells_dir / "training-curves.png")
+    for benchmark in ("mbpp", "humaneval"):
+        rows = {arm: done[f"eval-{arm}-{benchmark}-greedy"]["pass_at_k"]["1"]
+                for arm in ARMS if f"eval-{arm}-{benchmark}-greedy" in done}
+        if rows:
+            plots[f"{benchmark} greedy pass@1"] = pass_at_k_chart(
+                rows, f"{benchmark} test, greedy pass@1 (95% CI)", study.cells_dir / f"pass-at-1-{benchmark}.png"
+            )
+    return plots
+
+
+def render_results(study: Study, plots: dict[str, Path] | None = None, relative_to: Path | None = None) -> str:
+    """docs/RESULTS.md from the finished cells: every figure in it was measured by a cell. `plots`
+    (from `write_plots`) are linked relative to `relative_to`, the report's folder."""
     done = study.finished()
     cells = study.cells()
     todo = [c.name for c in cells if c.name not in done]
@@ -430,6 +453,12 @@ def render_results(study: Study) -> str:
         val = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["val_metrics"].items()) if isinstance(v, float))
         lines.append(f"| {arm} | {r['steps']} | {r['wall_s'] / 60:.1f} min | {last.get('loss', float('nan')):.4f} | {val} |")
     lines.append("")
+
+    if plots:
+        lines += ["## Plots", ""]
+        for title, path in plots.items():
+            link = os.path.relpath(path, relative_to) if relative_to is not None else str(path)
+            lines += [f"![{title}]({link})", ""]
 
     lines += ["## Wall time per cell", "", "| cell | wall | finished |", "|---|---|---|"]
     for cell in cells:

@@ -40,6 +40,7 @@ def check_result(out: str, root) -> dict:
     }
     assert result["weights"]["steps"] == 2 and result["weights"]["min"] <= result["weights"]["max"]
     assert (root / "runs" / "verifiable" / "final").is_dir()
+    assert (root / "training-curves.png").is_file() and result["locations"]["plots"].endswith("training-curves.png")
     for label in ("pass@1 before", "pass@1 after", "critic AUC (a)", "critic AUC (b)", "token weights", "total"):
         assert label in out
     return result

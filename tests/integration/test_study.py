@@ -54,6 +54,8 @@ def test_every_cell_of_the_smoke_study_runs_and_the_report_reads_them(in_tmp_rep
     text = out.read_text()
     assert f"Cells finished: {len(done)} of {len(done)}." in text
     assert "not run yet" not in text
+    assert "![training curves](docs/results/smoke/training-curves.png)" in text
+    assert (in_tmp_repo / "docs" / "results" / "smoke" / "pass-at-1-mbpp.png").is_file()
     for arm in ("base", "ntp", "mtp", "verifiable", "rho1_tokenskip", "rho1_weighted"):
         assert f"| {arm} | 0.0 [0.0, 0.0]" in text  # the random micro model solves nothing
     assert main(["study", "status", "--scale", "smoke", *overrides]) == 0

@@ -39,7 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from weighted_mtp.errors import ConfigError
     from weighted_mtp.io import atomic_write_text
-    from weighted_mtp.study import Study, render_results, status_lines
+    from weighted_mtp.study import Study, render_results, status_lines, write_plots
 
     if args.action == "run" and args.max_hours is not None and args.max_hours <= 0:
         raise ConfigError(f"--max-hours must be positive, got {args.max_hours}")
@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.action == "status":
         print("\n".join(status_lines(study)))
     else:
-        atomic_write_text(args.out, render_results(study) + "\n")
+        plots = write_plots(study)
+        atomic_write_text(args.out, render_results(study, plots, relative_to=args.out.parent) + "\n")
         print(f"wrote {args.out}")
     return 0
