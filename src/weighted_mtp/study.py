@@ -54,6 +54,7 @@ class StudyScale:
     eval_humaneval_limit: int | None  # greedy HumanEval problems (None: all 164)
     sampled_subset: int  # the first N MBPP test problems for pass@1/pass@10 at T = 0.2, top-p 0.95
     sampled_n: int
+    spec_prompts: int  # the first N MBPP test prompts for self-speculative decoding, batch 1
     save_every: int | None = 20
 
 
@@ -61,16 +62,17 @@ SCALES = {
     "cpu": StudyScale(
         preset="cpu-smollm2", use_micro_model=False, n_heads=4, rollout_samples=4, rollout_train_limit=None,
         rollout_val_limit=None, max_new_tokens=128, epochs=1, max_steps=120, lr=1e-4, eval_mbpp_limit=None,
-        eval_humaneval_limit=None, sampled_subset=50, sampled_n=10,
+        eval_humaneval_limit=None, sampled_subset=50, sampled_n=10, spec_prompts=20,
     ),
     "smoke": StudyScale(
         preset="local-light", use_micro_model=True, n_heads=2, rollout_samples=2, rollout_train_limit=4,
         rollout_val_limit=2, max_new_tokens=12, epochs=1, max_steps=2, lr=1e-4, eval_mbpp_limit=2,
-        eval_humaneval_limit=2, sampled_subset=2, sampled_n=2, save_every=None,
+        eval_humaneval_limit=2, sampled_subset=2, sampled_n=2, spec_prompts=2, save_every=None,
     ),
 }
 
 ARMS = ("base", "ntp", "mtp", "verifiable", "rho1_tokenskip", "rho1_weighted")
+MULTI_HEAD_ARMS = ("mtp", "verifiable", "rho1_tokenskip", "rho1_weighted")  # trained heads to draft with
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ class Cell:
     """One finishable piece of the study: what it is decides which of the `*_cell` functions runs it."""
 
     name: str
-    kind: Literal["rollout", "train", "critic_report", "eval"]
+    kind: Literal["rollout", "train", "critic_report", "eval", "speculative"]
     arm: str = ""
     split: str = ""
     benchmark: str = ""
@@ -170,6 +172,8 @@ class Study:
                  Cell("train-ref", "train", arm="ref")]
         for arm in ARMS[1:]:
             cells += [Cell(f"train-{arm}", "train", arm=arm), *evaluations(arm)]
+            if arm in MULTI_HEAD_ARMS:
+                cells.append(Cell(f"speculative-{arm}", "speculative", arm=arm))
         return cells
 
     def result_path(self, cell: str) -> Path:
@@ -226,6 +230,8 @@ def run_cell(study: Study, cell: Cell) -> dict[str, Any]:
         return train_cell(study, cell.arm)
     if cell.kind == "critic_report":
         return critic_report_cell(study)
+    if cell.kind == "speculative":
+        return speculative_cell(study, cell.arm)
     return eval_cell(study, cell.arm, cell.benchmark, sampled=cell.sampled)
 
 
@@ -286,6 +292,49 @@ def eval_cell(study: Study, arm: str, benchmark: str, *, sampled: bool) -> dict[
         "pass_at_k": {str(k): p.to_dict() for k, p in report.pass_at_k.items()},
         "per_problem": report.to_dict()["per_problem"],
         "n_problems": report.n_problems, "metadata": report.metadata,
+    }
+
+
+def speculative_cell(study: Study, arm: str) -> dict[str, Any]:
+    """Self-speculative greedy decoding with the arm's trained heads on held-out MBPP test prompts,
+    batch 1, against plain greedy decoding of the same prompts (run alternately, prompt by prompt):
+    acceptance per head, tokens per forward, speed-up, and how many outputs differ."""
+    import torch
+
+    from weighted_mtp.data.templates import prompt_adds_bos
+    from weighted_mtp.eval.benchmarks import get_benchmark
+    from weighted_mtp.eval.generation import generate_ids
+    from weighted_mtp.eval.speculative import SpeculativeStats, speculative_generate_ids
+    from weighted_mtp.models.loading import generation_dtype, load_model, resolve_device
+
+    config = study.config(None)
+    device = resolve_device(config.device)
+    dtype = generation_dtype(config, device)
+    model, tokenizer = load_model(study.model_of(arm), models_dir=config.paths.models, device=device,
+                                  dtype=getattr(torch, dtype))
+    model.eval()
+    benchmark = get_benchmark("mbpp")
+    template = config.data.prompt_template
+    problems = benchmark.load(config.paths.raw_data, "test", study.scale.spec_prompts)
+    stats = SpeculativeStats(model.n_future_tokens)
+    plain_s = speculative_s = 0.0
+    differ = 0
+    for problem in problems:
+        ids = tokenizer.encode(benchmark.prompt(problem, template, tokenizer), add_bos=prompt_adds_bos(template))
+        began = time.perf_counter()
+        (plain,) = generate_ids(model, [ids], max_new_tokens=study.scale.max_new_tokens, stop_ids=tokenizer.stop_ids)
+        plain_s += time.perf_counter() - began
+        began = time.perf_counter()
+        drafted, one = speculative_generate_ids(model, ids, max_new_tokens=study.scale.max_new_tokens,
+                                                stop_ids=tokenizer.stop_ids)
+        speculative_s += time.perf_counter() - began
+        stats.add(one)
+        differ += drafted.token_ids != plain.token_ids
+    return {
+        "arm": arm, "prompts": len(problems), "dtype": dtype, "n_heads": model.n_future_tokens,
+        "acceptance_per_head": stats.acceptance_rates, "tokens_per_forward": stats.tokens_per_forward,
+        "speedup": plain_s / speculative_s if speculative_s else 0.0, "plain_s": plain_s,
+        "speculative_s": speculative_s, "outputs_differing": differ,
     }
 
 
@@ -452,6 +501,20 @@ def render_results(study: Study, plots: dict[str, Path] | None = None, relative_
         last = r["history"][-1] if r["history"] else {}
         val = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["val_metrics"].items()) if isinstance(v, float))
         lines.append(f"| {arm} | {r['steps']} | {r['wall_s'] / 60:.1f} min | {last.get('loss', float('nan')):.4f} | {val} |")
+    lines.append("")
+
+    lines += ["## Self-speculative decoding on held-out prompts", "",
+              "| arm | prompts | acceptance, heads 2..n | tokens per forward | speed-up over plain greedy | outputs differing |",
+              "|---|---|---|---|---|---|"]
+    for arm in MULTI_HEAD_ARMS:
+        r = done.get(f"speculative-{arm}")
+        if r is None:
+            lines.append(f"| {arm} | not run yet | | | | |")
+            continue
+        lines.append(
+            f"| {arm} | {r['prompts']} ({r['dtype']}) | {' '.join(f'{a:.2f}' for a in r['acceptance_per_head'])} "
+            f"| {r['tokens_per_forward']:.2f} | {r['speedup']:.2f}x | {r['outputs_differing']} |"
+        )
     lines.append("")
 
     if plots:
