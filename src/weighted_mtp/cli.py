@@ -49,8 +49,24 @@ def setup_logging(level: str = "info") -> None:
     )
 
 
+def _unknown_command(argv: list[str]) -> str | None:
+    """A first word that is neither a command, a flag nor a key=value override: a mistyped command."""
+    if not argv or argv[0] in COMMANDS or argv[0].startswith("-") or "=" in argv[0]:
+        return None
+    import difflib
+
+    close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown command {argv[0]!r} (commands: {', '.join(COMMANDS)}){hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = _with_default_command(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    unknown = _unknown_command(argv)
+    if unknown is not None:
+        print(f"error: {unknown}", file=sys.stderr)
+        return 2
+    argv = _with_default_command(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

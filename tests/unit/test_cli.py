@@ -96,3 +96,25 @@ def test_config_command_shows_layers(in_tmp_repo, capsys):
     assert code == 0
     assert "top_k_ratio: 0.3" in out
     assert "configs/recipe.rho1.yaml < configs/presets/local-light.yaml < command line override rho1.top_k_ratio" in out
+
+
+def test_an_unknown_command_is_named_as_such(capsys):
+    from weighted_mtp.cli import main
+
+    assert main(["frobnicate"]) == 2
+    assert capsys.readouterr().err == (
+        "error: unknown command 'frobnicate' (commands: train, config, data, model, eval, rollout, demo, study)\n"
+    )
+    assert main(["evla", "--model", "x"]) == 2
+    assert capsys.readouterr().err.endswith("did you mean 'eval'?\n")
+
+
+def test_resume_without_a_checkpoint_fails_before_writing_the_run_directory(in_tmp_repo, shared_data, capsys):
+    from weighted_mtp.cli import main
+
+    status = main(["train", "--recipe", "baseline", "--preset", "local-light", "--use-micro-model", "--resume",
+                   f"paths.raw_data={shared_data}", "tracking.enabled=false", "device=cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert err[-1] == "error: storage/runs/baseline/checkpoints: --resume given but there is no complete checkpoint"
+    assert not (in_tmp_repo / "storage" / "runs" / "baseline").exists()

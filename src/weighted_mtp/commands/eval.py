@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -49,13 +50,14 @@ def run(args: argparse.Namespace) -> int:
     from weighted_mtp.eval.report import evaluate_completions
     from weighted_mtp.eval.sandbox import Limits, Sandbox
 
+    _check_arguments(args)
     config = resolve(args).config
     settings = config.evaluation
     name = args.benchmark or settings.benchmark
     benchmark = get_benchmark(name)
     split = args.split or (settings.split if settings.split in _splits(name) else benchmark.default_split)
     ks = _parse_k(args.k) if args.k else list(settings.k)
-    limit = args.limit or settings.limit
+    limit = settings.limit if args.limit is None else args.limit
     problems = benchmark.load(config.paths.raw_data, split, limit)
     if not problems:
         raise DataError(f"{name} {split}: no problems under {config.paths.raw_data}")
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         report = evaluate_model(
             config, args.model, benchmark_name=name, split=split, limit=limit,
             settings=_sampling_settings(args, config), ks=ks, workers=args.workers,
-            timeout_s=args.timeout or settings.timeout_s,
+            timeout_s=settings.timeout_s if args.timeout is None else args.timeout,
         )
         return _finish(args, config, report, report.metadata)
     if args.reference_solutions:
@@ -76,9 +78,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         completions = _read_samples(args.samples, {benchmark.task_id(p) for p in problems}, limit is not None)
         metadata["samples_file"] = str(args.samples)
+        if len(completions) < len(problems):
+            metadata["problems_without_samples"] = len(problems) - len(completions)
 
     console = Console(stderr=True)
-    limits = Limits(timeout_s=args.timeout or settings.timeout_s)
+    limits = Limits(timeout_s=settings.timeout_s if args.timeout is None else args.timeout)
     with Sandbox(args.workers or settings.workers, limits) as sandbox, _progress(console, config) as progress:
         total = sum(len(v) for v in completions.values())
         task = progress.add_task(f"running {name} {split}", total=total)
@@ -97,9 +101,33 @@ def _finish(args, config, report, metadata: dict) -> int:
     output = args.output or config.paths.runs / "eval" / f"{name}-{split}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     report.write(output)
     console.print(report.summary_table())
+    if metadata.get("problems_without_samples"):
+        print(
+            f"warning: the samples cover {report.n_problems} of {report.n_problems + metadata['problems_without_samples']} "
+            f"{name} {split} problems; pass@k is over those {report.n_problems} only", file=sys.stderr,
+        )
+    if report.metadata.get("skipped_k"):
+        print(
+            f"warning: pass@k for k = {', '.join(map(str, report.metadata['skipped_k']))} skipped: "
+            "it needs at least k samples of every problem", file=sys.stderr,
+        )
     console.print(f"report: {output}")
     _track(config, report, output, metadata)
     return 0
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Out-of-range flags are errors, never silently replaced by defaults."""
+    for flag, value in (("--n-samples", args.n_samples), ("--limit", args.limit), ("--workers", args.workers),
+                        ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    if args.timeout is not None and not args.timeout > 0:
+        raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if args.temperature is not None and args.temperature < 0:
+        raise ConfigError(f"--temperature must be at least 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
 def _splits(name: str) -> tuple[str, ...]:
@@ -151,10 +179,10 @@ def _sampling_settings(args, config):
 
     settings = config.evaluation
     return SamplingSettings(
-        n_samples=args.n_samples or settings.n_samples,
+        n_samples=settings.n_samples if args.n_samples is None else args.n_samples,
         temperature=settings.temperature if args.temperature is None else args.temperature,
-        top_p=args.top_p or settings.top_p,
-        max_new_tokens=args.max_new_tokens or settings.max_new_tokens,
+        top_p=settings.top_p if args.top_p is None else args.top_p,
+        max_new_tokens=settings.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
         template=args.template or config.data.prompt_template,
         seed=config.seed,
         speculative=args.speculative or settings.speculative,

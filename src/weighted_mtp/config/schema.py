@@ -171,7 +171,7 @@ class TrainingConfig(Section):
 class WeightingConfig(Section):
     """Token weighting: `uniform` (baseline), `critic` (TD/GAE advantages), `rho1` (excess loss)."""
 
-    scheme: str = "uniform"
+    scheme: Literal["uniform", "critic", "rho1"] = "uniform"
     head_discount: float = Field(
         1.0, gt=0, le=1, description="Weight of head k is head_discount**(k-1), as MTP papers weight far heads less."
     )
@@ -259,6 +259,10 @@ class EvaluationConfig(Section):
     speculative: bool = False
 
 
+SCHEME_OF_PIPELINE = {"baseline": "uniform", "ref_tuning": "uniform", "critic": "uniform", "verifiable": "critic",
+                      "rho1": "rho1"}
+
+
 class Config(Section):
     """The resolved configuration of one run."""
 
@@ -293,6 +297,17 @@ class Config(Section):
                 self.training.max_steps = self.stage1.steps
             if self.stage1.lr is not None:
                 self.training.lr = self.stage1.lr
+        return self
+
+    @model_validator(mode="after")
+    def _weighting_scheme_fits_the_pipeline(self) -> Config:
+        """Each pipeline weighs tokens one way; a scheme it would ignore is a mistake, not a setting."""
+        expected = SCHEME_OF_PIPELINE[self.experiment.pipeline]
+        if self.weighting.scheme != expected:
+            raise ValueError(
+                f"weighting.scheme is {self.weighting.scheme!r} but experiment.pipeline "
+                f"{self.experiment.pipeline!r} weighs tokens by {expected!r}; set weighting.scheme={expected}"
+            )
         return self
 
     @property

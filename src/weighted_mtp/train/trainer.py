@@ -219,10 +219,10 @@ class Trainer:
         A checkpoint in the run directory (or in the run's S3 prefix) is always resumed from;
         `resume=True` additionally insists that there is one.
         """
+        resumed_from = self._restore(required=resume)  # before any write: a failed --resume leaves no trace
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved_config(self.config, self.run_dir)
-        resumed_from = self._restore(required=resume)
         self.tracker.start(self.config, run_id=self.tracker_run_id)
         self.tracker_run_id = self.tracker.run_id
         history: list[dict[str, float]] = []

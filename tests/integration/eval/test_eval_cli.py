@@ -99,3 +99,42 @@ def test_bad_input_is_one_line_error(in_tmp_repo: Path, shared_data: Path) -> No
     assert done.stderr.strip().splitlines()[-1] == f"error: {samples}:2: expected a JSON object with task_id and completion"
     unknown = wmtp_eval(in_tmp_repo, shared_data, "--reference-solutions", "--benchmark", "mbp", "tracking.enabled=false")
     assert unknown.returncode == 2 and "did you mean 'mbpp'" in unknown.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--n-samples", "0"], "--n-samples must be at least 1, got 0"),
+        (["--limit", "0"], "--limit must be at least 1, got 0"),
+        (["--workers", "0"], "--workers must be at least 1, got 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+        (["--timeout", "-1"], "--timeout must be a positive number of seconds, got -1.0"),
+        (["--temperature", "-0.5"], "--temperature must be at least 0, got -0.5"),
+        (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    ],
+)
+def test_out_of_range_flags_are_errors_not_defaults(in_tmp_repo, shared_data, capsys, flags, message):
+    from weighted_mtp.cli import main
+
+    status = main(["eval", "--reference-solutions", "--benchmark", "mbpp", *flags, f"paths.raw_data={shared_data}",
+                   "tracking.enabled=false"])
+    err = capsys.readouterr().err
+    assert status == 2 and err == f"error: {message}\n"
+    assert not (in_tmp_repo / "storage").exists()  # nothing written
+
+
+def test_partial_samples_and_unusable_k_are_reported(in_tmp_repo, shared_data, capsys):
+    from weighted_mtp.cli import main
+
+    gold = {json.loads(line)["task_id"]: json.loads(line)["code"] for line in (shared_data / "mbpp" / "test.jsonl").open()}
+    samples = in_tmp_repo / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"task_id": t, "completion": gold[t]}) + "\n" for t in (11, 12, 13)))
+    report_path = in_tmp_repo / "report.json"
+    status = main(["eval", "--samples", str(samples), "--benchmark", "mbpp", "--k", "1,5", "--output", str(report_path),
+                   f"paths.raw_data={shared_data}", "tracking.enabled=false"])
+    err = capsys.readouterr().err
+    assert status == 0
+    assert "warning: the samples cover 3 of 500 mbpp test problems; pass@k is over those 3 only" in err
+    assert "warning: pass@k for k = 5 skipped: it needs at least k samples of every problem" in err
+    report = json.loads(report_path.read_text())
+    assert report["metadata"]["problems_without_samples"] == 497 and report["metadata"]["skipped_k"] == [5]
