@@ -129,3 +129,14 @@ def test_saved_config_round_trips(tmp_path, repo_root, monkeypatch):
     path = save_resolved_config(config, tmp_path / "run")
     assert load_saved_config(path) == config
     assert not [p for p in (tmp_path / "run").iterdir() if p.name != "config.yaml"]
+
+
+def test_saving_the_config_clears_temporaries_of_a_killed_write(tmp_path):
+    from weighted_mtp.config import load_config, save_resolved_config
+
+    stale = tmp_path / ".config.yaml.abc123.tmp"
+    stale.write_text("half a config")
+    other = tmp_path / ".metrics.jsonl.x.tmp"
+    other.write_text("not ours")
+    save_resolved_config(load_config(recipe="baseline").config, tmp_path)
+    assert not stale.exists() and other.exists() and (tmp_path / "config.yaml").is_file()

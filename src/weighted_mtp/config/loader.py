@@ -268,6 +268,8 @@ def config_to_yaml(config: Config) -> str:
 def save_resolved_config(config: Config, directory: Path) -> Path:
     """Save the resolved config beside a run's outputs, so the run can be reproduced from it alone."""
     path = Path(directory) / "config.yaml"
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-write
+        stale.unlink(missing_ok=True)
     atomic_write_text(path, config_to_yaml(config))
     return path
 

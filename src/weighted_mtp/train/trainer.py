@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from weighted_mtp.config import save_resolved_config
+from weighted_mtp.io import atomic_write
 from weighted_mtp.config.schema import Config
 from weighted_mtp.errors import CheckpointError, ConfigError, DataError, WMTPError
 from weighted_mtp.train import distributed as D
@@ -223,6 +224,7 @@ class Trainer:
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved_config(self.config, self.run_dir)
+            self._trim_metrics()
         self.tracker.start(self.config, run_id=self.tracker_run_id)
         self.tracker_run_id = self.tracker.run_id
         history: list[dict[str, float]] = []
@@ -530,6 +532,27 @@ class Trainer:
             if not self._bar_enabled():
                 keys = ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "memory/peak_gib")
                 log.info("step %d/%d %s", self.step, self.total_steps, _format({k: metrics[k] for k in keys}))
+
+    def _trim_metrics(self) -> None:
+        """Drop metrics.jsonl rows past the step resumed from (steps run after the last checkpoint,
+        which the resumed run replays) and a last line cut short by a kill: one row per step."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept, changed = [], False
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    row = json.loads(line) if line.endswith("\n") else None
+                except json.JSONDecodeError:
+                    row = None
+                if row is None or row.get("step", 0) > self.step:
+                    changed = True
+                    continue
+                kept.append(line)
+        if changed:
+            with atomic_write(path) as handle:
+                handle.writelines(kept)
 
     def _append_jsonl(self, record: dict[str, float]) -> None:
         """Every step's metrics in the run directory, readable without MLflow (a resumed run appends)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -52,6 +53,9 @@ def test_resume_after_kill_gives_the_uninterrupted_losses(micro_workspace, refer
     assert "resuming from" in ws.log_tail("interrupted")
 
     assert_same_losses(ws.losses("interrupted"), reference_losses, 1e-6)
+    rows = [json.loads(line) for line in (ws.runs / "interrupted" / "metrics.jsonl").read_text().splitlines()]
+    loss_steps = [row["step"] for row in rows if "loss" in row]
+    assert loss_steps == list(range(1, len(loss_steps) + 1))  # replayed steps are not written twice
     assert (ws.runs / "interrupted" / "final" / "model.safetensors").is_file()
     kept = sorted(p.name for p in checkpoints.iterdir())
     assert kept == [checkpoint_name(s) for s in (2, 4, 6)]  # keep_last=3, no temporary leftovers
