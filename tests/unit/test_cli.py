@@ -118,3 +118,35 @@ def test_resume_without_a_checkpoint_fails_before_writing_the_run_directory(in_t
     assert status == 2
     assert err[-1] == "error: storage/runs/baseline/checkpoints: --resume given but there is no complete checkpoint"
     assert not (in_tmp_repo / "storage" / "runs" / "baseline").exists()
+
+
+def _train(shared_data, *overrides):
+    from weighted_mtp.cli import main
+
+    return main(["train", "--recipe", "baseline", "--preset", "local-light", "--use-micro-model",
+                 f"paths.raw_data={shared_data}", "tracking.enabled=false", "device=cpu", "training.max_steps=2",
+                 "training.save_every=1", "training.eval_every=null", "data.val_split=null", *overrides])
+
+
+def test_resuming_a_run_directory_of_another_shape_names_the_difference(in_tmp_repo, shared_data, capsys):
+    assert _train(shared_data) == 0
+    capsys.readouterr()
+    assert _train(shared_data, "model.n_future_tokens=3", "training.max_steps=3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "error: storage/runs/baseline: holds a checkpoint of another run (model.n_future_tokens is 4 there, 3 here); "
+        "set a new experiment.name, or delete storage/runs/baseline to start over"
+    )
+    assert _train(shared_data, "model.n_future_tokens=3", "training.max_steps=3", "experiment.name=other") == 0
+
+
+def test_a_truncated_checkpoint_is_a_one_line_error(in_tmp_repo, shared_data, capsys):
+    assert _train(shared_data) == 0
+    capsys.readouterr()
+    weights = in_tmp_repo / "storage" / "runs" / "baseline" / "checkpoints" / "step_00000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert _train(shared_data, "training.max_steps=3") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {weights.relative_to(in_tmp_repo)}: unreadable (") and err.endswith(
+        "the checkpoint is damaged: delete storage/runs/baseline/checkpoints/step_00000002 to resume from the one before"
+    )

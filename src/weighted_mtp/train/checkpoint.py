@@ -230,17 +230,27 @@ def load_checkpoint(
         if optimizer is not None:
             set_optimizer_state_dict(modules, optimizer, state["optim"], options=_options(False))
     else:
-        from safetensors.torch import load_file
-
-        model_state = load_file(path / "model.safetensors")
+        model_state = _read(path / "model.safetensors")
         _check_keys(path, model_state, trainable_state_dict(modules, full=False))
         set_model_state_dict(modules, model_state, options=_options(True, strict=False))
         if optimizer is not None:
-            optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-            set_optimizer_state_dict(modules, optimizer, optim_state, options=_options(True))
-    trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
-    rank_state = torch.load(path / f"rank_{env.rank}.pt", map_location="cpu", weights_only=False)
-    return trainer_state, rank_state
+            set_optimizer_state_dict(modules, optimizer, _read(path / "optimizer.pt"), options=_options(True))
+    return _read(path / "trainer.pt"), _read(path / f"rank_{env.rank}.pt")
+
+
+def _read(file: Path) -> Any:
+    """One file of a checkpoint; a damaged one (truncated, overwritten) is a one-line error."""
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(file)
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as exc:  # safetensors, pickle and zip each raise their own types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{file}: unreadable ({first}); the checkpoint is damaged: delete {file.parent} to resume from the one before"
+        ) from None
 
 
 def _check_keys(path: Path, saved: dict[str, torch.Tensor], expected: dict[str, Any]) -> None:

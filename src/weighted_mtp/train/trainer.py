@@ -76,6 +76,32 @@ class TrainResult:
     model_dir: Path | None = None
 
 
+# What a checkpoint's tensors depend on: resuming across a change of any of these cannot work.
+RUN_SHAPE_KEYS = (
+    "experiment.pipeline", "model.name", "model.n_future_tokens", "model.value_head", "model.tokenizer",
+    "training.freeze", "training.lora.enabled", "training.lora.r", "training.lora.target_modules",
+)
+
+
+def check_same_run(saved_config: Path, config: Config) -> None:
+    """Refuse to resume a run directory that holds a run of another shape, naming the difference."""
+    if not saved_config.is_file():
+        return
+    from weighted_mtp.config import load_saved_config
+
+    saved = load_saved_config(saved_config).model_dump(mode="json")
+    current = config.model_dump(mode="json")
+    for key in RUN_SHAPE_KEYS:
+        there, here = saved, current
+        for part in key.split("."):
+            there, here = (there or {}).get(part), (here or {}).get(part)
+        if there != here:
+            raise ConfigError(
+                f"{saved_config.parent}: holds a checkpoint of another run ({key} is {there!r} there, {here!r} "
+                f"here); set a new experiment.name, or delete {saved_config.parent} to start over"
+            )
+
+
 def split_batch(batch: Any, parts: int) -> list[Any]:
     """Cut a batch into `parts` smaller ones by rows; pairs (rows 2i, 2i+1) stay together."""
     if parts == 1:
@@ -648,6 +674,7 @@ class Trainer:
                 )
             return None
         path = Path(path)
+        check_same_run(self.run_dir / "config.yaml", self.config)
         log.info("resuming from %s", path)
         trainer_state, rank_state = load_checkpoint(
             path, modules=self.modules, optimizer=self.optimizer, env=self.env
