@@ -20,8 +20,15 @@ DEFAULT_COMMAND = "train"
 log = logging.getLogger("weighted_mtp")
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """Usage mistakes are one line and exit status 2, like every other error (`wmtp CMD -h` for help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="wmtp",
         description="Weighted Multi-Token Prediction: train, evaluate and prepare data for MTP code models.",
         epilog="Without a subcommand, `wmtp --config ... --recipe ...` means `wmtp train ...`.",

@@ -211,7 +211,7 @@ def run_demo(
         "eval reports": f"{root / 'eval-before.json'}, {root / 'eval-after.json'}",
         "rollouts": str(root / "rollouts"),
         "plots": str(curves),
-        "tracking": _tracking_location(base),
+        "tracking": _tracking_location(base, {"critic": critic.tracking_run_id, "verifiable": verifiable.tracking_run_id}),
     }
     atomic_write_json(root / "demo.json", result.to_dict())
     return result
@@ -254,12 +254,13 @@ def _paired(before, after) -> dict[str, int]:
     }
 
 
-def _tracking_location(config: Config) -> str:
+def _tracking_location(config: Config, run_ids: dict[str, str | None]) -> str:
     if not config.tracking.enabled:
         return "tracking disabled"
     from weighted_mtp.tracking.mlflow_tracker import redact_uri
 
-    return f"MLflow {redact_uri(config.tracking.uri)}, experiment {config.tracking.experiment!r}"
+    runs = ", ".join(f"{name} run {run_id}" for name, run_id in run_ids.items() if run_id)
+    return f"MLflow {redact_uri(config.tracking.uri)}, experiment {config.tracking.experiment!r}: {runs}"
 
 
 def exact_mcnemar_p(before_only: int, after_only: int) -> float:

@@ -420,6 +420,13 @@ def render_results(study: Study, plots: dict[str, Path] | None = None, relative_
         f"**Cells finished: {len(done)} of {len(cells)}.**"
         + (f" Not yet run: {', '.join(todo)}." if todo else ""),
         "",
+        "## Commands",
+        "",
+        "```",
+        f"wmtp study run --scale {study.scale_name}       # as many times as it takes; finished cells are kept",
+        f"wmtp study report --scale {study.scale_name}    # this file, from docs/results/{study.scale_name}/",
+        "```",
+        "",
         "## Set-up",
         "",
         "```",
@@ -492,14 +499,18 @@ def render_results(study: Study, plots: dict[str, Path] | None = None, relative_
     lines += findings or ["No arm has been compared with the base yet."]
     lines.append("")
 
-    lines += ["## Training", "", "| run | steps | wall | final loss | val metrics |", "|---|---|---|---|---|"]
+    lines += ["## Training", "",
+              "Held-out: per-head cross-entropy and top-1 accuracy on the validation rollouts' correct samples "
+              "(the critic: ROC AUC of its last-step value on validation pairs).", "",
+              "| run | steps | wall | final loss | held-out |", "|---|---|---|---|---|"]
     for arm in ("critic", "ref", *[a for a in ARMS if a != "base"]):
         r = done.get(f"train-{arm}")
         if r is None:
             lines.append(f"| {arm} | not run yet | | | |")
             continue
         last = r["history"][-1] if r["history"] else {}
-        val = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["val_metrics"].items()) if isinstance(v, float))
+        val = ", ".join(f"{k.removeprefix('val/')} {v:.3f}" for k, v in sorted(r["val_metrics"].items())
+                        if k.endswith(("/ce", "/accuracy", "value/auc")) and isinstance(v, float))
         lines.append(f"| {arm} | {r['steps']} | {r['wall_s'] / 60:.1f} min | {last.get('loss', float('nan')):.4f} | {val} |")
     lines.append("")
 

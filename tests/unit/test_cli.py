@@ -150,3 +150,19 @@ def test_a_truncated_checkpoint_is_a_one_line_error(in_tmp_repo, shared_data, ca
     assert err.startswith(f"error: {weights.relative_to(in_tmp_repo)}: unreadable (") and err.endswith(
         "the checkpoint is damaged: delete storage/runs/baseline/checkpoints/step_00000002 to resume from the one before"
     )
+
+
+def test_usage_mistakes_are_one_line(capsys):
+    from weighted_mtp.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", "--model", "x", "--samples", "y"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "error: wmtp eval: argument --samples: not allowed with argument --model\n"
+
+
+def test_info_on_an_unknown_dataset_lists_the_known_ones(in_tmp_repo, capsys):
+    from weighted_mtp.cli import main
+
+    assert main(["data", "info", "nosuch"]) == 2
+    assert capsys.readouterr().err == "error: unknown dataset 'nosuch' (registered: codecontests, humaneval, mbpp, rollouts)\n"

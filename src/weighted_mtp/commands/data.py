@@ -75,7 +75,10 @@ def run_info(args: argparse.Namespace) -> int:
     from weighted_mtp.data.index import SplitIndex
     from weighted_mtp.data.prepare import processed_dir
 
+    from weighted_mtp.data.sources import get_source
+
     config = resolve(args).config
+    get_source(args.dataset)  # an unknown name is an error that lists the known ones
     directory = processed_dir(config.paths.datasets, args.dataset)
     splits = args.split or sorted(p.name.removesuffix("_metadata.json") for p in directory.glob("*_metadata.json"))
     if not splits:

@@ -74,6 +74,7 @@ class TrainResult:
     resumed_from: Path | None = None
     checkpoint: Path | None = None
     model_dir: Path | None = None
+    tracking_run_id: str | None = None  # the MLflow run, when tracking is enabled
 
 
 # What a checkpoint's tensors depend on: resuming across a change of any of these cannot work.
@@ -295,6 +296,7 @@ class Trainer:
             resumed_from=resumed_from,
             checkpoint=self._last_checkpoint,
             model_dir=model_dir,
+            tracking_run_id=self.tracker_run_id,
         )
 
     # ------------------------------------------------------------------ data
