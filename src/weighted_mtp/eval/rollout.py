@@ -329,7 +329,8 @@ def run_rollouts(
     progress = progress or GenerationProgress(config.logging.progress_bar, f"rollout {benchmark_name} {split}")
     per_piece = max(1, rows_per_piece // settings.sampling.n_samples)
     generated_tokens, generation_s, execution_s = 0, 0.0, 0.0
-    with Sandbox(workers or config.evaluation.workers, Limits(timeout_s=config.rollout.timeout_s)) as sandbox, progress:
+    workers = config.evaluation.workers if workers is None else workers
+    with Sandbox(workers, Limits(timeout_s=config.rollout.timeout_s)) as sandbox, progress:
         progress.start(total=len(problems), done=len(done))
         for start in range(0, len(todo), per_piece):
             piece = todo[start : start + per_piece]

@@ -141,5 +141,7 @@ def evaluate_model(
         "source": "model", "model": str(model_name), "device": str(device), "dtype": dtype,
         **{key: value for key, value in vars(settings).items()}, **speed,
     }
-    with Sandbox(workers or config.evaluation.workers, Limits(timeout_s=timeout_s or config.evaluation.timeout_s)) as sandbox:
+    workers = config.evaluation.workers if workers is None else workers
+    timeout_s = config.evaluation.timeout_s if timeout_s is None else timeout_s
+    with Sandbox(workers, Limits(timeout_s=timeout_s)) as sandbox:
         return evaluate_completions(benchmark, problems, completions, sandbox, ks, split=split, metadata=metadata)
