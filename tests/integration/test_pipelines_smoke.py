@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from weighted_mtp.config import load_config
-from weighted_mtp.data.sources import MBPPSource
+from fixtures.pipelines import pipeline_config, write_pair_rollouts
 from weighted_mtp.pipelines import objective_factory
 from weighted_mtp.pipelines.common import train_with_objective
 from weighted_mtp.train.distributed import DistEnv
@@ -29,50 +28,9 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def raw_data(in_tmp_repo: Path, shared_data: Path) -> Path:
-    """MBPP from the shared copy, plus rollouts made of MBPP programs: each problem's gold program
-    (it passes its asserts) and the next problem's gold program (it defines another function, so
-    the asserts fail)."""
-    raw = in_tmp_repo / "raw"
-    (raw / "rollouts").mkdir(parents=True)
-    (raw / "mbpp").symlink_to(shared_data / "mbpp")
-    for split, n in (("train", 8), ("validation", 4)):
-        problems = list(MBPPSource().read(shared_data, split))[:n]
-        with open(raw / "rollouts" / f"{split}.jsonl", "w", encoding="utf-8") as handle:
-            for i, problem in enumerate(problems):
-                wrong = problems[(i + 1) % n].correct[0]
-                for output, ok in ((problem.correct[0], True), (wrong, False)):
-                    record = {
-                        "problem_id": problem.problem_id,
-                        "instruction": problem.instruction,
-                        "input": problem.input,
-                        "output": output,
-                        "is_correct": ok,
-                        "tests": problem.tests,
-                    }
-                    handle.write(json.dumps(record) + "\n")
-    return raw
+    return write_pair_rollouts(in_tmp_repo / "raw", shared_data)
 
 
-def config_for(recipe: str, raw: Path, models_dir: Path, *overrides: str):
-    return load_config(
-        defaults="configs/defaults.yaml",
-        recipe=recipe,
-        preset="local-light",
-        use_micro_model=True,
-        overrides=[
-            f"paths.raw_data={raw}",
-            f"paths.rollouts={raw / 'rollouts'}",
-            f"paths.models={models_dir}",
-            "device=cpu",
-            "tracking.enabled=false",
-            f"model.n_future_tokens={1 if recipe == 'ref_tuning' else 2}",
-            "data.max_length=64",
-            "data.val_split=null",
-            "training.eval_every=null",
-            "training.save_every=null",
-            *overrides,
-        ],
-    ).config
 
 
 def recording(pipeline: str, made: list):
@@ -87,7 +45,7 @@ def recording(pipeline: str, made: list):
 
 
 def test_critic_then_verifiable_from_the_critics_export(raw_data, models_dir):
-    critic_config = config_for(
+    critic_config = pipeline_config(
         "critic",
         raw_data,
         models_dir,
@@ -105,7 +63,7 @@ def test_critic_then_verifiable_from_the_critics_export(raw_data, models_dir):
     assert critic.val_metrics["val/value/pass_rate"] == 0.5  # pairs: one correct, one incorrect
     assert all(math.isfinite(step["loss"]) for step in critic.history)
 
-    verifiable_config = config_for(
+    verifiable_config = pipeline_config(
         "verifiable",
         raw_data,
         models_dir,
@@ -138,7 +96,7 @@ def test_critic_then_verifiable_from_the_critics_export(raw_data, models_dir):
 
 
 def test_verifiable_resumes_with_the_old_value_snapshot_of_its_checkpoint(raw_data, models_dir):
-    critic_config = config_for(
+    critic_config = pipeline_config(
         "critic", raw_data, models_dir, "data.dataset=rollouts", "data.sampler=pairs", "training.max_steps=1"
     )
     critics: list = []
@@ -148,7 +106,7 @@ def test_verifiable_resumes_with_the_old_value_snapshot_of_its_checkpoint(raw_da
     # refreshed after step 2 (the checkpoint), not after step 3: the end state is step 2's head
     overrides = ("data.dataset=rollouts", "data.sampler=all", "training.max_steps=3", "training.save_every=2",
                  "training.keep_last=3", "stage2.value_loss.old_values_refresh_every=2")  # fmt: skip
-    config = config_for("verifiable", raw_data, models_dir, *overrides)
+    config = pipeline_config("verifiable", raw_data, models_dir, *overrides)
     made: list = []
     uninterrupted = train_with_objective(config, recording("verifiable", made))
     snapshot = {k: v.clone() for k, v in made[0][0].old_value_head.state_dict().items()}
@@ -168,19 +126,19 @@ def test_verifiable_resumes_with_the_old_value_snapshot_of_its_checkpoint(raw_da
 def test_verifiable_without_a_critic_names_the_command_to_run_first(raw_data, models_dir):
     from weighted_mtp.errors import CheckpointError
 
-    config = config_for("verifiable", raw_data, models_dir, "data.dataset=rollouts", "data.sampler=all")
+    config = pipeline_config("verifiable", raw_data, models_dir, "data.dataset=rollouts", "data.sampler=all")
     with pytest.raises(CheckpointError, match="wmtp train --recipe critic"):
         objective_factory("verifiable")(config, None, None, DistEnv())
 
 
 def test_ref_tuning_then_rho1_against_the_tuned_reference(raw_data, models_dir):
-    reference_config = config_for(
+    reference_config = pipeline_config(
         "ref_tuning", raw_data, models_dir, "training.max_steps=1", "data.n_samples=4"
     )
     reference = train_with_objective(reference_config, objective_factory("ref_tuning"))
     assert (reference.model_dir / "config.json").is_file()
 
-    rho1_config = config_for(
+    rho1_config = pipeline_config(
         "rho1",
         raw_data,
         models_dir,
@@ -200,7 +158,7 @@ def test_ref_tuning_then_rho1_against_the_tuned_reference(raw_data, models_dir):
 def test_rho1_without_a_reference_names_the_command_to_run_first(raw_data, models_dir):
     from weighted_mtp.errors import CheckpointError
 
-    config = config_for("rho1", raw_data, models_dir)
+    config = pipeline_config("rho1", raw_data, models_dir)
     with pytest.raises(CheckpointError, match="wmtp train --recipe ref_tuning"):
         objective_factory("rho1")(config, None, None, DistEnv())
 
