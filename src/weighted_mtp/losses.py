@@ -46,12 +46,12 @@ class MTPLossOutput:
     """Detached results of one call. With `target_counts`, the means are this call's shares of the
     step's means (sum(...) / target_counts[k]): adding them over the step's calls gives the means."""
 
-    loss: Tensor  # scalar, detached: the total objective, trunk_loss_fn's part included
+    loss: Tensor  # scalar, detached: the total objective, trunk_loss included
     head_losses: Tensor  # [n] weighted mean CE per head
     head_ce: Tensor  # [n] unweighted mean CE per head
     head_accuracy: Tensor  # [n] top-1 accuracy per head over unmasked targets
     head_tokens: Tensor  # [n] number of unmasked targets per head (in this call)
-    aux_loss: Tensor | None  # trunk_loss_fn's loss, detached
+    aux_loss: Tensor | None  # the trunk loss, detached
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         """Flat floats for a tracker: loss, aux_loss and per-head loss/ce/accuracy/tokens."""
@@ -438,25 +438,31 @@ def mtp_forward_backward(
     head_weights: Sequence[float] | None = None,
     chunk_size: int = 1024,
     loss_scale: float = 1.0,
-    trunk_loss_fn: Callable[[Tensor], Tensor] | None = None,
+    h_trunk: Tensor | None = None,
+    trunk_loss: Tensor | None = None,
     n_heads: int | None = None,
     target_counts: Sequence[float] | Tensor | None = None,
 ) -> MTPLossOutput:
     """Forward and backward of the weighted MTP loss, one head at a time.
 
     Calls `.backward()` itself on `loss_scale * total`; the returned values are detached and unscaled.
-    total = sum_k head_weights[k] * L_k / sum_k head_weights[k] (+ trunk_loss_fn(h_trunk)), where
+    total = sum_k head_weights[k] * L_k / sum_k head_weights[k] (+ trunk_loss), where
     L_k = sum_t(w * ce * mask) / N_k over head k's unmasked targets, N_k = target_counts[k] (head k's
     targets in the whole step: every micro-batch and rank) or, when None, this batch's own count.
     With target_counts the calls of a step add up to the loss and gradients of the step's batch in
-    one call: accumulate with loss_scale = 1. trunk_loss_fn's loss is added as it is returned.
+    one call: accumulate with loss_scale = 1.
     `weights` is [B, T, n] or fn(k0, per_token_ce [B, T], target_mask [B, T]) -> [B, T].
+
+    `h_trunk` is the trunk's output when the caller ran the trunk itself, to compute something from
+    it first (a critic's values, hence the weights); `trunk_loss` is a loss the caller computed from
+    that `h_trunk` (a value loss), added to the total and backpropagated with the trunk, in the one
+    backward pass through the trunk at the end.
     """
     n, hw = _resolve_heads(model, n_heads, head_weights)
     hw_total = sum(hw)
     counts = _step_counts(target_counts, n)
 
-    h_trunk = model.trunk_forward(input_ids, attention_mask=attention_mask)
+    h_trunk = _trunk_output(model, input_ids, attention_mask, h_trunk, trunk_loss)
     # Heads write their gradient into this leaf; the trunk's graph is kept for one backward at the end.
     h_heads_input = h_trunk.detach().requires_grad_(h_trunk.requires_grad)
     # The unembedding's gradient, summed over heads in one buffer and handed to autograd at the end.
@@ -487,13 +493,22 @@ def mtp_forward_backward(
     if h_heads_input.grad is not None:
         roots.append(h_trunk)
         grads.append(h_heads_input.grad)
-    aux = trunk_loss_fn(h_trunk) if trunk_loss_fn is not None else None
-    if aux is not None and aux.requires_grad:
-        roots.append(aux)
-        grads.append(torch.full_like(aux, loss_scale))
+    if trunk_loss is not None and trunk_loss.requires_grad:
+        roots.append(trunk_loss)
+        grads.append(torch.full_like(trunk_loss, loss_scale))
     if roots:
         torch.autograd.backward(roots, grads)
-    return _collect(stats, hw, aux)
+    return _collect(stats, hw, trunk_loss)
+
+
+def _trunk_output(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, h_trunk: Tensor | None,
+    trunk_loss: Tensor | None,
+) -> Tensor:
+    """The caller's trunk output, or a fresh trunk forward; a trunk loss needs the caller's."""
+    if trunk_loss is not None and h_trunk is None:
+        raise ValueError("trunk_loss must be computed from the h_trunk passed with it")
+    return model.trunk_forward(input_ids, attention_mask=attention_mask) if h_trunk is None else h_trunk
 
 
 @torch.no_grad()
@@ -506,20 +521,20 @@ def mtp_evaluate(
     weights: Tensor | WeightFn | None = None,
     head_weights: Sequence[float] | None = None,
     chunk_size: int = 1024,
-    trunk_loss_fn: Callable[[Tensor], Tensor] | None = None,
+    h_trunk: Tensor | None = None,
+    trunk_loss: Tensor | None = None,
     n_heads: int | None = None,
     target_counts: Sequence[float] | Tensor | None = None,
 ) -> MTPLossOutput:
     """The same losses and metrics as `mtp_forward_backward`, without gradients (validation)."""
     n, hw = _resolve_heads(model, n_heads, head_weights)
     counts = _step_counts(target_counts, n)
-    h_trunk = model.trunk_forward(input_ids, attention_mask=attention_mask)
+    h_trunk = _trunk_output(model, input_ids, attention_mask, h_trunk, trunk_loss)
     stats = [
         _head_loss(model, k0, h_trunk, labels, attention_mask, weights, chunk_size, count=counts[k0])
         for k0 in range(n)
     ]
-    aux = trunk_loss_fn(h_trunk) if trunk_loss_fn is not None else None
-    return _collect(stats, hw, aux)
+    return _collect(stats, hw, trunk_loss)
 
 
 def mtp_loss_naive(

@@ -124,6 +124,7 @@ def test_mtp_loss_of_the_whole_batch_is_the_sum_over_micro_batches_with_global_c
         total_steps = float(head_target_counts(batch.labels, 1)[0]) if counts is not None else None
         own_steps = float(head_target_counts(piece.labels, 1)[0])
         value = value_share(total_steps if total_steps is not None else own_steps)
+        hidden = model.trunk_forward(piece.input_ids, attention_mask=piece.attention_mask)
         return mtp_forward_backward(
             model,
             piece.input_ids,
@@ -133,7 +134,8 @@ def test_mtp_loss_of_the_whole_batch_is_the_sum_over_micro_batches_with_global_c
             head_weights=head_weights,
             chunk_size=4,
             loss_scale=loss_scale,
-            trunk_loss_fn=lambda hidden: value(hidden, rows, piece.labels),
+            h_trunk=hidden,
+            trunk_loss=value(hidden, rows, piece.labels),
             target_counts=counts,
         )
 

@@ -112,14 +112,19 @@ def test_head_by_head_matches_naive_and_hand_written(n, tie, weights_kind, head_
     def value_loss(h_trunk: Tensor) -> Tensor:
         return ((value_head(h_trunk) - value_targets) ** 2 * attention_mask).sum() / attention_mask.sum()
 
-    trunk_loss_fn = value_loss if with_value else None
-    common = dict(attention_mask=attention_mask, weights=weights, head_weights=head_weights, trunk_loss_fn=trunk_loss_fn)
+    common = dict(attention_mask=attention_mask, weights=weights, head_weights=head_weights)
+    trunk = {}
+    if with_value:  # the caller runs the trunk and computes the value loss from it
+        h_trunk = model.trunk_forward(input_ids, attention_mask=attention_mask)
+        trunk = dict(h_trunk=h_trunk, trunk_loss=value_loss(h_trunk))
 
-    efficient = mtp_forward_backward(model, input_ids, labels, chunk_size=5, **common)
+    efficient = mtp_forward_backward(model, input_ids, labels, chunk_size=5, **common, **trunk)
     grads_efficient = _grads(modules)
     _zero(modules)
 
-    naive_loss, naive = mtp_loss_naive(model, input_ids, labels, **common)
+    naive_loss, naive = mtp_loss_naive(
+        model, input_ids, labels, **common, trunk_loss_fn=value_loss if with_value else None
+    )
     naive_loss.backward()
     grads_naive = _grads(modules)
     _zero(modules)

@@ -383,3 +383,25 @@ def test_refresh_folds_a_lora_adapted_value_head_into_the_plain_snapshot():
     objective.refresh_old_values()
     hidden = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(objective.old_value_head(hidden), head.eval()(hidden))
+
+
+def test_a_verifiable_step_unembeds_once_per_head(monkeypatch):
+    """The weights come from the objective's own trunk pass: no extra unembedding pass to find them."""
+    import weighted_mtp.losses as losses
+
+    calls = {"fused": 0, "plain": 0}
+    fused, plain = losses._FusedWeightedCrossEntropy.apply, losses._ChunkedCrossEntropy.apply
+
+    def count_fused(*args):
+        calls["fused"] += 1
+        return fused(*args)
+
+    def count_plain(*args):
+        calls["plain"] += 1
+        return plain(*args)
+
+    monkeypatch.setattr(losses._FusedWeightedCrossEntropy, "apply", count_fused)
+    monkeypatch.setattr(losses._ChunkedCrossEntropy, "apply", count_plain)
+    model, _, objective = verifiable_setup()
+    objective.forward_backward(model, make_batch(4), loss_scale=1.0)
+    assert calls == {"fused": model.n_future_tokens, "plain": 0}

@@ -286,7 +286,8 @@ def test_bce_matches_torch_on_logits():
 
 
 def test_critic_weights_and_value_loss_in_the_memory_efficient_loss():
-    """The docs' recipe: weights from no-grad values, value loss as trunk_loss_fn; equals the naive loss."""
+    """The docs' recipe: weights from no-grad values on the caller's trunk output, the value loss from
+    that output as trunk_loss; equals the naive loss."""
     from weighted_mtp.config.schema import ValueHeadConfig
     from weighted_mtp.losses import mtp_forward_backward, mtp_loss_naive
     from weighted_mtp.models.transformer import build_micro_model
@@ -312,13 +313,13 @@ def test_critic_weights_and_value_loss_in_the_memory_efficient_loss():
     def trunk_loss(h):
         return 0.5 * value_loss(value_head(h), old_values, targets.returns, targets.step_mask, 0.2)
 
-    kwargs = dict(attention_mask=attention_mask, weights=targets.weights, head_weights=[1.0, 0.5, 0.25],
-                  trunk_loss_fn=trunk_loss)
-    out = mtp_forward_backward(model, input_ids, labels, **kwargs)
+    kwargs = dict(attention_mask=attention_mask, weights=targets.weights, head_weights=[1.0, 0.5, 0.25])
+    h_trunk = model.trunk_forward(input_ids, attention_mask=attention_mask)
+    out = mtp_forward_backward(model, input_ids, labels, **kwargs, h_trunk=h_trunk, trunk_loss=trunk_loss(h_trunk))
     grads = [p.grad.clone() for p in value_head.parameters()]
     model.zero_grad()
     value_head.zero_grad()
-    loss, naive = mtp_loss_naive(model, input_ids, labels, **kwargs)
+    loss, naive = mtp_loss_naive(model, input_ids, labels, **kwargs, trunk_loss_fn=trunk_loss)
     loss.backward()
     torch.testing.assert_close(out.loss, loss.detach(), atol=1e-5, rtol=1e-5)
     assert out.aux_loss.item() > 0

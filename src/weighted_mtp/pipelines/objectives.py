@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -180,25 +181,14 @@ class CriticObjective:
 # ----------------------------------------------------------------------------- verifiable critic WMTP
 
 
-class _TrunkTap:
-    """The model, except that `trunk_forward` hands its output to `on_trunk` before returning it.
+@dataclass
+class CriticStep:
+    """What one verifiable step computed from the trunk, for its metrics."""
 
-    `mtp_forward_backward` runs the trunk itself, but the token weights come from the critic's
-    values on that very trunk output and are needed before the first head's loss: the tap computes
-    them there, so the trunk runs once.
-    """
-
-    def __init__(self, model: nn.Module, on_trunk: Callable[[Tensor], None]) -> None:
-        self._model = model
-        self._on_trunk = on_trunk
-
-    def trunk_forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        hidden = self._model.trunk_forward(*args, **kwargs)
-        self._on_trunk(hidden)
-        return hidden
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
+    old_values: Tensor  # the frozen snapshot's values: the advantages and weights come from these
+    targets: CriticTargets
+    values: Tensor | None = None  # the learning head's values (when the value head trains)
+    value_loss: Tensor | None = None  # its share of the step's value loss
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
@@ -299,65 +289,53 @@ class VerifiableObjective:
         batch: Batch,
         fractions: dict[str, float],
         **kwargs: Any,
-    ):
-        """One weighted MTP pass with the critic in the loop; returns the loss output and what it used.
-
-        The value loss (a mean over this micro-batch's steps) is weighed by its fraction of the
-        step's steps, `fractions["steps"]`, so that it too is its share of the step's mean.
-        """
-        n_heads = model.n_future_tokens
-        used: dict[str, Any] = {}
-
-        def on_trunk(hidden: Tensor) -> None:
-            used["old_values"] = self._old_values(hidden)
-            used["targets"] = self.weighting.targets(
-                used["old_values"], batch.rewards, batch.labels, n_heads=n_heads
-            )
-
-        def token_weights(k0: int, _ce: Tensor, _mask: Tensor) -> Tensor:
-            return used["targets"].weights[..., k0]
-
-        def clipped_value_loss(hidden: Tensor) -> Tensor:
-            targets: CriticTargets = used["targets"]
-            values = self._values(hidden)
-            loss = value_loss(
-                values, used["old_values"], targets.returns, targets.step_mask, self.value_clip_range
-            )
-            loss = loss * fractions["steps"]
-            used["values"] = values.detach()
-            used["value_loss"] = loss.detach()
-            return self.value_loss_coefficient * loss
-
+    ) -> tuple[MTPLossOutput, CriticStep]:
+        """One step of the objective, in order: the trunk; the old values on its output, and from them
+        the advantages, returns and token weights; the value loss (a mean over this micro-batch's steps,
+        weighed by its fraction of the step's steps, so that it too is a share of the step's mean); then
+        the heads' weighted loss, and one backward through the trunk for both."""
+        hidden = model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)
+        old_values = self._old_values(hidden)
+        targets = self.weighting.targets(old_values, batch.rewards, batch.labels, n_heads=model.n_future_tokens)
+        step = CriticStep(old_values, targets)
+        trunk_loss = None
+        if self.train_values:
+            step.values = self._values(hidden)
+            loss = value_loss(step.values, old_values, targets.returns, targets.step_mask, self.value_clip_range)
+            step.value_loss = (loss * fractions["steps"]).detach()
+            trunk_loss = self.value_loss_coefficient * loss * fractions["steps"]
+            step.values = step.values.detach()
         out = loss_fn(
-            _TrunkTap(model, on_trunk),
+            model,
             batch.input_ids,
             batch.labels,
             attention_mask=batch.attention_mask,
-            weights=token_weights,
+            weights=targets.weights,
             head_weights=self.head_weights,
             chunk_size=self.chunk_size,
-            trunk_loss_fn=clipped_value_loss if self.train_values else None,
+            h_trunk=hidden,
+            trunk_loss=trunk_loss,
             **kwargs,
         )
-        return out, used
+        return out, step
 
     def _metrics(
         self,
         out: MTPLossOutput,
-        used: dict[str, Any],
+        step: CriticStep,
         batch: Batch,
         n_heads: int,
         fractions: dict[str, float],
     ) -> dict[str, float]:
-        targets: CriticTargets = used["targets"]
+        targets = step.targets
         metrics = loss_metrics(out)
         metrics.pop("aux_loss", None)
-        step_values = used["old_values"][targets.step_mask]
+        step_values = step.old_values[targets.step_mask]
         value_stats = {"value/mean": float(step_values.mean()) if step_values.numel() else 0.0}
-        if "value_loss" in used:
-            metrics["value/loss"] = float(used["value_loss"])  # already a share
+        if step.value_loss is not None:
+            metrics["value/loss"] = float(step.value_loss)  # already a share
             if self.value_clip_range is not None and step_values.numel():
-                moved = (used["values"] - used["old_values"]).abs()[targets.step_mask]
+                moved = (step.values - step.old_values).abs()[targets.step_mask]
                 value_stats["value/clip_fraction"] = float((moved > self.value_clip_range).float().mean())
         metrics.update(scaled(value_stats, fractions["steps"]))
         mask = head_target_mask(batch.labels, n_heads)
@@ -381,7 +359,7 @@ class VerifiableObjective:
         local = self.token_counts(model, batch)
         counts = global_counts or local
         fractions = self._fractions(local, counts, n_heads)
-        out, used = self._run(
+        out, step = self._run(
             mtp_forward_backward,
             model,
             batch,
@@ -389,7 +367,7 @@ class VerifiableObjective:
             loss_scale=loss_scale,
             target_counts=head_counts(counts, n_heads),
         )
-        return self._metrics(out, used, batch, n_heads, fractions)
+        return self._metrics(out, step, batch, n_heads, fractions)
 
     @torch.no_grad()
     def evaluate(
@@ -399,11 +377,11 @@ class VerifiableObjective:
         local = self.token_counts(model, batch)
         counts = global_counts or local
         fractions = self._fractions(local, counts, n_heads)
-        out, used = self._run(
+        out, step = self._run(
             mtp_evaluate, model, batch, fractions, target_counts=head_counts(counts, n_heads)
         )
-        self.pass_fail.add(used.get("values", used["old_values"]), batch)  # the learning head's
-        return self._metrics(out, used, batch, n_heads, fractions)
+        self.pass_fail.add(step.values if step.values is not None else step.old_values, batch)  # the learning head's
+        return self._metrics(out, step, batch, n_heads, fractions)
 
     def evaluation_summary(self) -> dict[str, float]:
         return self.pass_fail.summary()
