@@ -137,6 +137,7 @@ def naive_verifiable_step(reference_model, reference_head, batch, old, clipped_v
         gamma=1.0,
         lam=0.9,
         temperature=0.7,
+        normalization="zscore",
         clip_min=0.2,
         clip_max=2.5,
     )

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from weighted_mtp.config.schema import Config
-from weighted_mtp.errors import UnknownComponentError
 from weighted_mtp.registry import WEIGHTING_SCHEMES
 from weighted_mtp.weighting import (
     CriticWeighting,
@@ -53,11 +52,12 @@ def test_registry_holds_every_scheme():
 
 
 def test_unknown_scheme_names_the_choices():
-    config = Config()
-    config.weighting.scheme = "rho-1"
-    expected = r"^weighting.scheme: unknown weighting scheme 'rho-1'; did you mean 'rho1'\?"
-    with pytest.raises(UnknownComponentError, match=expected):
-        build_weighting(config)
+    from weighted_mtp.config import load_config
+    from weighted_mtp.errors import ConfigError
+
+    expected = r"weighting.scheme: Input should be 'uniform', 'critic' or 'rho1' \(got 'rho-1'\)"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(recipe="rho1", overrides=["weighting.scheme=rho-1"])
 
 
 def test_build_reads_each_section():

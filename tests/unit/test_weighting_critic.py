@@ -145,7 +145,8 @@ def test_critic_weights_per_head_follow_the_target_token(seed):
     rng, labels, values, rewards = random_case(seed, gaps=seed % 2 == 1)
     n_heads = rng.randint(1, 4)
     out = critic_targets(
-        values, rewards, labels, n_heads=n_heads, gamma=0.99, lam=0.95, clip_min=0.1, clip_max=3.0
+        values, rewards, labels, n_heads=n_heads, gamma=0.99, lam=0.95, temperature=1.0, normalization="zscore",
+        clip_min=0.1, clip_max=3.0,
     )
     batch, length = labels.shape
     for b in range(batch):
@@ -325,3 +326,13 @@ def test_critic_weights_and_value_loss_in_the_memory_efficient_loss():
     assert out.aux_loss.item() > 0
     for fast, slow in zip(grads, [p.grad for p in value_head.parameters()]):
         torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
+
+
+def test_the_critic_weighting_defaults_are_the_configs():
+    from weighted_mtp.config.schema import ValueWeightingConfig
+
+    scheme, section = CriticWeighting(), ValueWeightingConfig()
+    assert (scheme.gamma, scheme.lam, scheme.temperature, scheme.normalization, scheme.clip_min, scheme.clip_max) == (
+        section.gae_gamma, section.gae_lambda, section.weight_temperature, section.td_error_normalization,
+        section.weight_clip_min, section.weight_clip_max,
+    )

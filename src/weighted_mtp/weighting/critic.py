@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from weighted_mtp.config.schema import ValueWeightingConfig
 from weighted_mtp.registry import WEIGHTING_SCHEMES
 from weighted_mtp.weighting.base import (
     BatchLike,
@@ -126,10 +127,10 @@ def critic_targets(
     n_heads: int,
     gamma: float,
     lam: float,
-    temperature: float = 1.0,
-    normalization: Literal["zscore", "none"] = "zscore",
-    clip_min: float = 0.0,
-    clip_max: float = float("inf"),
+    temperature: float,
+    normalization: Literal["zscore", "none"],
+    clip_min: float,
+    clip_max: float,
 ) -> CriticTargets:
     """From values [B,T] (an estimate of R, e.g. sigmoid of a BCE-trained head), rewards [B], labels."""
     step_mask = response_step_mask(labels)
@@ -204,6 +205,9 @@ def critic_pretrain_loss(
     return _masked_mean(per_position, mask)
 
 
+DEFAULTS = ValueWeightingConfig()  # stage2.value_weighting: the one place its defaults are set
+
+
 @WEIGHTING_SCHEMES.register("critic")
 class CriticWeighting:
     """Reads context.values ([B,T], the critic's estimate of R at every position)."""
@@ -213,12 +217,12 @@ class CriticWeighting:
     def __init__(
         self,
         *,
-        gamma: float = 1.0,
-        lam: float = 0.95,
-        temperature: float = 1.0,
-        normalization: Literal["zscore", "none"] = "zscore",
-        clip_min: float = 0.1,
-        clip_max: float = 3.0,
+        gamma: float = DEFAULTS.gae_gamma,
+        lam: float = DEFAULTS.gae_lambda,
+        temperature: float = DEFAULTS.weight_temperature,
+        normalization: Literal["zscore", "none"] = DEFAULTS.td_error_normalization,
+        clip_min: float = DEFAULTS.weight_clip_min,
+        clip_max: float = DEFAULTS.weight_clip_max,
     ) -> None:
         self.gamma, self.lam, self.temperature = gamma, lam, temperature
         self.normalization = normalization
