@@ -199,16 +199,25 @@ def _progress(console, config):
     )
 
 
+MEASURED = ("generation_s", "generated_tokens", "tokens_per_s")  # metadata that is a measurement, not a setting
+
+
 def _track(config, report, output: Path, metadata: dict) -> None:
+    """One tracking run per evaluation, named after what was scored (eval-<model>-<benchmark>-<split>):
+    the settings as parameters (floats included), pass@k and the generation figures as metrics."""
     from weighted_mtp.tracking import build_tracker
 
-    tracker = build_tracker(config)
+    scored = Path(str(metadata.get("model") or metadata.get("source", "samples")))
+    model = scored.parent.name if scored.name == "final" else scored.name  # <run>/final -> the run's name
+    tracker = build_tracker(config, run_name=f"eval-{model}-{report.benchmark}-{report.split}")
     tracker.start()
     try:
         tracker.log_params({"eval.benchmark": report.benchmark, "eval.split": report.split, **{
-            f"eval.{key}": value for key, value in metadata.items() if not isinstance(value, float)
+            f"eval.{key}": value for key, value in metadata.items() if key not in MEASURED
         }})
-        tracker.log_metrics(report.metrics(), step=0)
+        tracker.log_metrics({**report.metrics(), **{
+            f"eval/{key}": metadata[key] for key in MEASURED if key in metadata
+        }}, step=0)
         tracker.log_artifact(output, artifact_path="eval")
     except BaseException:
         tracker.end(status="FAILED")

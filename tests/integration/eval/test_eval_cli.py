@@ -58,6 +58,24 @@ def test_reference_solutions_logged_to_tracking(in_tmp_repo: Path, shared_data: 
     (run,) = client.search_runs([client.get_experiment_by_name("eval-test").experiment_id])
     assert run.data.metrics["humaneval/pass_at_1"] == 1.0  # the tracker spells @ as _at_
     assert run.data.params["eval.benchmark"] == "humaneval"
+    assert run.info.run_name == "eval-reference-humaneval-test"
+
+
+def test_a_model_eval_run_is_named_after_the_model_with_its_float_settings(in_tmp_repo, shared_data, capsys):
+    from mlflow import MlflowClient
+
+    from weighted_mtp.cli import main
+
+    uri = f"sqlite:///{in_tmp_repo}/mlruns.db"
+    status = main(["eval", "--model", "micro", "--benchmark", "mbpp", "--limit", "2", "--max-new-tokens", "8",
+                   "--temperature", "0.7", "--top-p", "0.9", "--n-samples", "2", "--k", "1,2",
+                   f"paths.raw_data={shared_data}", f"tracking.uri={uri}", "tracking.experiment=eval-names"])
+    assert status == 0
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("eval-names").experiment_id])
+    assert run.info.run_name == "eval-micro-mbpp-test"
+    assert run.data.params["eval.temperature"] == "0.7" and run.data.params["eval.top_p"] == "0.9"
+    assert run.data.metrics["eval/tokens_per_s"] > 0 and "eval.tokens_per_s" not in run.data.params
 
 
 def test_generates_with_a_model(in_tmp_repo: Path, shared_data: Path) -> None:
