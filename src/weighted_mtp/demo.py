@@ -257,7 +257,7 @@ def _paired(before, after) -> dict[str, int]:
 def _tracking_location(config: Config, run_ids: dict[str, str | None]) -> str:
     if not config.tracking.enabled:
         return "tracking disabled"
-    from weighted_mtp.tracking.mlflow_tracker import redact_uri
+    from weighted_mtp.redact import redact_uri
 
     runs = ", ".join(f"{name} run {run_id}" for name, run_id in run_ids.items() if run_id)
     return f"MLflow {redact_uri(config.tracking.uri)}, experiment {config.tracking.experiment!r}: {runs}"

@@ -197,3 +197,56 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
 def s3_bucket(s3_server: S3Server, aws_env: dict[str, str]) -> dict[str, str]:
     """A fresh, empty bucket on the moto server: the `s3` config section of a run that uses it."""
     return {"bucket": s3_server.new_bucket(), "endpoint_url": s3_server.endpoint_url, "region": "us-east-1"}
+
+
+@dataclass
+class AuthMlflowServer:
+    """`mlflow server --app-name basic-auth`: every request needs the admin's user and password."""
+
+    host_port: str
+    username: str
+    password: str
+
+    def uri(self, with_credentials: bool = True) -> str:
+        credentials = f"{self.username}:{self.password}@" if with_credentials else ""
+        return f"http://{credentials}{self.host_port}"
+
+
+@pytest.fixture(scope="session")
+def mlflow_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthMlflowServer]:
+    root = tmp_path_factory.mktemp("mlflow_auth_server")
+    port = free_port()
+    server = AuthMlflowServer(f"127.0.0.1:{port}", "admin", "Wmtp-s3cret-Pa55")
+    (root / "basic_auth.ini").write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{root / 'auth.db'}\n"
+        f"admin_username = {server.username}\nadmin_password = {server.password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           "MLFLOW_AUTH_CONFIG_PATH": str(root / "basic_auth.ini"), "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex}
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        env.pop(name, None)
+    cmd = [
+        str(BIN / "mlflow"), "server", "--app-name", "basic-auth",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+    ]  # fmt: skip
+    proc = _start(cmd, root / "server.log", cwd=root, env=env)
+    deadline = time.monotonic() + MLFLOW_START_TIMEOUT_S
+    try:
+        while True:  # any HTTP answer (401 included) means it is up
+            try:
+                with urllib.request.urlopen(f"http://{server.host_port}/health", timeout=2):
+                    break
+            except urllib.error.HTTPError:
+                break
+            except (urllib.error.URLError, OSError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = (root / "server.log").read_text(errors="replace")[-3000:]
+                    pytest.fail(f"the basic-auth MLflow server did not come up:\n{tail}")
+                time.sleep(0.25)
+        yield server
+    finally:
+        _stop(proc)

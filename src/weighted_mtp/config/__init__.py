@@ -5,6 +5,7 @@ from weighted_mtp.config.loader import (
     config_to_yaml,
     load_config,
     load_saved_config,
+    public_dump,
     save_resolved_config,
 )
 from weighted_mtp.config.schema import Config
@@ -15,5 +16,6 @@ __all__ = [
     "config_to_yaml",
     "load_config",
     "load_saved_config",
+    "public_dump",
     "save_resolved_config",
 ]

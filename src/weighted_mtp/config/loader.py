@@ -261,8 +261,20 @@ def load_config(
     return ResolvedConfig(config=config, layers=layers)
 
 
+def public_dump(config: Config) -> dict[str, Any]:
+    """The config as plain data with credentials in URLs replaced by ***: what files, printouts and
+    tracking parameters get (a password in tracking.uri reaches MLflow through its environment)."""
+    from weighted_mtp.redact import redact_uri
+
+    tree = config.model_dump(mode="json")
+    tree["tracking"]["uri"] = redact_uri(tree["tracking"]["uri"])
+    if tree["s3"]["endpoint_url"]:
+        tree["s3"]["endpoint_url"] = redact_uri(tree["s3"]["endpoint_url"])
+    return tree
+
+
 def config_to_yaml(config: Config) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(public_dump(config), sort_keys=False, default_flow_style=None)
 
 
 def save_resolved_config(config: Config, directory: Path) -> Path:

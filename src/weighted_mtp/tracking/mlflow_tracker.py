@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from weighted_mtp.errors import ConfigError, WMTPError
+from weighted_mtp.redact import redact_uri, split_credentials
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -133,18 +134,6 @@ def _truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - len(marker)] + marker
 
 
-def redact_uri(uri: str) -> str:
-    """The URI with any password replaced, so it can appear in messages and logs."""
-    parsed = urllib.parse.urlsplit(uri)
-    if parsed.password is None:
-        return uri
-    host = parsed.hostname or ""
-    if parsed.port:
-        host = f"{host}:{parsed.port}"
-    netloc = f"{parsed.username}:***@{host}" if parsed.username else f"***@{host}"
-    return urllib.parse.urlunsplit(parsed._replace(netloc=netloc))
-
-
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a `sqlite:///relative` or `sqlite:////absolute` URI, else None."""
     if not uri.startswith("sqlite:///"):
@@ -188,7 +177,13 @@ class MlflowTracker:
         run_name: str | None = None,
         register_models: bool = True,
     ) -> None:
-        self.uri = uri
+        # Credentials in the URI go to MLflow's own environment variables (unless those are set
+        # already); the URI the tracker keeps, logs and hands to the client has none.
+        self.uri, user, password = split_credentials(uri)
+        if user is not None:
+            os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user)
+        if password is not None:
+            os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password)
         self.experiment = experiment
         self.run_name = run_name
         self.register_models = register_models
@@ -264,7 +259,9 @@ class MlflowTracker:
     def _log_config(self, config: Config | Mapping[str, Any], *, resumed: bool) -> None:
         from weighted_mtp.config.schema import Config
 
-        tree = config.model_dump(mode="json") if isinstance(config, Config) else dict(config)
+        from weighted_mtp.config import public_dump
+
+        tree = public_dump(config) if isinstance(config, Config) else dict(config)
         params = flatten_params(tree)
         if resumed:
             params = self._params_not_yet_logged(params)

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from weighted_mtp.config import ResolvedConfig, config_to_yaml
+from weighted_mtp.redact import redact_uri
 from weighted_mtp.config.schema import Config
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def make_plan(config: Config) -> RunPlan:
         steps=steps,
         run_dir=str(config.run_dir),
         checkpoints=str(config.run_dir / "checkpoints"),
-        tracking=f"{config.tracking.uri} [{config.tracking.experiment}]"
+        tracking=f"{redact_uri(config.tracking.uri)} [{config.tracking.experiment}]"
         if config.tracking.enabled
         else "off",
         s3=s3,
