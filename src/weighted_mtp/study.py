@@ -202,15 +202,25 @@ class Study:
                 log.info("study: %.1f h passed; stopping before %s", max_hours, cell.name)
                 break
             log.info("study: cell %s", cell.name)
-            started = time.monotonic()
+            started, cpu_started = time.monotonic(), cpu_seconds()
             result = run_cell(self, cell)
             result["cell"] = cell.name
             result["wall_s"] = time.monotonic() - started
+            result["cpu_s"] = cpu_seconds() - cpu_started
+            result["load_average_1min"] = os.getloadavg()[0]  # above the core count: the machine was shared
             result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
             result["machine"] = machine()
             atomic_write_json(path, result)
             done.append(cell.name)
         return done
+
+
+def cpu_seconds() -> float:
+    """User and system CPU time of this process and its finished children (sandbox workers)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def machine() -> dict[str, Any]:
@@ -534,9 +544,18 @@ def render_results(study: Study, plots: dict[str, Path] | None = None, relative_
             link = os.path.relpath(path, relative_to) if relative_to is not None else str(path)
             lines += [f"![{title}]({link})", ""]
 
-    lines += ["## Wall time per cell", "", "| cell | wall | finished |", "|---|---|---|"]
+    lines += ["## Time per cell", "",
+              "CPU time counts this process and its sandbox workers; a load average above the number of cores at "
+              "the end of a cell means other work shared the machine, and its wall time is longer than the cell "
+              "alone would take.", "",
+              "| cell | wall | CPU | load average (1 min) at the end | finished |", "|---|---|---|---|---|"]
     for cell in cells:
         r = done.get(cell.name)
-        lines.append(f"| {cell.name} | {r['wall_s'] / 60:.1f} min | {r['finished']} |" if r else f"| {cell.name} | not run yet | |")
+        if r is None:
+            lines.append(f"| {cell.name} | not run yet | | | |")
+            continue
+        cpu = f"{r['cpu_s'] / 60:.1f} min" if "cpu_s" in r else "not recorded"
+        load = f"{r['load_average_1min']:.1f}" if "load_average_1min" in r else "not recorded"
+        lines.append(f"| {cell.name} | {r['wall_s'] / 60:.1f} min | {cpu} | {load} | {r['finished']} |")
     lines.append("")
     return "\n".join(lines)
