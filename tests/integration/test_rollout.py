@@ -121,3 +121,22 @@ def test_rollouts_and_evaluation_prompt_with_the_token_ids_training_reads(in_tmp
     )
     sampled = tokenizer.encode(benchmark.prompt(problem, template, tokenizer), add_bos=prompt_adds_bos(template))
     assert example.input_ids[: example.n_prompt] == sampled
+
+
+def test_sampling_a_split_in_length_groups_gives_each_problem_its_own_samples(in_tmp_repo, shared_data):
+    """Pieces group prompts by length; a problem's samples depend only on its place in the split."""
+    from weighted_mtp.eval.benchmarks import get_benchmark
+    from weighted_mtp.eval.progress import GenerationProgress
+    from weighted_mtp.eval.sampling import SamplingSettings, sample_problems, sample_split
+    from weighted_mtp.models.loading import load_model
+
+    model, tokenizer = load_model("micro", models_dir=in_tmp_repo / "models")
+    model.eval()
+    benchmark = get_benchmark("mbpp")
+    problems = benchmark.load(shared_data, "test", 12)
+    settings = SamplingSettings(n_samples=2, temperature=1.0, max_new_tokens=6, template="alpaca", seed=3)
+    together, _ = sample_split(model, tokenizer, benchmark, problems, settings, GenerationProgress("never"))
+    assert list(together) == [benchmark.task_id(p) for p in problems]
+    for index in (0, 5, 11):
+        alone, _ = sample_problems(model, tokenizer, benchmark, [problems[index]], [index], settings)
+        assert alone == {benchmark.task_id(problems[index]): together[benchmark.task_id(problems[index])]}
