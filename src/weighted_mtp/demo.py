@@ -27,6 +27,7 @@ from typing import Any
 
 from weighted_mtp.config import load_config
 from weighted_mtp.config.schema import Config
+from weighted_mtp.eval.passk import exact_mcnemar_p
 from weighted_mtp.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -261,17 +262,6 @@ def _tracking_location(config: Config, run_ids: dict[str, str | None]) -> str:
 
     runs = ", ".join(f"{name} run {run_id}" for name, run_id in run_ids.items() if run_id)
     return f"MLflow {redact_uri(config.tracking.uri)}, experiment {config.tracking.experiment!r}: {runs}"
-
-
-def exact_mcnemar_p(before_only: int, after_only: int) -> float:
-    """Two-sided exact McNemar p-value: the discordant pairs against Binomial(n, 1/2)."""
-    from math import comb
-
-    n = before_only + after_only
-    if n == 0:
-        return 1.0
-    tail = sum(comb(n, i) for i in range(min(before_only, after_only) + 1)) / 2**n
-    return min(1.0, 2 * tail)
 
 
 def render_table(result: DemoResult):

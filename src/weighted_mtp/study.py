@@ -31,6 +31,7 @@ from typing import Any, Literal
 from weighted_mtp.config import load_config
 from weighted_mtp.config.schema import Config
 from weighted_mtp.errors import ConfigError
+from weighted_mtp.eval.passk import exact_mcnemar_p
 from weighted_mtp.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -385,8 +386,6 @@ def discordant(a: dict, b: dict) -> tuple[int, int]:
 
 def paired_test(a: dict, b: dict) -> str:
     """Exact McNemar on greedy outcomes: +(a only) / -(b only), p."""
-    from weighted_mtp.demo import exact_mcnemar_p
-
     a_only, b_only = discordant(a, b)
     return f"+{a_only} / -{b_only}, p = {exact_mcnemar_p(a_only, b_only):.2f}"
 
@@ -493,8 +492,6 @@ def render_results(study: Study, plots: dict[str, Path] | None = None, relative_
             f"| {paired_test(mbpp, mtp) if mbpp and mtp and arm not in ('mtp', 'base') else ''} |"
         )
     lines.append("")
-
-    from weighted_mtp.demo import exact_mcnemar_p
 
     lines += ["## What the paired tests say", ""]
     base = done.get("eval-base-mbpp-greedy")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from weighted_mtp.cli import main
-from weighted_mtp.demo import exact_mcnemar_p
+from weighted_mtp.eval.passk import exact_mcnemar_p
 
 
 def test_exact_mcnemar_against_the_binomial_tail():

@@ -26,23 +26,31 @@ import torch
 POSITION_BINS = 10
 
 
-def same_problem_auc(
+def _problem_wins(
     scores: Sequence[float], positive: Sequence[bool], negative: Sequence[bool], problems: Sequence[str]
-) -> tuple[float, int]:
-    """P(score of a positive > score of a negative of the same problem), ties counting one half,
-    over every such pair; and the number of pairs (NaN, 0 without any)."""
+) -> np.ndarray:
+    """[problems with a pair, 2]: per problem, the wins (ties one half) of its positives over its
+    negatives, and its number of (positive, negative) pairs."""
     scores_a = np.asarray(scores, dtype=np.float64)
     pos, neg = np.asarray(positive, dtype=bool), np.asarray(negative, dtype=bool)
     groups = np.asarray(problems)
-    wins, pairs = 0.0, 0
+    rows = []
     for problem in np.unique(groups):
         here = groups == problem
         p, n = scores_a[here & pos], scores_a[here & neg]
         if len(p) and len(n):
             diff = p[:, None] - n[None, :]
-            wins += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
-            pairs += diff.size
-    return (wins / pairs if pairs else float("nan")), pairs
+            rows.append((float((diff > 0).sum() + 0.5 * (diff == 0).sum()), diff.size))
+    return np.array(rows, dtype=np.float64).reshape(-1, 2)
+
+
+def same_problem_auc(
+    scores: Sequence[float], positive: Sequence[bool], negative: Sequence[bool], problems: Sequence[str]
+) -> tuple[float, int]:
+    """P(score of a positive > score of a negative of the same problem), ties counting one half,
+    over every such pair; and the number of pairs (NaN, 0 without any)."""
+    wins, pairs = _problem_wins(scores, positive, negative, problems).sum(axis=0)
+    return (float(wins / pairs) if pairs else float("nan")), int(pairs)
 
 
 def bootstrap_interval(
@@ -50,18 +58,10 @@ def bootstrap_interval(
     *, resamples: int = 1000, seed: int = 0, level: float = 0.95,
 ) -> tuple[float, float]:
     """Percentile interval of `same_problem_auc` over problems drawn with replacement."""
-    scores_a, pos, neg = np.asarray(scores, float), np.asarray(positive, bool), np.asarray(negative, bool)
-    groups = np.asarray(problems)
-    per_problem = []
-    for problem in np.unique(groups):
-        here = groups == problem
-        p, n = scores_a[here & pos], scores_a[here & neg]
-        if len(p) and len(n):
-            diff = p[:, None] - n[None, :]
-            per_problem.append(((diff > 0).sum() + 0.5 * (diff == 0).sum(), diff.size))
-    if not per_problem:
+    per_problem = _problem_wins(scores, positive, negative, problems)
+    if len(per_problem) == 0:
         return float("nan"), float("nan")
-    wins, sizes = np.array(per_problem, dtype=np.float64).T
+    wins, sizes = per_problem.T
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(wins), size=(resamples, len(wins)))
     aucs = wins[draws].sum(axis=1) / sizes[draws].sum(axis=1)

@@ -48,3 +48,15 @@ def pass_at_k_summary(
     means = scores[rng.integers(0, len(scores), size=(resamples, len(scores)))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     return PassAtK(k, float(scores.mean()), float(low), float(high), tuple(float(s) for s in scores))
+
+
+def exact_mcnemar_p(a_only: int, b_only: int) -> float:
+    """Two-sided exact McNemar p-value of two paired outcomes per problem: the discordant problems
+    (solved by a only, by b only) against Binomial(n, 1/2)."""
+    from math import comb
+
+    n = a_only + b_only
+    if n == 0:
+        return 1.0
+    tail = sum(comb(n, i) for i in range(min(a_only, b_only) + 1)) / 2**n
+    return min(1.0, 2 * tail)
