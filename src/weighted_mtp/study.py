@@ -177,6 +177,16 @@ class Study:
                 cells.append(Cell(f"speculative-{arm}", "speculative", arm=arm))
         return cells
 
+    def outputs_present(self, cell: Cell) -> bool:
+        """Whether what later cells read from this one is on this machine: its result JSON is
+        committed, but rollouts and trained models live under `root` (a fresh clone has none, and
+        then the cell runs again: rollouts are seeded, so they come out the same)."""
+        if cell.kind == "rollout":
+            return (self.root / "rollouts" / f"{cell.split}.jsonl").is_file()
+        if cell.kind == "train":
+            return (self.root / "runs" / cell.arm / "final").is_dir()
+        return True
+
     def result_path(self, cell: str) -> Path:
         return self.cells_dir / f"{cell}.json"
 
@@ -197,7 +207,7 @@ class Study:
             if only and only not in cell.name:
                 continue
             path = self.result_path(cell.name)
-            if path.is_file():
+            if path.is_file() and self.outputs_present(cell):
                 continue
             if max_hours is not None and time.monotonic() - began > max_hours * 3600:
                 log.info("study: %.1f h passed; stopping before %s", max_hours, cell.name)

@@ -35,6 +35,8 @@ def test_a_killed_study_resumes_at_its_next_unfinished_cell(in_tmp_repo, shared_
     monkeypatch.setattr(study_module, "run_cell", real)
     assert study.run(only="rollout") == ["rollout-validation"]
     assert study.run(only="rollout") == []  # finished cells are never run again
+    (study.root / "rollouts" / "validation.jsonl").unlink()  # a fresh clone: results committed, rollouts not
+    assert study.run(only="rollout") == ["rollout-validation"]
     train = json.loads(study.result_path("rollout-train").read_text())
     assert train["n_problems"] == 4 and train["correct"]["gold"] == 4 and train["wall_s"] > 0
 
