@@ -2,7 +2,7 @@
 
 For a right-padded batch it times: the critic targets (GAE + z-score/exp/clip + head mapping), GAE
 alone as a matmul (the library's) against a reverse column scan and the plain Python double loop,
-the Rho-1 callable for every head, the uniform weights, and one `mtp_forward_backward` step of a
+the Rho-1 selection over every head, and one `mtp_forward_backward` step of a
 micro model on the same batch.
 
     .venv/bin/python benchmarks/bench_weighting.py [--batch 8 --length 512 --heads 4 --repeats 5]
@@ -19,15 +19,7 @@ import torch
 
 from weighted_mtp.losses import mtp_forward_backward
 from weighted_mtp.models.transformer import build_micro_model
-from weighted_mtp.weighting import (
-    Rho1TokenWeights,
-    UniformWeighting,
-    WeightingContext,
-    critic_targets,
-    gae_advantages,
-    head_target_mask,
-    response_step_mask,
-)
+from weighted_mtp.weighting import Rho1Weighting, critic_targets, gae_advantages, response_step_mask
 
 
 class Batch:
@@ -94,13 +86,11 @@ def main() -> None:
     n = args.heads
     values = torch.rand(batch.labels.shape)
     reference_ce = torch.rand(*batch.labels.shape, n) * 5
-    masks = head_target_mask(batch.labels, n)
     model_ce = torch.rand(*batch.labels.shape, n) * 5
+    selection = Rho1Weighting(selection="top_k", ratio=0.6)
 
     def rho1() -> None:
-        fn = Rho1TokenWeights(reference_ce, n_heads=n, selection="top_k", ratio=0.6)
-        for k0 in range(n):
-            fn(k0, model_ce[..., k0], masks[..., k0])
+        selection.weights(model_ce, reference_ce, batch.labels, n_heads=n)
 
     model = build_micro_model(args.vocab, n, seed=0)
 
@@ -124,9 +114,6 @@ def main() -> None:
         ),
         "GAE only, plain Python double loop": best_of(lambda: python_gae(*lists, 1.0, 0.95), 1),
         "rho1 top-k, all heads": best_of(rho1, args.repeats),
-        "uniform": best_of(
-            lambda: UniformWeighting().weights(batch, n_heads=n, context=WeightingContext()), args.repeats
-        ),
         "micro model mtp_forward_backward": best_of(step, args.repeats),
     }
     torch.testing.assert_close(

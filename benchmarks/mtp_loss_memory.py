@@ -86,6 +86,7 @@ def forward_flops_per_token(shape: dict, n: int, seq: int) -> float:
 def run_worker(args: argparse.Namespace) -> None:
     from weighted_mtp.losses import mtp_forward_backward, mtp_loss_naive
     from weighted_mtp.models.transformer import ModelArgs, MTPTransformer
+    from weighted_mtp.train.parallelize import apply_activation_checkpointing
 
     device = torch.device(args.device)
     if args.threads:
@@ -100,7 +101,8 @@ def run_worker(args: argparse.Namespace) -> None:
     with device:
         model = MTPTransformer(model_args).to(getattr(torch, args.dtype))
     model.train()
-    model.activation_checkpointing = args.activation_checkpointing
+    if args.activation_checkpointing:
+        apply_activation_checkpointing(model)
     gen = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, model_args.vocab_size, (args.batch, args.seq), generator=gen).to(device)
     labels = input_ids.clone()

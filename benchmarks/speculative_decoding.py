@@ -40,8 +40,7 @@ from pathlib import Path
 
 import torch
 
-from weighted_mtp.eval.generation import generate_ids
-from weighted_mtp.eval.speculative import SpeculativeStats, speculative_generate_ids
+from weighted_mtp.eval.generation import SpeculativeStats, generate_ids, speculative_generate_ids
 from weighted_mtp.losses import IGNORE_INDEX, mtp_forward_backward
 from weighted_mtp.models.tokenizer import Tokenizer
 from weighted_mtp.models.transformer import ModelArgs, MTPTransformer

@@ -34,7 +34,7 @@ def measure(model: str, max_length: int, steps: int, overrides: list[str], runs:
     from weighted_mtp.config import load_config
     from weighted_mtp.data import build_loader
     from weighted_mtp.models.loading import load_model_from_config
-    from weighted_mtp.train.objective import BaselineObjective
+    from weighted_mtp.objectives import BaselineObjective
     from weighted_mtp.train.trainer import Trainer
 
     config = load_config(

@@ -136,8 +136,7 @@ def run_demo(
     from weighted_mtp.eval.critic_report import evaluate_critic
     from weighted_mtp.eval.rollout import run_rollouts
     from weighted_mtp.eval.sampling import SamplingSettings, evaluate_model
-    from weighted_mtp.pipelines import objective_factory
-    from weighted_mtp.pipelines.common import train_with_objective
+    from weighted_mtp.train.run import train
 
     size = SCALES[scale]
     overrides = list(overrides or [])
@@ -174,7 +173,7 @@ def run_demo(
     result.rollouts = {split: s.to_dict() for split, s in summaries.items()}
 
     with _Stage(result, "train critic", f"{size.critic_steps} steps, value head on the frozen trunk"):
-        critic = train_with_objective(critic_cfg, objective_factory("critic"))
+        critic = train(critic_cfg)
     critic_dir = critic.model_dir
     with _Stage(result, "critic report", "validation rollouts, never trained on"):
         records = [json.loads(line) for line in (root / "rollouts" / "validation.jsonl").read_text().splitlines()]
@@ -186,7 +185,7 @@ def run_demo(
         "data.val_split=null", "training.eval_every=null", "training.save_every=null", "training.lr=1e-4",
     ])
     with _Stage(result, "train verifiable", f"{size.verifiable_steps} steps, LoRA"):
-        verifiable = train_with_objective(verifiable_cfg, objective_factory("verifiable"))
+        verifiable = train(verifiable_cfg)
     result.weights = aggregate_weights(verifiable.history)
     speeds = [h["tokens_per_s"] for h in verifiable.history if "tokens_per_s" in h]
     result.speed["training_tokens_per_s"] = sum(speeds) / len(speeds) if speeds else 0.0

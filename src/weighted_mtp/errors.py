@@ -27,4 +27,16 @@ class CheckpointError(WMTPError):
 
 
 class UnknownComponentError(WMTPError):
-    """A name that is not in a registry."""
+    """A name that is not among the known ones (models, datasets, benchmarks, value heads)."""
+
+
+def lookup(table: dict, name: str, kind: str):
+    """`table[name]`, or an UnknownComponentError that lists the known names and the closest one."""
+    import difflib
+
+    if name in table:
+        return table[name]
+    known = sorted(table)
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise UnknownComponentError(f"unknown {kind} {name!r}{hint} (known: {', '.join(known)})")

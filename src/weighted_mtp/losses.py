@@ -16,7 +16,9 @@ the two to 1e-5 in the loss and in every parameter's gradient.
 
 Label convention: `labels` is aligned with `input_ids` ([B, T], -100 = no loss). Head k (1-based) at
 position t predicts labels[:, t + k]; targets beyond the sequence or equal to -100 contribute nothing.
-Weights are constants (no gradient flows into whatever produced them).
+Weights are constants (no gradient flows into whatever produced them). An objective whose weights
+depend on the model's own per-token losses (Rho-1) computes them first with `head_token_ce` and
+passes the resulting tensor.
 
 Normalisation: head k's loss is divided by its number of targets, by default those of the call's
 own batch. A training step that spans several calls (micro-batches, ranks) passes `target_counts`,
@@ -36,9 +38,6 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
-
-# weights(k0, per_token_ce [B, T] detached, target_mask [B, T] bool) -> weights [B, T]
-WeightFn = Callable[[int, Tensor, Tensor], Tensor]
 
 
 @dataclass
@@ -314,21 +313,15 @@ def _resolve_heads(model: nn.Module, n_heads: int | None, head_weights: Sequence
     return n, hw
 
 
-def _token_weights(weights: Tensor | WeightFn | None, k0: int, mask: Tensor, ce: Tensor | None = None) -> Tensor:
-    """Weights of head k0's tokens [B, T] as constants; a weight function is given the detached `ce`."""
+def _token_weights(weights: Tensor | None, k0: int, mask: Tensor) -> Tensor:
+    """Weights of head k0's tokens [B, T] as constants (1 everywhere when None)."""
     if weights is None:
         return torch.ones(mask.shape, device=mask.device)
-    if callable(weights):
-        w = weights(k0, ce.detach(), mask)
-        if w.shape != mask.shape:
-            raise ValueError(f"the weight function returned shape {tuple(w.shape)}, expected {tuple(mask.shape)}")
-    else:
-        if weights.dim() != 3 or weights.shape[:2] != mask.shape or weights.shape[2] <= k0:
-            raise ValueError(
-                f"weights have shape {tuple(weights.shape)}, expected [B, T, >= {k0 + 1}] with B, T = {tuple(mask.shape)}"
-            )
-        w = weights[:, :, k0]
-    return w.detach()
+    if weights.dim() != 3 or weights.shape[:2] != mask.shape or weights.shape[2] <= k0:
+        raise ValueError(
+            f"weights have shape {tuple(weights.shape)}, expected [B, T, >= {k0 + 1}] with B, T = {tuple(mask.shape)}"
+        )
+    return weights[:, :, k0].detach()
 
 
 @dataclass
@@ -385,7 +378,7 @@ def _head_loss(
     h_trunk: Tensor,
     labels: Tensor,
     attention_mask: Tensor | None,
-    weights: Tensor | WeightFn | None,
+    weights: Tensor | None,
     chunk_size: int,
     weight_grad: Tensor | None = None,
     weight_scale: float = 1.0,
@@ -396,8 +389,7 @@ def _head_loss(
     The loss is divided by `count` (head k0's targets in the whole step), or by this batch's number
     of targets when None. Only rows with a target reach the unembedding. The loss's gradients are
     computed in the same pass as the loss (`_FusedWeightedCrossEntropy`): wrt the head's input through autograd, wrt the
-    unembedding added into `weight_grad` times `weight_scale`. A weight function first needs the
-    per-token CE, which costs one extra forward pass of the unembedding without gradient.
+    unembedding added into `weight_grad` times `weight_scale`.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -410,15 +402,7 @@ def _head_loss(
     weight = _unembedding_weight(model)
     targets = targets.index_select(0, index)
     acc_dtype = _compute_dtype(hidden.dtype)
-
-    def scatter(values: Tensor) -> Tensor:
-        return torch.zeros(batch * seq, dtype=values.dtype, device=values.device).index_put_((index,), values).view(batch, seq)
-
-    per_token_ce = None
-    if callable(weights):
-        with torch.no_grad():
-            per_token_ce = scatter(_ChunkedCrossEntropy.apply(hidden, weight, targets, chunk_size)[0])
-    w = _token_weights(weights, k0, mask.view(batch, seq), per_token_ce).reshape(-1).index_select(0, index)
+    w = _token_weights(weights, k0, mask.view(batch, seq)).reshape(-1).index_select(0, index)
     tokens = mask.sum()
     denom = _denominator(tokens, count, acc_dtype)
     want_hidden = torch.is_grad_enabled() and hidden.requires_grad
@@ -428,13 +412,43 @@ def _head_loss(
     return _HeadStats(loss=loss, ce=ce.sum() / denom, accuracy=correct.sum().to(acc_dtype) / denom, tokens=tokens)
 
 
+@torch.no_grad()
+def head_token_ce(
+    model: nn.Module,
+    h_trunk: Tensor,
+    labels: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    n_heads: int | None = None,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """[B, T, n] per-token cross-entropy of heads 1..n on the trunk output `h_trunk`, without
+    gradient, in at least fp32; 0 where a head has no target. Only the targets are unembedded,
+    `chunk_size` rows at a time. What Rho-1 compares between the model and its reference."""
+    n = model.n_future_tokens if n_heads is None else n_heads
+    if not 1 <= n <= model.n_future_tokens:
+        raise ValueError(f"n_heads must be in [1, {model.n_future_tokens}] for this model, got {n}")
+    batch, seq = labels.shape
+    weight = _unembedding_weight(model)
+    token_ce = torch.zeros((batch, seq, n), dtype=_compute_dtype(h_trunk.dtype), device=h_trunk.device)
+    for k0 in range(n):
+        targets = head_targets(labels, k0 + 1).reshape(-1)
+        index = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        hidden = model.norm(model.head_forward(k0, h_trunk, attention_mask=attention_mask))
+        hidden = hidden.reshape(batch * seq, -1).index_select(0, index)
+        ce, _ = _ChunkedCrossEntropy.apply(hidden, weight, targets.index_select(0, index), chunk_size)
+        column = torch.zeros(batch * seq, dtype=token_ce.dtype, device=token_ce.device)
+        token_ce[..., k0] = column.index_put_((index,), ce.to(column.dtype)).view(batch, seq)
+    return token_ce
+
+
 def mtp_forward_backward(
     model: nn.Module,
     input_ids: Tensor,
     labels: Tensor,
     *,
     attention_mask: Tensor | None = None,
-    weights: Tensor | WeightFn | None = None,
+    weights: Tensor | None = None,
     head_weights: Sequence[float] | None = None,
     chunk_size: int = 1024,
     loss_scale: float = 1.0,
@@ -451,7 +465,7 @@ def mtp_forward_backward(
     targets in the whole step: every micro-batch and rank) or, when None, this batch's own count.
     With target_counts the calls of a step add up to the loss and gradients of the step's batch in
     one call: accumulate with loss_scale = 1.
-    `weights` is [B, T, n] or fn(k0, per_token_ce [B, T], target_mask [B, T]) -> [B, T].
+    `weights` is [B, T, n]: weights[b, t, k-1] weighs head k's loss at position t.
 
     `h_trunk` is the trunk's output when the caller ran the trunk itself, to compute something from
     it first (a critic's values, hence the weights); `trunk_loss` is a loss the caller computed from
@@ -518,7 +532,7 @@ def mtp_evaluate(
     labels: Tensor,
     *,
     attention_mask: Tensor | None = None,
-    weights: Tensor | WeightFn | None = None,
+    weights: Tensor | None = None,
     head_weights: Sequence[float] | None = None,
     chunk_size: int = 1024,
     h_trunk: Tensor | None = None,
@@ -537,13 +551,43 @@ def mtp_evaluate(
     return _collect(stats, hw, trunk_loss)
 
 
+def mtp_loss(
+    model: nn.Module,
+    input_ids: Tensor,
+    labels: Tensor,
+    *,
+    loss_scale: float | None,
+    attention_mask: Tensor | None = None,
+    weights: Tensor | None = None,
+    head_weights: Sequence[float] | None = None,
+    chunk_size: int = 1024,
+    h_trunk: Tensor | None = None,
+    trunk_loss: Tensor | None = None,
+    target_counts: Sequence[float] | Tensor | None = None,
+) -> MTPLossOutput:
+    """The one call of an objective's step: `mtp_forward_backward` (backward included, gradients
+    scaled by `loss_scale`) when training, `mtp_evaluate` (no gradients) when `loss_scale` is None."""
+    common = dict(
+        attention_mask=attention_mask,
+        weights=weights,
+        head_weights=head_weights,
+        chunk_size=chunk_size,
+        h_trunk=h_trunk,
+        trunk_loss=trunk_loss,
+        target_counts=target_counts,
+    )
+    if loss_scale is None:
+        return mtp_evaluate(model, input_ids, labels, **common)
+    return mtp_forward_backward(model, input_ids, labels, loss_scale=loss_scale, **common)
+
+
 def mtp_loss_naive(
     model: nn.Module,
     input_ids: Tensor,
     labels: Tensor,
     *,
     attention_mask: Tensor | None = None,
-    weights: Tensor | WeightFn | None = None,
+    weights: Tensor | None = None,
     head_weights: Sequence[float] | None = None,
     chunk_size: int = 1024,
     trunk_loss_fn: Callable[[Tensor], Tensor] | None = None,
@@ -569,7 +613,7 @@ def mtp_loss_naive(
             head_logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
         ).view_as(targets)
         correct = head_logits.argmax(dim=-1) == targets
-        stats.append(_head_stats(ce, correct, mask, _token_weights(weights, k0, mask, ce), counts[k0]))
+        stats.append(_head_stats(ce, correct, mask, _token_weights(weights, k0, mask), counts[k0]))
     total = sum(w * s.loss for w, s in zip(hw, stats)) / sum(hw)
     aux = trunk_loss_fn(out.trunk_hidden) if trunk_loss_fn is not None else None
     if aux is not None:

@@ -265,11 +265,10 @@ def rollout_cell(study: Study, split: str) -> dict[str, Any]:
 
 def train_cell(study: Study, arm: str) -> dict[str, Any]:
     """One arm's training run; a killed run resumes from its last checkpoint in the run directory."""
-    from weighted_mtp.pipelines import objective_factory
-    from weighted_mtp.pipelines.common import train_with_objective
+    from weighted_mtp.train.run import train
 
     config = study.training_config(arm)
-    result = train_with_objective(config, objective_factory(config.experiment.pipeline))
+    result = train(config)
     return {
         "arm": arm, "steps": result.steps, "model_dir": str(result.model_dir), "history": result.history,
         "val_metrics": result.val_metrics, "resumed_from": str(result.resumed_from) if result.resumed_from else None,
@@ -324,8 +323,7 @@ def speculative_cell(study: Study, arm: str) -> dict[str, Any]:
 
     from weighted_mtp.data.templates import prompt_adds_bos
     from weighted_mtp.eval.benchmarks import get_benchmark
-    from weighted_mtp.eval.generation import generate_ids
-    from weighted_mtp.eval.speculative import SpeculativeStats, speculative_generate_ids
+    from weighted_mtp.eval.generation import SpeculativeStats, generate_ids, speculative_generate_ids
     from weighted_mtp.models.loading import generation_dtype, load_model, resolve_device
 
     config = study.config(None)

@@ -16,10 +16,9 @@ import os
 from pathlib import Path
 
 import pytest
-
 from fixtures.pipelines import pipeline_config, write_pair_rollouts
-from weighted_mtp.pipelines import objective_factory
-from weighted_mtp.pipelines.common import train_with_objective
+
+from weighted_mtp.train.run import train
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "pipeline_trajectories.json"
 TIMINGS = ("tokens_per_s", "step_time_s", "memory/peak_gib")
@@ -38,7 +37,7 @@ def trajectories(raw: Path, models_dir: Path) -> dict[str, dict]:
     out = {}
     for recipe, overrides in RUNS:
         config = pipeline_config(recipe, raw, models_dir, *overrides)
-        result = train_with_objective(config, objective_factory(config.experiment.pipeline))
+        result = train(config)
         out[recipe] = {
             "steps": [{k: v for k, v in step.items() if k not in TIMINGS} for step in result.history],
             "validation": result.val_metrics,

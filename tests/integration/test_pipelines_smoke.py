@@ -6,6 +6,7 @@ critic's, weights inside the clip range, the selected fraction), not learning pr
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -13,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fixtures.pipelines import pipeline_config, write_pair_rollouts
-from weighted_mtp.pipelines import objective_factory
-from weighted_mtp.pipelines.common import train_with_objective
-from weighted_mtp.train.distributed import DistEnv
+
+from weighted_mtp.objectives import Rho1Objective, VerifiableObjective, build_objective
+from weighted_mtp.train.run import train
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="session")
@@ -33,18 +35,21 @@ def raw_data(in_tmp_repo: Path, shared_data: Path) -> Path:
 
 
 
-def recording(pipeline: str, made: list):
-    factory = objective_factory(pipeline)
+@pytest.fixture
+def made(monkeypatch: pytest.MonkeyPatch) -> list:
+    """(objective, model, its trainable modules as built) of every run `train` builds, in order."""
+    built: list = []
 
-    def make(config, model, tokenizer, env):
-        objective = factory(config, model, tokenizer, env)
-        made.append((objective, model))
+    def recording(config, model, device):
+        objective = build_objective(config, model, device)
+        built.append((objective, model, copy.deepcopy(objective.trainable_modules())))
         return objective
 
-    return make
+    monkeypatch.setattr("weighted_mtp.train.run.build_objective", recording)
+    return built
 
 
-def test_critic_then_verifiable_from_the_critics_export(raw_data, models_dir):
+def test_critic_then_verifiable_from_the_critics_export(raw_data, models_dir, made):
     critic_config = pipeline_config(
         "critic",
         raw_data,
@@ -55,9 +60,8 @@ def test_critic_then_verifiable_from_the_critics_export(raw_data, models_dir):
         "data.val_split=validation",
         "training.eval_every=3",
     )
-    critics: list = []
-    critic = train_with_objective(critic_config, recording("critic", critics))
-    critic_objective, critic_model = critics[0]
+    critic = train(critic_config)
+    critic_objective, critic_model, _ = made[0]
     assert critic.steps == 3 and (critic.model_dir / "value_head.safetensors").is_file()
     assert 0.0 <= critic.val_metrics["val/value/auc"] <= 1.0
     assert critic.val_metrics["val/value/pass_rate"] == 0.5  # pairs: one correct, one incorrect
@@ -71,18 +75,10 @@ def test_critic_then_verifiable_from_the_critics_export(raw_data, models_dir):
         "data.sampler=all",
         "training.max_steps=2",
     )
+    result = train(verifiable_config)
     probe = torch.randn(2, 5, critic_model.args.dim)
-    loaded: list = []
-
-    def values_at_start(config, model, tokenizer, env):
-        objective = objective_factory("verifiable")(config, model, tokenizer, env)
-        with torch.no_grad():
-            loaded.append(objective.value_head(probe))
-        return objective
-
-    result = train_with_objective(verifiable_config, values_at_start)
     with torch.no_grad():
-        torch.testing.assert_close(loaded[0], critic_objective.value_head.cpu()(probe))
+        torch.testing.assert_close(made[1][2]["value_head"](probe), critic_objective.value_head.cpu()(probe))
     clip = verifiable_config.stage2.value_weighting
     for step in result.history:
         assert (
@@ -95,28 +91,26 @@ def test_critic_then_verifiable_from_the_critics_export(raw_data, models_dir):
     assert (result.model_dir / "value_head.safetensors").is_file()
 
 
-def test_verifiable_resumes_with_the_old_value_snapshot_of_its_checkpoint(raw_data, models_dir):
+def test_verifiable_resumes_with_the_old_value_snapshot_of_its_checkpoint(raw_data, models_dir, made):
     critic_config = pipeline_config(
         "critic", raw_data, models_dir, "data.dataset=rollouts", "data.sampler=pairs", "training.max_steps=1"
     )
-    critics: list = []
-    train_with_objective(critic_config, recording("critic", critics))
-    critic_head = critics[0][0].value_head.cpu()
+    train(critic_config)
+    critic_head = made[0][0].value_head.cpu()
 
     # refreshed after step 2 (the checkpoint), not after step 3: the end state is step 2's head
     overrides = ("data.dataset=rollouts", "data.sampler=all", "training.max_steps=3", "training.save_every=2",
                  "training.keep_last=3", "stage2.value_loss.old_values_refresh_every=2")  # fmt: skip
     config = pipeline_config("verifiable", raw_data, models_dir, *overrides)
-    made: list = []
-    uninterrupted = train_with_objective(config, recording("verifiable", made))
-    snapshot = {k: v.clone() for k, v in made[0][0].old_value_head.state_dict().items()}
+    uninterrupted = train(config)
+    snapshot = {k: v.clone() for k, v in made[1][0].old_value_head.state_dict().items()}
     assert any(not torch.equal(v, critic_head.state_dict()[k]) for k, v in snapshot.items())  # refreshed
 
     checkpoints = config.run_dir / "checkpoints"
     shutil.rmtree(checkpoints / "step_00000003")  # as if killed after step 2's checkpoint
-    resumed = train_with_objective(config, recording("verifiable", made), resume=True)
+    resumed = train(config, resume=True)
     assert resumed.resumed_from == checkpoints / "step_00000002"
-    for name, tensor in made[1][0].old_value_head.state_dict().items():
+    for name, tensor in made[2][0].old_value_head.state_dict().items():
         assert torch.equal(tensor, snapshot[name]), name
     step_3, resumed_step_3 = uninterrupted.history[-1], resumed.history[-1]
     for key in ("loss", "value/mean", "value/loss", "value/clip_fraction", "weights/mean"):
@@ -128,14 +122,14 @@ def test_verifiable_without_a_critic_names_the_command_to_run_first(raw_data, mo
 
     config = pipeline_config("verifiable", raw_data, models_dir, "data.dataset=rollouts", "data.sampler=all")
     with pytest.raises(CheckpointError, match="wmtp train --recipe critic"):
-        objective_factory("verifiable")(config, None, None, DistEnv())
+        VerifiableObjective.from_config(config, None, CPU)
 
 
-def test_ref_tuning_then_rho1_against_the_tuned_reference(raw_data, models_dir):
+def test_ref_tuning_then_rho1_against_the_tuned_reference(raw_data, models_dir, made):
     reference_config = pipeline_config(
         "ref_tuning", raw_data, models_dir, "training.max_steps=1", "data.n_samples=4"
     )
-    reference = train_with_objective(reference_config, objective_factory("ref_tuning"))
+    reference = train(reference_config)
     assert (reference.model_dir / "config.json").is_file()
 
     rho1_config = pipeline_config(
@@ -146,9 +140,8 @@ def test_ref_tuning_then_rho1_against_the_tuned_reference(raw_data, models_dir):
         "data.n_samples=8",
         "rho1.top_k_ratio=0.5",
     )
-    made: list = []
-    result = train_with_objective(rho1_config, recording("rho1", made))
-    objective, _ = made[0]
+    result = train(rho1_config)
+    objective = made[1][0]
     assert objective.reference.n_future_tokens == 1  # the ref_tuning export, not the 2-head policy
     assert all(not p.requires_grad for p in objective.reference.parameters())
     for step in result.history:
@@ -160,7 +153,7 @@ def test_rho1_without_a_reference_names_the_command_to_run_first(raw_data, model
 
     config = pipeline_config("rho1", raw_data, models_dir)
     with pytest.raises(CheckpointError, match="wmtp train --recipe ref_tuning"):
-        objective_factory("rho1")(config, None, None, DistEnv())
+        Rho1Objective.from_config(config, None, CPU)
 
 
 def test_rollout_labels_are_what_the_sandbox_says(raw_data, models_dir):

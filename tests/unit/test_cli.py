@@ -165,4 +165,4 @@ def test_info_on_an_unknown_dataset_lists_the_known_ones(in_tmp_repo, capsys):
     from weighted_mtp.cli import main
 
     assert main(["data", "info", "nosuch"]) == 2
-    assert capsys.readouterr().err == "error: unknown dataset 'nosuch' (registered: codecontests, humaneval, mbpp, rollouts)\n"
+    assert capsys.readouterr().err == "error: unknown dataset 'nosuch' (known: codecontests, humaneval, mbpp, rollouts)\n"

@@ -7,8 +7,7 @@ from itertools import pairwise
 import pytest
 import torch
 
-from weighted_mtp.eval.generation import generate_ids
-from weighted_mtp.eval.speculative import SpeculativeStats, speculative_generate_ids
+from weighted_mtp.eval.generation import SpeculativeStats, generate_ids, speculative_generate_ids
 from weighted_mtp.losses import mtp_forward_backward
 from weighted_mtp.models.transformer import ModelArgs, MTPTransformer
 

@@ -19,8 +19,7 @@ from weighted_mtp.data import Batch
 from weighted_mtp.losses import IGNORE_INDEX, head_target_counts, mtp_forward_backward
 from weighted_mtp.models.transformer import ModelArgs, MTPTransformer, build_micro_model
 from weighted_mtp.models.value_head import MLPValueHead
-from weighted_mtp.pipelines.objectives import CriticObjective, Rho1Objective, VerifiableObjective
-from weighted_mtp.train.objective import BaselineObjective
+from weighted_mtp.objectives import BaselineObjective, CriticObjective, Rho1Objective, VerifiableObjective
 from weighted_mtp.weighting import CriticWeighting, Rho1Weighting
 
 VOCAB, ROWS, SEQ = 61, 6, 15

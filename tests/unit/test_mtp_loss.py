@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from weighted_mtp.config.schema import ValueHeadConfig
-from weighted_mtp.losses import mtp_evaluate, mtp_forward_backward, mtp_loss_naive
+from weighted_mtp.losses import (
+    head_targets,
+    head_token_ce,
+    mtp_evaluate,
+    mtp_forward_backward,
+    mtp_loss_naive,
+)
 from weighted_mtp.models.transformer import ModelArgs, MTPTransformer
 from weighted_mtp.models.value_head import build_value_head
+from weighted_mtp.train.parallelize import apply_activation_checkpointing
 
 VOCAB, BATCH, SEQ = 61, 3, 13
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -40,10 +48,13 @@ def _batch(seed: int = 0):
     return input_ids, attention_mask, labels
 
 
-def _rho1_like(k0: int, ce: Tensor, mask: Tensor) -> Tensor:
-    """A weight function that uses the model's own losses, as Rho-1 does: harder tokens count more."""
+def _rho1_like(model, input_ids, attention_mask, labels, n: int) -> Tensor:
+    """Weights from the model's own per-token losses, as Rho-1's: harder tokens count more."""
+    h_trunk = model.trunk_forward(input_ids, attention_mask=attention_mask)
+    ce = head_token_ce(model, h_trunk, labels, attention_mask=attention_mask, n_heads=n, chunk_size=3)
     assert not ce.requires_grad
-    return torch.where(mask, 0.5 + torch.sigmoid(ce - ce[mask].mean()) + 0.1 * k0, torch.zeros_like(ce))
+    mask = torch.stack([head_targets(labels, k0 + 1) != -100 for k0 in range(n)], dim=-1)
+    return torch.where(mask, 0.5 + torch.sigmoid(ce - ce[mask].mean()) + 0.1 * torch.arange(n), 0.0)
 
 
 def _hand_written(model, input_ids, attention_mask, labels, *, n, weights, head_weights, value_head, value_targets):
@@ -61,7 +72,7 @@ def _hand_written(model, input_ids, attention_mask, labels, *, n, weights, head_
                     targets[b, t], mask[b, t] = labels[b, t + k], True
         ce = -log_probs.gather(-1, targets[..., None]).squeeze(-1) * mask
         correct = (log_probs.argmax(-1) == targets) & mask
-        w = weights(k0, ce.detach(), mask) if callable(weights) else (torch.ones(BATCH, SEQ) if weights is None else weights[:, :, k0])
+        w = torch.ones(BATCH, SEQ) if weights is None else weights[:, :, k0]
         loss_k = (w * ce).sum() / mask.sum()
         head_losses.append(loss_k)
         accuracies.append(correct.sum() / mask.sum())
@@ -88,7 +99,7 @@ def _zero(modules) -> None:
 CASES = [
     # n, tie, weights kind, head weights, with value loss
     (1, True, "tensor", None, False),
-    (2, False, "callable", [1.0, 0.5], True),
+    (2, False, "own losses", [1.0, 0.5], True),
     (4, True, "tensor", [1.0, 0.7, 0.4, 0.2], True),
     (4, False, None, None, False),
 ]
@@ -101,8 +112,8 @@ def test_head_by_head_matches_naive_and_hand_written(n, tie, weights_kind, head_
     input_ids, attention_mask, labels = _batch(seed=n)
     if weights_kind == "tensor":
         weights = torch.rand(BATCH, SEQ, n) * 2
-    elif weights_kind == "callable":
-        weights = _rho1_like
+    elif weights_kind == "own losses":
+        weights = _rho1_like(model, input_ids, attention_mask, labels, n)
     else:
         weights = None
     value_head = build_value_head(ValueHeadConfig(type="mlp", hidden_size=16), 32) if with_value else None
@@ -208,7 +219,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     plain = mtp_forward_backward(model, input_ids, labels, attention_mask=attention_mask)
     grads_plain = _grads([model])
     _zero([model])
-    model.activation_checkpointing = True
+    apply_activation_checkpointing(model)
     checkpointed = mtp_forward_backward(model, input_ids, labels, attention_mask=attention_mask)
     torch.testing.assert_close(checkpointed.loss, plain.loss, **TOL)
     for name, grad in _grads([model]).items():
@@ -239,6 +250,20 @@ def test_frozen_trunk_gets_no_gradient_and_heads_still_train():
     assert model.extra_heads[0].attention.wq.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize(("n", "chunk_size"), [(1, 4), (3, 1000)])
+def test_head_token_ce_is_the_cross_entropy_of_the_full_logits(n, chunk_size):
+    model = _model(3, tie=False, seed=5).double()
+    input_ids, attention_mask, labels = _batch(seed=5)
+    h_trunk = model.trunk_forward(input_ids, attention_mask=attention_mask)
+    got = head_token_ce(model, h_trunk, labels, attention_mask=attention_mask, n_heads=n, chunk_size=chunk_size)
+    assert got.shape == (BATCH, SEQ, n) and got.dtype == torch.float64 and not got.requires_grad
+    for k0 in range(n):
+        logits = model.output(model.norm(model.head_forward(k0, h_trunk, attention_mask=attention_mask)))
+        targets = head_targets(labels, k0 + 1)
+        want = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+        torch.testing.assert_close(got[..., k0], want.view(BATCH, SEQ).detach(), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -247,7 +272,6 @@ def test_frozen_trunk_gets_no_gradient_and_heads_still_train():
         (dict(head_weights=[0.0, 0.0]), "sum to zero"),
         (dict(chunk_size=0), "chunk_size must be positive"),
         (dict(weights=torch.ones(BATCH, SEQ, 1)), "weights have shape"),
-        (dict(weights=lambda k0, ce, mask: ce[:, :1]), "weight function returned shape"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, message):

@@ -13,12 +13,12 @@ from weighted_mtp.data import Batch
 from weighted_mtp.losses import IGNORE_INDEX, mtp_loss_naive
 from weighted_mtp.models.transformer import build_micro_model
 from weighted_mtp.models.value_head import MLPValueHead
-from weighted_mtp.pipelines.objectives import (
+from weighted_mtp.objectives import (
     CriticObjective,
     Rho1Objective,
     VerifiableObjective,
-    roc_auc,
 )
+from weighted_mtp.objectives.critic import roc_auc
 from weighted_mtp.weighting import CriticWeighting, Rho1Weighting, critic_targets, value_loss
 
 VOCAB = 61
@@ -371,7 +371,7 @@ def test_without_refresh_the_loaded_critic_stays_the_reference_and_state_round_t
 def test_refresh_folds_a_lora_adapted_value_head_into_the_plain_snapshot():
     from torch import nn
 
-    from weighted_mtp.train.lora import inject_lora, lora_scaling
+    from weighted_mtp.models.lora import inject_lora, lora_scaling
 
     head = MLPValueHead(16)
     objective = VerifiableObjective(head, CriticWeighting(), lora_scaling=lora_scaling(4, 8))

@@ -1,4 +1,4 @@
-"""Value heads: shapes and dtypes, the registry, and that they can actually fit a target."""
+"""Value heads: shapes and dtypes, the known types, and that they can actually fit a target."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import torch
 
 from weighted_mtp.config.schema import ValueHeadConfig
 from weighted_mtp.errors import UnknownComponentError
-from weighted_mtp.models.value_head import LinearValueHead, MLPValueHead, build_value_head
-from weighted_mtp.registry import VALUE_HEADS
+from weighted_mtp.models.value_head import VALUE_HEADS, LinearValueHead, MLPValueHead, build_value_head
 
 
 def test_registry_lists_both_heads():
-    assert VALUE_HEADS.names() == ["linear", "mlp"]
+    assert sorted(VALUE_HEADS) == ["linear", "mlp"]
 
 
 @pytest.mark.parametrize(("kind", "cls"), [("linear", LinearValueHead), ("mlp", MLPValueHead)])

@@ -1,4 +1,4 @@
-"""The scheme registry, the shared alignment helpers, logging stats, and masking for every scheme."""
+"""The shared alignment helpers, logging stats, and masking for every weighting."""
 
 from __future__ import annotations
 
@@ -10,14 +10,9 @@ import pytest
 import torch
 
 from weighted_mtp.config.schema import Config
-from weighted_mtp.registry import WEIGHTING_SCHEMES
 from weighted_mtp.weighting import (
     CriticWeighting,
-    Rho1TokenWeights,
     Rho1Weighting,
-    UniformWeighting,
-    WeightingContext,
-    build_weighting,
     discounted_head_weights,
     head_target_mask,
     response_step_mask,
@@ -44,13 +39,6 @@ def random_batch(seed: int) -> Batch:
     return Batch(labels, torch.tensor([float(rng.random() < 0.5) for _ in range(batch)]))
 
 
-def test_registry_holds_every_scheme():
-    assert WEIGHTING_SCHEMES.names() == ["critic", "rho1", "uniform"]
-    assert WEIGHTING_SCHEMES.get("uniform") is UniformWeighting
-    assert WEIGHTING_SCHEMES.get("critic") is CriticWeighting
-    assert WEIGHTING_SCHEMES.get("rho1") is Rho1Weighting
-
-
 def test_unknown_scheme_names_the_choices():
     from weighted_mtp.config import load_config
     from weighted_mtp.errors import ConfigError
@@ -60,14 +48,11 @@ def test_unknown_scheme_names_the_choices():
         load_config(recipe="rho1", overrides=["weighting.scheme=rho-1"])
 
 
-def test_build_reads_each_section():
+def test_rho1_reads_its_config_section():
     config = Config()
     config.rho1.top_k_ratio, config.rho1.per_head, config.rho1.selection = 0.25, False, "soft"
-    config.weighting.scheme = "rho1"
-    scheme = build_weighting(config)
+    scheme = Rho1Weighting.from_config(config)
     assert (scheme.ratio, scheme.per_head, scheme.selection) == (0.25, False, "soft")
-    config.weighting.scheme = "uniform"
-    assert isinstance(build_weighting(config), UniformWeighting)
 
 
 def test_head_discount_is_a_geometric_head_weighting():
@@ -114,34 +99,19 @@ def test_weight_stats_edge_cases():
     assert weight_stats(torch.ones(1, 4, 1), torch.zeros(1, 4, 1, dtype=torch.bool))["tokens"] == 0.0
 
 
-def test_uniform_is_the_target_mask():
-    batch = random_batch(0)
-    weights = UniformWeighting().weights(batch, n_heads=4, context=WeightingContext())
-    assert torch.equal(weights, head_target_mask(batch.labels, 4).float())
-    stats = UniformWeighting().stats(weights, head_target_mask(batch.labels, 4))
-    assert stats["mean"] == stats["min"] == stats["max"] == 1.0
-
-
 def all_scheme_weights(batch: Batch, n_heads: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     shape = batch.labels.shape
     values = torch.rand(shape, generator=generator) * 10  # large values where masked too
     reference_ce = torch.rand(*shape, n_heads, generator=generator) * 5
-    context = WeightingContext(values=values, reference_ce=reference_ce)
     masks = head_target_mask(batch.labels, n_heads)
-    out = {
-        "uniform": UniformWeighting().weights(batch, n_heads=n_heads, context=context),
-        "critic": CriticWeighting(clip_min=0.5).weights(batch, n_heads=n_heads, context=context),
-    }
+    model_ce = (torch.rand(*shape, n_heads, generator=generator) * 5 + 100) * masks
+    out = {"critic": CriticWeighting(clip_min=0.5).targets(values, batch.rewards, batch.labels, n_heads=n_heads).weights}
     for selection in ("top_k", "soft"):
         for per_head in (True, False):
             scheme = Rho1Weighting(selection=selection, per_head=per_head)
-            fn = scheme.weights(batch, n_heads=n_heads, context=context)
-            assert isinstance(fn, Rho1TokenWeights)
-            for k0 in range(n_heads):
-                ce = torch.rand(shape, generator=generator) * 5 + 100 * ~masks[..., k0]
-                fn(k0, ce, masks[..., k0])
-            out[f"rho1-{selection}-{per_head}"] = fn.as_tensor()
+            weights, _ = scheme.weights(model_ce, reference_ce, batch.labels, n_heads=n_heads)
+            out[f"rho1-{selection}-{per_head}"] = weights
     return out
 
 

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from weighted_mtp.weighting import (
     CriticWeighting,
-    WeightingContext,
     critic_pretrain_loss,
     critic_targets,
     gae_advantages,
@@ -159,27 +158,17 @@ def test_critic_weights_per_head_follow_the_target_token(seed):
                 assert float(out.weights[b, p, k - 1]) == pytest.approx(expected)
 
 
-def test_scheme_reads_config_and_context(tmp_path):
+def test_weighting_reads_its_config_section():
     from weighted_mtp.config.schema import Config
-    from weighted_mtp.weighting import build_weighting
 
     config = Config()
-    config.weighting.scheme = "critic"
     config.stage2.value_weighting.weight_clip_max = 2.0
-    scheme = build_weighting(config)
-    assert isinstance(scheme, CriticWeighting) and scheme.clip_max == 2.0
+    scheme = CriticWeighting.from_config(config)
+    assert scheme.clip_max == 2.0
 
     _, labels, values, rewards = random_case(7)
-
-    class Batch:
-        pass
-
-    batch = Batch()
-    batch.labels, batch.rewards = labels, rewards
-    weights = scheme.weights(batch, n_heads=3, context=WeightingContext(values=values))
+    weights = scheme.targets(values, rewards, labels, n_heads=3).weights
     assert weights.shape == (*labels.shape, 3)
-    with pytest.raises(ValueError, match="context.values"):
-        scheme.weights(batch, n_heads=3, context=WeightingContext())
     from weighted_mtp.weighting import head_target_mask
 
     mask = head_target_mask(labels, 3)

@@ -10,15 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from weighted_mtp.losses import mtp_forward_backward, mtp_loss_naive
+from weighted_mtp.losses import head_token_ce, mtp_forward_backward, mtp_loss_naive
 from weighted_mtp.models.transformer import build_micro_model
-from weighted_mtp.weighting import (
-    Rho1TokenWeights,
-    Rho1Weighting,
-    WeightingContext,
-    head_target_mask,
-    reference_token_ce,
-)
+from weighted_mtp.weighting import Rho1Weighting, head_target_mask, reference_token_ce
 from weighted_mtp.weighting.rho1 import soft_weights, top_k_weights
 
 
@@ -77,15 +71,10 @@ def test_soft_weights_match_numpy(seed):
     np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
-def run_heads(fn, labels, n_heads, generator):
-    """Call fn the way mtp_forward_backward does: head 1 first, with model CE and target mask."""
+def random_ce(labels, n_heads, generator):
+    """[B,T,n] model CE, 0 off target, as `head_token_ce` returns it."""
     masks = head_target_mask(labels, n_heads)
-    ces, outs = [], []
-    for k0 in range(n_heads):
-        ce = torch.rand(labels.shape, generator=generator) * 5 * masks[..., k0]
-        ces.append(ce)
-        outs.append(fn(k0, ce, masks[..., k0]))
-    return torch.stack(ces, -1), torch.stack(outs, -1), masks
+    return torch.rand(*labels.shape, n_heads, generator=generator) * 5 * masks, masks
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -96,17 +85,18 @@ def test_per_head_selection_uses_each_heads_excess(seed, selection):
     labels = random_labels(rng, rng.randint(1, 5), rng.randint(2, 30))
     generator = torch.Generator().manual_seed(seed)
     reference_ce = torch.rand(*labels.shape, n_heads, generator=generator) * 5
-    fn = Rho1TokenWeights(reference_ce, n_heads=n_heads, selection=selection, ratio=0.4, temperature=0.7)
-    ce, weights, masks = run_heads(fn, labels, n_heads, generator)
+    ce, masks = random_ce(labels, n_heads, generator)
+    scheme = Rho1Weighting(selection=selection, ratio=0.4, temperature=0.7)
+    weights, excess = scheme.weights(ce, reference_ce, labels, n_heads=n_heads)
     for k0 in range(n_heads):
-        excess = ce[..., k0] - reference_ce[..., k0]
+        head_excess = ce[..., k0] - reference_ce[..., k0]
         if selection == "top_k":
-            expected = reference_top_k(excess, masks[..., k0], 0.4)
+            expected = reference_top_k(head_excess, masks[..., k0], 0.4)
         else:
-            expected = soft_weights(excess, masks[..., k0], 0.7)
+            expected = soft_weights(head_excess, masks[..., k0], 0.7)
         torch.testing.assert_close(weights[..., k0], expected)
+        torch.testing.assert_close(excess[..., k0], head_excess * masks[..., k0])
     assert (weights[~masks] == 0).all()
-    torch.testing.assert_close(fn.as_tensor(), weights)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -117,8 +107,11 @@ def test_head1_selection_is_shared_by_the_target_token(seed, selection):
     labels = random_labels(rng, rng.randint(1, 5), rng.randint(2, 30))
     generator = torch.Generator().manual_seed(seed)
     reference_ce = torch.rand(*labels.shape, 1, generator=generator) * 5  # head 1 only is enough
-    fn = Rho1TokenWeights(reference_ce, n_heads=n_heads, selection=selection, ratio=0.5, per_head=False)
-    ce, weights, masks = run_heads(fn, labels, n_heads, generator)
+    ce, _ = random_ce(labels, 1, generator)  # and the model's head 1 only
+    scheme = Rho1Weighting(selection=selection, ratio=0.5, per_head=False)
+    assert scheme.scored_heads(n_heads) == 1
+    weights, excess = scheme.weights(ce, reference_ce, labels, n_heads=n_heads)
+    assert excess.shape[-1] == 1
     head1 = weights[..., 0]
     batch, length = labels.shape
     for b in range(batch):
@@ -129,17 +122,12 @@ def test_head1_selection_is_shared_by_the_target_token(seed, selection):
                 assert float(weights[b, p, k - 1]) == pytest.approx(expected)
 
 
-def test_head1_selection_refuses_to_start_with_another_head():
-    fn = Rho1TokenWeights(torch.zeros(1, 4, 1), n_heads=2, per_head=False)
-    with pytest.raises(RuntimeError, match="head 1"):
-        fn(1, torch.zeros(1, 4), torch.ones(1, 4, dtype=torch.bool))
-
-
-def test_missing_reference_heads_are_refused():
-    with pytest.raises(ValueError, match="needs reference CE for 3 head"):
-        Rho1TokenWeights(torch.zeros(1, 4, 1), n_heads=3, per_head=True)
-    with pytest.raises(ValueError, match="context.reference_ce"):
-        Rho1Weighting().weights(object(), n_heads=2, context=WeightingContext())
+def test_missing_heads_and_unknown_selections_are_refused():
+    labels = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="needs the CE of 3 head"):
+        Rho1Weighting(per_head=True).weights(torch.zeros(1, 4, 3), torch.zeros(1, 4, 1), labels, n_heads=3)
+    with pytest.raises(ValueError, match="unknown rho1 selection"):
+        Rho1Weighting(selection="best")
 
 
 @pytest.fixture(scope="module")
@@ -187,54 +175,35 @@ def test_reference_ce_matches_full_logits(micro_models, chunk_size):
 
 @pytest.mark.parametrize("per_head", [True, False])
 def test_rho1_weights_in_the_memory_efficient_loss(micro_models, per_head):
-    """The callable inside mtp_forward_backward gives the loss of hand-built top-k weights."""
+    """Both models' CE from `head_token_ce`, the selection, then the loss: hand-built top-k weights."""
     model, reference = micro_models
     input_ids, attention_mask, labels = micro_batch(1)
-
-    class Batch:
-        pass
-
-    batch = Batch()
-    batch.input_ids, batch.attention_mask, batch.labels = input_ids, attention_mask, labels
     scheme = Rho1Weighting(selection="top_k", ratio=0.3, per_head=per_head)
-    context = WeightingContext(reference_ce=scheme.reference_ce(reference, batch, n_heads=3, chunk_size=7))
-    assert context.reference_ce.shape[-1] == (3 if per_head else 1)
-    fn = scheme.weights(batch, n_heads=3, context=context)
+    heads = scheme.scored_heads(3)
+    h_trunk = model.trunk_forward(input_ids, attention_mask=attention_mask)
+    model_ce = head_token_ce(model, h_trunk, labels, attention_mask=attention_mask, n_heads=heads, chunk_size=7)
+    reference_ce = reference_token_ce(reference, input_ids, labels, attention_mask=attention_mask, n_heads=heads)
+    assert model_ce.shape[-1] == reference_ce.shape[-1] == (3 if per_head else 1)
+    weights, excess = scheme.weights(model_ce, reference_ce, labels, n_heads=3)
     model.zero_grad()
-    out = mtp_forward_backward(model, input_ids, labels, attention_mask=attention_mask, weights=fn)
+    out = mtp_forward_backward(model, input_ids, labels, attention_mask=attention_mask, weights=weights)
 
     masks = head_target_mask(labels, 3)
-    excess = naive_head_ce(model, input_ids, attention_mask, labels, 3) - naive_head_ce(
+    excess_naive = naive_head_ce(model, input_ids, attention_mask, labels, 3) - naive_head_ce(
         reference, input_ids, attention_mask, labels, 3
     )
     expected = torch.zeros(*labels.shape, 3)
     if per_head:
         for k0 in range(3):
-            expected[..., k0] = reference_top_k(excess[..., k0], masks[..., k0], 0.3)
+            expected[..., k0] = reference_top_k(excess_naive[..., k0], masks[..., k0], 0.3)
     else:
-        head1 = reference_top_k(excess[..., 0], masks[..., 0], 0.3)
+        head1 = reference_top_k(excess_naive[..., 0], masks[..., 0], 0.3)
         for k0 in range(3):
             expected[:, : labels.shape[1] - k0, k0] = head1[:, k0:]
         expected = expected * masks
-    torch.testing.assert_close(fn.as_tensor(), expected)
+    torch.testing.assert_close(weights, expected)
     loss, naive = mtp_loss_naive(model, input_ids, labels, attention_mask=attention_mask, weights=expected)
     torch.testing.assert_close(out.loss, loss.detach(), atol=1e-5, rtol=1e-5)
-    stats = scheme.stats(fn, masks)
-    assert 0.0 < stats["selected"] < 1.0 and "excess_head1" in stats
-
-
-def test_per_head_with_a_one_head_reference_is_a_config_error(micro_models):
-    from weighted_mtp.errors import ConfigError
-
-    model, _ = micro_models
-    one_head = build_micro_model(48, 1, seed=2)
-    input_ids, attention_mask, labels = micro_batch(2)
-
-    class Batch:
-        pass
-
-    batch = Batch()
-    batch.input_ids, batch.attention_mask, batch.labels = input_ids, attention_mask, labels
-    with pytest.raises(ConfigError, match="rho1.per_head"):
-        Rho1Weighting(per_head=True).reference_ce(one_head, batch, n_heads=3)
-    assert Rho1Weighting(per_head=False).reference_ce(one_head, batch, n_heads=3).shape == (*labels.shape, 1)
+    stats = scheme.stats(weights, excess, masks)
+    assert 0.0 < stats["selected"] < 1.0
+    assert stats["excess_head1"] == pytest.approx(float(excess_naive[..., 0][masks[..., 0]].mean()), abs=1e-5)

@@ -74,7 +74,6 @@ def run_prepare(args: argparse.Namespace) -> int:
 def run_info(args: argparse.Namespace) -> int:
     from weighted_mtp.data.index import SplitIndex
     from weighted_mtp.data.prepare import processed_dir
-
     from weighted_mtp.data.sources import get_source
 
     config = resolve(args).config

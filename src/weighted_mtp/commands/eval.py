@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from weighted_mtp.commands.common import add_config_arguments, resolve
-from weighted_mtp.errors import ConfigError, DataError
+from weighted_mtp.errors import ConfigError, DataError, lookup
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +131,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 
 def _splits(name: str) -> tuple[str, ...]:
-    from weighted_mtp.registry import DATASETS
+    from weighted_mtp.data.sources import DATASETS
 
-    return DATASETS.get(name).splits
+    return lookup(DATASETS, name, "dataset").splits
 
 
 def _parse_k(text: str) -> list[int]:

@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     resolved = resolve(args)
     if args.dry_run:
         return dry_run(resolved)
-    from weighted_mtp.pipelines import run_pipeline
+    from weighted_mtp.train.run import train
 
-    return run_pipeline(resolved.config, resume=args.resume)
+    train(resolved.config, resume=args.resume)
+    return 0

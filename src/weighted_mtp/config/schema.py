@@ -78,7 +78,7 @@ class ExperimentConfig(Section):
 
 
 class ValueHeadConfig(Section):
-    type: str = Field("mlp", description="A registered value head: linear, mlp.")
+    type: str = Field("mlp", description="A value head type: linear, mlp.")
     hidden_size: int | None = Field(None, gt=0, description="MLP width; default the model width.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 

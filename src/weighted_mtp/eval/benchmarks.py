@@ -14,8 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from weighted_mtp.data.sources import Problem
+from weighted_mtp.data.sources import Problem, get_source
 from weighted_mtp.data.templates import alpaca_prompt, chat_prompt, mbpp_fewshot_prompt
+from weighted_mtp.errors import lookup
 from weighted_mtp.eval.postprocess import (
     MBPP_STOP,
     exact_match,
@@ -24,7 +25,6 @@ from weighted_mtp.eval.postprocess import (
     extract_mbpp_program,
 )
 from weighted_mtp.eval.sandbox import AssertProgram, Program, StdioProgram
-from weighted_mtp.registry import BENCHMARKS, DATASETS
 
 ALPACA_STOP = ("\n### Instruction", "\n### Input", "\n### Response")
 
@@ -36,7 +36,7 @@ class Benchmark:
 
     def load(self, raw_dir: Path, split: str, limit: int | None = None) -> list[Problem]:
         problems = []
-        for problem in DATASETS.get(self.name)().read(Path(raw_dir), split):
+        for problem in get_source(self.name).read(Path(raw_dir), split):
             problems.append(problem)
             if limit is not None and len(problems) >= limit:
                 break
@@ -68,7 +68,6 @@ class Benchmark:
         return None
 
 
-@BENCHMARKS.register("mbpp")
 class MBPP(Benchmark):
     """Austin et al. 2021: setup code, the program, then the task's three asserts."""
 
@@ -94,7 +93,6 @@ class MBPP(Benchmark):
         return exact_match(program_text, problem.correct[0])
 
 
-@BENCHMARKS.register("humaneval")
 class HumanEval(Benchmark):
     """Chen et al. 2021: the prompt's function completed, then `check(entry_point)`."""
 
@@ -117,7 +115,6 @@ class HumanEval(Benchmark):
         return AssertProgram(f"{program_text}\n\n{tests['test']}\n\ncheck({tests['entry_point']})\n")
 
 
-@BENCHMARKS.register("codecontests")
 class CodeContests(Benchmark):
     """Li et al. 2022: stdin/stdout tests (public, private, generated), the problem's time limit."""
 
@@ -139,5 +136,8 @@ class CodeContests(Benchmark):
         return StdioProgram(program_text, cases, timeout_s=time_limit)
 
 
+BENCHMARKS: dict[str, type[Benchmark]] = {"mbpp": MBPP, "humaneval": HumanEval, "codecontests": CodeContests}
+
+
 def get_benchmark(name: str) -> Benchmark:
-    return BENCHMARKS.get(name)()
+    return lookup(BENCHMARKS, name, "benchmark")()

@@ -291,7 +291,7 @@ def run_rollouts(
     """
     from weighted_mtp.eval.progress import GenerationProgress
     from weighted_mtp.eval.sandbox import Limits, Sandbox
-    from weighted_mtp.models.loading import DTYPES, generation_dtype, load_model, resolve_device
+    from weighted_mtp.models.loading import load_model_for_generation
 
     benchmark = get_benchmark(benchmark_name)
     problems = benchmark.load(config.paths.raw_data, split, limit)
@@ -314,17 +314,9 @@ def run_rollouts(
     if done:
         log.info("resuming %s: %d of %d problems done", partial.path, len(done), len(problems))
 
-    device = resolve_device(config.device)
-    dtype = generation_dtype(config, device)
-    model, tokenizer = load_model(
-        settings.model,
-        models_dir=config.paths.models,
-        device=device,
-        dtype=DTYPES[dtype],
-        seed=config.seed,
-        tokenizer=config.model.tokenizer if model_name is None else None,
+    model, tokenizer, device, dtype = load_model_for_generation(
+        config, settings.model, tokenizer=config.model.tokenizer if model_name is None else None
     )
-    model.eval()
     log.info("rollout generation on %s in %s", device, dtype)
     progress = progress or GenerationProgress(config.logging.progress_bar, f"rollout {benchmark_name} {split}")
     per_piece = max(1, rows_per_piece // settings.sampling.n_samples)

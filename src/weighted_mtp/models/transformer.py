@@ -19,7 +19,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -276,7 +275,8 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm attention + SwiGLU; the unit of FSDP wrapping and activation checkpointing."""
+    """Pre-norm attention + SwiGLU; the unit of FSDP wrapping and activation checkpointing
+    (both applied from outside, by `train/parallelize.py`)."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -306,7 +306,6 @@ class MTPTransformer(nn.Module):
         super().__init__()
         self.args = args
         self.n_future_tokens = args.n_future_tokens
-        self.activation_checkpointing = False
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         n_trunk_blocks = args.n_layers - args.n_future_tokens + 1
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(n_trunk_blocks))
@@ -378,11 +377,6 @@ class MTPTransformer(nn.Module):
 
     # -- forward
 
-    def _run_block(self, block: TransformerBlock, h: Tensor, *block_args: Any) -> Tensor:
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, *block_args, use_reentrant=False)
-        return block(h, *block_args)
-
     def trunk_forward(
         self,
         tokens: Tensor,
@@ -397,7 +391,7 @@ class MTPTransformer(nn.Module):
         bias = attention_bias(start_pos, tokens.shape[1], attention_mask, h.device)
         for i, block in enumerate(self.layers[:-1]):
             layer_cache = cache.layers[i] if cache is not None else None
-            h = self._run_block(block, h, cos, sin, start_pos, layer_cache, bias)
+            h = block(h, cos, sin, start_pos, layer_cache, bias)
         return h
 
     def head_forward(
@@ -413,7 +407,7 @@ class MTPTransformer(nn.Module):
         cos, sin = rope_tables(self.args, start_pos, h_trunk.shape[1], h_trunk.device)
         bias = attention_bias(start_pos, h_trunk.shape[1], attention_mask, h_trunk.device)
         head_cache = cache.head(k) if cache is not None else None
-        return self._run_block(self.heads()[k], h_trunk, cos, sin, start_pos, head_cache, bias)
+        return self.heads()[k](h_trunk, cos, sin, start_pos, head_cache, bias)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Shared final norm and unembedding, in float32."""

@@ -14,8 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from weighted_mtp.config.schema import ValueHeadConfig
-from weighted_mtp.errors import CheckpointError, UnknownComponentError
-from weighted_mtp.registry import VALUE_HEADS
+from weighted_mtp.errors import CheckpointError, UnknownComponentError, lookup
 
 VALUE_HEAD_FILE = "value_head.safetensors"  # beside a critic's exported model
 
@@ -33,7 +32,6 @@ class _ValueHead(nn.Module):
         return self.net(self.norm(hidden.to(param_dtype))).squeeze(-1).float()
 
 
-@VALUE_HEADS.register("linear")
 class LinearValueHead(_ValueHead):
     """One linear map of the hidden state: the cheapest critic, a probe of what the trunk knows."""
 
@@ -44,7 +42,6 @@ class LinearValueHead(_ValueHead):
         self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, 1))
 
 
-@VALUE_HEADS.register("mlp")
 class MLPValueHead(_ValueHead):
     """Linear -> GELU -> Linear, so the critic can learn features the frozen-ish trunk does not expose."""
 
@@ -60,10 +57,13 @@ class MLPValueHead(_ValueHead):
         )
 
 
+VALUE_HEADS = {"linear": LinearValueHead, "mlp": MLPValueHead}
+
+
 def build_value_head(cfg: ValueHeadConfig, dim: int) -> nn.Module:
     """The value head the config names (`cfg.type`), for a trunk of width `dim`, in fp32."""
     try:
-        head_cls = VALUE_HEADS.get(cfg.type)
+        head_cls = lookup(VALUE_HEADS, cfg.type, "value head")
     except UnknownComponentError as err:
         raise UnknownComponentError(f"model.value_head.type: {err}") from None
     return head_cls(dim, hidden_size=cfg.hidden_size, dropout=cfg.dropout).to(torch.float32)

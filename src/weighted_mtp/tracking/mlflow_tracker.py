@@ -257,9 +257,8 @@ class MlflowTracker:
         return self._client.create_experiment(self.experiment, artifact_location=location)
 
     def _log_config(self, config: Config | Mapping[str, Any], *, resumed: bool) -> None:
-        from weighted_mtp.config.schema import Config
-
         from weighted_mtp.config import public_dump
+        from weighted_mtp.config.schema import Config
 
         tree = public_dump(config) if isinstance(config, Config) else dict(config)
         params = flatten_params(tree)

@@ -22,7 +22,6 @@ from weighted_mtp.models.loading import resolve_device
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -126,40 +125,6 @@ def _comm_device(env: DistEnv) -> torch.device:
 
 
 # ----------------------------------------------------------------------------- wrapping
-
-
-def shard_model(
-    model: nn.Module,
-    extra_modules: Iterable[nn.Module],
-    env: DistEnv,
-    *,
-    param_dtype: str = "auto",
-    reduce_dtype: str = "float32",
-    reshard_after_forward: bool = True,
-) -> None:
-    """FSDP2: one shard unit per transformer block, then the root (embeddings, norm, unembedding).
-
-    The loss drives the model through `trunk_forward` and `head_forward` rather than `forward`,
-    so both are registered as FSDP forward methods: the root's parameters are gathered for them.
-    Extra trainable modules (a value head) become their own units.
-    """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-    mesh = init_device_mesh(env.device.type, (env.world_size,))
-    policy = MixedPrecisionPolicy(
-        param_dtype=None if param_dtype in ("auto", "float32") else _DTYPES[param_dtype],
-        reduce_dtype=_DTYPES[reduce_dtype],
-    )
-    for block in model.blocks():
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    # The root's parameters (norm, unembedding) are used by the loss between head_forward calls,
-    # outside any forward method, so they stay gathered from forward until backward.
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-    for method in ("trunk_forward", "head_forward"):
-        register_fsdp_forward_method(model, method)
-    for module in extra_modules:
-        fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
 
 
 def broadcast_parameters(modules: Iterable[nn.Module], env: DistEnv) -> None:

@@ -18,8 +18,8 @@ from torch import nn
 from weighted_mtp.config import save_resolved_config
 from weighted_mtp.config.schema import Config
 from weighted_mtp.io import atomic_directory
+from weighted_mtp.models.lora import lora_scaling, merge_lora_state_dict
 from weighted_mtp.train.distributed import DistEnv, barrier
-from weighted_mtp.train.lora import lora_scaling, merge_lora_state_dict
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from weighted_mtp.config import ResolvedConfig, config_to_yaml
-from weighted_mtp.redact import redact_uri
 from weighted_mtp.config.schema import Config
+from weighted_mtp.redact import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -108,20 +108,14 @@ def _scratch_paths(config: Config, scratch: Path) -> Config:
 
 def one_training_step(config: Config, console: Console) -> dict[str, float]:
     """Build the model, the data and the pipeline's objective, and run one forward and backward pass."""
-    from weighted_mtp.data import build_loader
-    from weighted_mtp.models.loading import load_model_from_config
-    from weighted_mtp.pipelines import objective_factory
     from weighted_mtp.train import distributed as D
-    from weighted_mtp.train.trainer import seed_everything
+    from weighted_mtp.train.run import build_run
 
-    seed_everything(config.seed)
     start = time.perf_counter()
     env = D.DistEnv(device=D.resolve_device(config.device))
-    model, tokenizer = load_model_from_config(config)
-    model.to(env.device)
-    loader = build_loader(config, tokenizer, split=config.data.split)
-    objective = objective_factory(config.experiment.pipeline)(config, model, tokenizer, env)
-    batch = next(iter(loader)).to(env.device)
+    run = build_run(config, env, validation=False)
+    model, objective = run.model.to(env.device), run.objective
+    batch = next(iter(run.train_loader)).to(env.device)
     step_start = time.perf_counter()
     metrics = objective.forward_backward(model, batch, loss_scale=1.0)
     step_s = time.perf_counter() - step_start

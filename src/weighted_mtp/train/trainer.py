@@ -1,12 +1,12 @@
 """The training loop every pipeline shares.
 
-A pipeline builds the model, the loaders and an `Objective` (the loss); the `Trainer` does the
-rest: which parameters train (full, LoRA or frozen per part), FSDP2 or data-parallel wrapping,
-AdamW with warmup + cosine, gradient accumulation and clipping, skipping non-finite steps,
+`train/run.py` builds the model, the loaders and the pipeline's `Objective` (the loss); the
+`Trainer` does the rest: what trains and how it is spread over devices (`parallelize.py`: full,
+LoRA or frozen per part, activation checkpointing, FSDP2 or data-parallel), AdamW with warmup + cosine, gradient accumulation and clipping, skipping non-finite steps,
 validation and early stopping, logging, and checkpoints from which a killed run resumes exactly.
 
 One step:  take `grad_accum_steps` batches -> count every loss's terms (e.g. each head's target
-tokens) over all the step's micro-batches and ranks -> per micro-batch: objective.forward_backward
+tokens) over all the step's micro-batches and ranks -> per micro-batch: objective.step
 (it runs its own backward of its share of the step's loss: sums divided by those global counts) ->
 average gradients across ranks -> clip -> if loss and gradient norm are finite, optimizer step ->
 scheduler step. The step's loss and gradients are therefore those of its global batch in one piece,
@@ -36,9 +36,10 @@ import torch
 from torch import nn
 
 from weighted_mtp.config import save_resolved_config
-from weighted_mtp.io import atomic_write
 from weighted_mtp.config.schema import Config
 from weighted_mtp.errors import CheckpointError, ConfigError, DataError, WMTPError
+from weighted_mtp.io import atomic_write
+from weighted_mtp.objectives.base import Objective
 from weighted_mtp.train import distributed as D
 from weighted_mtp.train.checkpoint import (
     latest_checkpoint,
@@ -47,9 +48,8 @@ from weighted_mtp.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from weighted_mtp.train.lora import configure_training_modes
-from weighted_mtp.train.objective import Objective
 from weighted_mtp.train.optim import build_optimizer, build_scheduler
+from weighted_mtp.train.parallelize import parallelize
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,22 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@dataclass
+class LoopState:
+    """Where the loop stands: what a checkpoint saves besides modules, optimizer, scheduler and data
+    position, and a resumed run restores."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    micro_splits: int = 1  # each batch is cut into this many micro-batches (halved on out-of-memory)
+    nonfinite_total: int = 0  # steps skipped for a non-finite loss or gradient
+    nonfinite_in_a_row: int = 0
+    best_metric: float | None = None  # early stopping
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    tracker_run_id: str | None = None  # a resumed run logs into the same tracker run
 
 
 @dataclass
@@ -157,36 +173,7 @@ class Trainer:
 
         seed_everything(config.seed)
         extra = dict(objective.trainable_modules())
-        freeze, lora = self.training.freeze, self.training.lora
-        configure_training_modes(
-            model,
-            trunk="lora" if lora.enabled and freeze.trunk == "train" else freeze.trunk,
-            heads="lora" if lora.enabled and freeze.heads == "train" else freeze.heads,
-            lora_targets=lora.target_modules,
-            lora_r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            value_head=extra.get("value_head"),
-            value_head_mode=freeze.value_head,
-        )
-        device = self.env.device
-        model.to(device)
-        for module in extra.values():
-            module.to(device)
-        model.activation_checkpointing = config.model.activation_checkpointing
-        self.strategy = self.env.strategy if self.env.is_distributed else "none"
-        if self.strategy == "fsdp":
-            dist_cfg = config.distributed
-            D.shard_model(
-                model,
-                extra.values(),
-                self.env,
-                param_dtype=dist_cfg.param_dtype,
-                reduce_dtype=dist_cfg.reduce_dtype,
-                reshard_after_forward=dist_cfg.reshard_after_forward,
-            )
-        elif self.strategy == "ddp":
-            D.broadcast_parameters([model, *extra.values()], self.env)
+        self.strategy = parallelize(model, extra, config, self.env)
         self.model = model
         self.modules = nn.ModuleDict({"model": model, **extra})
         self.trainable = [p for p in self.modules.parameters() if p.requires_grad]
@@ -204,15 +191,7 @@ class Trainer:
             min_lr_ratio=self.training.min_lr_ratio,
         )
 
-        self.step = 0
-        self.epoch = 0
-        self.micro_splits = 1
-        self.nonfinite_total = 0
-        self.nonfinite_in_a_row = 0
-        self.best_metric: float | None = None
-        self.evals_without_improvement = 0
-        self.stopped_early = False
-        self.tracker_run_id: str | None = None
+        self.state = LoopState()
         self._iterator: Iterator | None = None
         self._last_saved_step = -1
         self._last_eval_step = -1
@@ -252,14 +231,14 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved_config(self.config, self.run_dir)
             self._trim_metrics()
-        self.tracker.start(self.config, run_id=self.tracker_run_id)
-        self.tracker_run_id = self.tracker.run_id
+        self.tracker.start(self.config, run_id=self.state.tracker_run_id)
+        self.state.tracker_run_id = self.tracker.run_id
         history: list[dict[str, float]] = []
         metrics: dict[str, float] = {}
         status = "FAILED"
         try:
             with self._progress() as advance:
-                while self.step < self.total_steps and not self.stopped_early:
+                while self.state.step < self.total_steps and not self.state.stopped_early:
                     batches = self._next_batches()
                     if not batches:
                         break
@@ -267,13 +246,13 @@ class Trainer:
                     history.append(metrics)
                     self._record(metrics)
                     advance(metrics)
-                    if self.training.eval_every and self.step % self.training.eval_every == 0:
+                    if self.training.eval_every and self.state.step % self.training.eval_every == 0:
                         self._validate()
-                    if self.training.save_every and self.step % self.training.save_every == 0:
+                    if self.training.save_every and self.state.step % self.training.save_every == 0:
                         self._save()
-            if self.val_loader is not None and self._last_eval_step != self.step and not self.stopped_early:
+            if self.val_loader is not None and self._last_eval_step != self.state.step and not self.state.stopped_early:
                 self._validate()
-            if self._last_saved_step != self.step:
+            if self._last_saved_step != self.state.step:
                 self._save()
             model_dir = self._export() if self.export_model else None
             status = "FINISHED"
@@ -286,17 +265,17 @@ class Trainer:
                     self.tracker.log_artifact(self.run_dir / "metrics.jsonl")
             self.tracker.end(status)
         return TrainResult(
-            steps=self.step,
+            steps=self.state.step,
             run_dir=self.run_dir,
             metrics=metrics,
             val_metrics=self._val_metrics,
             history=history,
-            nonfinite_skipped=self.nonfinite_total,
-            stopped_early=self.stopped_early,
+            nonfinite_skipped=self.state.nonfinite_total,
+            stopped_early=self.state.stopped_early,
             resumed_from=resumed_from,
             checkpoint=self._last_checkpoint,
             model_dir=model_dir,
-            tracking_run_id=self.tracker_run_id,
+            tracking_run_id=self.state.tracker_run_id,
         )
 
     # ------------------------------------------------------------------ data
@@ -307,16 +286,16 @@ class Trainer:
         empty_epochs = 0
         while len(batches) < self.training.grad_accum_steps:
             if self._iterator is None:
-                if self.training.max_steps is None and self.epoch >= self.training.epochs:
+                if self.training.max_steps is None and self.state.epoch >= self.training.epochs:
                     break
-                self.train_loader.set_epoch(self.epoch)
+                self.train_loader.set_epoch(self.state.epoch)
                 self._iterator = iter(self.train_loader)
             try:
                 batches.append(next(self._iterator))
                 empty_epochs = 0
             except StopIteration:
                 self._iterator = None
-                self.epoch += 1
+                self.state.epoch += 1
                 empty_epochs += 1
                 if empty_epochs > 1:
                     raise DataError("the training loader yielded no batch for a whole epoch") from None
@@ -351,20 +330,20 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         if math.isfinite(metrics["loss"]) and math.isfinite(grad_norm):
             self.optimizer.step()
-            self.nonfinite_in_a_row = 0
+            self.state.nonfinite_in_a_row = 0
         else:
-            self.nonfinite_total += 1
-            self.nonfinite_in_a_row += 1
+            self.state.nonfinite_total += 1
+            self.state.nonfinite_in_a_row += 1
             log.warning(
                 "step %d: non-finite %s; step skipped (%d in a row, %d in all)",
-                self.step + 1,
+                self.state.step + 1,
                 "loss" if not math.isfinite(metrics["loss"]) else "gradient norm",
-                self.nonfinite_in_a_row,
-                self.nonfinite_total,
+                self.state.nonfinite_in_a_row,
+                self.state.nonfinite_total,
             )
-            if self.nonfinite_in_a_row >= self.training.max_nonfinite_in_a_row:
+            if self.state.nonfinite_in_a_row >= self.training.max_nonfinite_in_a_row:
                 raise WMTPError(
-                    f"{self.nonfinite_in_a_row} non-finite steps in a row (training.max_nonfinite_in_a_row="
+                    f"{self.state.nonfinite_in_a_row} non-finite steps in a row (training.max_nonfinite_in_a_row="
                     f"{self.training.max_nonfinite_in_a_row}); lower training.lr or check the data"
                 )
         self.optimizer.zero_grad(set_to_none=True)
@@ -374,10 +353,8 @@ class Trainer:
                 "ignore", message="Detected call of `lr_scheduler.step", category=UserWarning
             )
             self.scheduler.step()
-        self.step += 1
-        on_step_end = getattr(self.objective, "on_step_end", None)  # e.g. refresh a value snapshot
-        if on_step_end is not None:
-            on_step_end(self.step)
+        self.state.step += 1
+        self.objective.on_step_end(self.state.step)  # e.g. refresh a value snapshot
 
         elapsed = time.perf_counter() - started
         metrics.update(
@@ -388,8 +365,8 @@ class Trainer:
                 "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
                 "step_time_s": elapsed,
                 "memory/peak_gib": self._peak_memory_gib(),
-                "nonfinite_skipped": float(self.nonfinite_total),
-                "epoch": float(self.epoch),
+                "nonfinite_skipped": float(self.state.nonfinite_total),
+                "epoch": float(self.state.epoch),
             }
         )
         return metrics
@@ -403,7 +380,7 @@ class Trainer:
         averaged (FSDP's reduce-scatter, `D.all_reduce_gradients`), so the shares are scaled by the
         world size: the average of world_size x share_r over ranks is the sum of the shares.
         """
-        micro = [piece for batch in batches for piece in split_batch(batch, self.micro_splits)]
+        micro = [piece for batch in batches for piece in split_batch(batch, self.state.micro_splits)]
         global_counts = self._global_counts(micro)
         sums: dict[str, float] = defaultdict(float)
         tokens = 0
@@ -413,14 +390,14 @@ class Trainer:
                 self._set_gradient_sync(i == len(micro) - 1)
             batch = batch.to(self.env.device)
             with self._autocast():
-                metrics = self.objective.forward_backward(
-                    self.model, batch, loss_scale=float(self.env.world_size), global_counts=global_counts
+                metrics = self.objective.step(
+                    self.model, batch, global_counts, loss_scale=float(self.env.world_size)
                 )
             for key, value in metrics.items():
                 sums[key] += float(value)
             tokens += int(batch.attention_mask.sum())
         if "loss" not in sums:
-            raise TypeError(f"{type(self.objective).__name__}.forward_backward must return a 'loss' metric")
+            raise TypeError(f"{type(self.objective).__name__}.step must return a 'loss' metric")
         return dict(sums), tokens
 
     def _global_counts(self, batches: Iterable[Any]) -> dict[str, float]:
@@ -435,7 +412,7 @@ class Trainer:
     def _halve_micro_batch(self, batches: list[Any]) -> None:
         rows = len(batches[0].input_ids)
         unit = 2 if getattr(batches[0], "is_pair", False) else 1
-        if rows // self.micro_splits <= unit:
+        if rows // self.state.micro_splits <= unit:
             raise WMTPError(
                 f"out of GPU memory with a micro-batch of {unit} sequence(s); lower data.max_length "
                 "or enable model.activation_checkpointing / training.lora"
@@ -443,12 +420,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        self.micro_splits *= 2
+        self.state.micro_splits *= 2
         log.warning(
             "step %d: out of GPU memory; micro-batch halved to %d, accumulation doubled to %d micro-batches per step",
-            self.step + 1,
-            -(-rows // self.micro_splits),
-            self.training.grad_accum_steps * self.micro_splits,
+            self.state.step + 1,
+            -(-rows // self.state.micro_splits),
+            self.training.grad_accum_steps * self.state.micro_splits,
         )
 
     def _set_gradient_sync(self, enabled: bool) -> None:
@@ -491,25 +468,22 @@ class Trainer:
         self.val_loader.set_epoch(0)
         sums: dict[str, float] = defaultdict(float)
         for batch in self.val_loader:
-            with self._autocast():
-                metrics = self.objective.evaluate(
-                    self.model, batch.to(self.env.device), global_counts=self._val_counts
-                )
+            with torch.no_grad(), self._autocast():
+                metrics = self.objective.step(self.model, batch.to(self.env.device), self._val_counts, loss_scale=None)
             for key, value in metrics.items():
                 sums[key] += float(value)
         self.modules.train()
         self._reshard()
         metrics = D.all_reduce_sum({f"val/{key}": value for key, value in sums.items()}, self.env)
-        summary = getattr(self.objective, "evaluation_summary", None)  # metrics of the whole pass (AUC)
-        if summary is not None:
-            local = {f"val/{key}": value for key, value in summary().items()}
-            metrics.update(D.all_reduce_mean(local, self.env))
+        summary = self.objective.evaluation_summary()  # metrics of the whole pass (AUC)
+        if summary:
+            metrics.update(D.all_reduce_mean({f"val/{key}": value for key, value in summary.items()}, self.env))
         self._val_metrics = metrics
-        self._last_eval_step = self.step
+        self._last_eval_step = self.state.step
         if self.env.is_main:
-            self.tracker.log_metrics(metrics, self.step)
-            self._append_jsonl({"step": self.step, **metrics})
-            log.info("step %d validation: %s", self.step, _format(metrics))
+            self.tracker.log_metrics(metrics, self.state.step)
+            self._append_jsonl({"step": self.state.step, **metrics})
+            log.info("step %d validation: %s", self.state.step, _format(metrics))
         self._update_early_stopping(metrics)
         return metrics
 
@@ -531,21 +505,21 @@ class Trainer:
                 f"(logged: {', '.join(sorted(metrics))})"
             )
         value = metrics[stopping.metric]
-        better = self.best_metric is None or (
-            value < self.best_metric if stopping.mode == "min" else value > self.best_metric
+        better = self.state.best_metric is None or (
+            value < self.state.best_metric if stopping.mode == "min" else value > self.state.best_metric
         )
         if better:
-            self.best_metric, self.evals_without_improvement = value, 0
+            self.state.best_metric, self.state.evals_without_improvement = value, 0
             return
-        self.evals_without_improvement += 1
-        if self.evals_without_improvement >= stopping.patience:
-            self.stopped_early = True
+        self.state.evals_without_improvement += 1
+        if self.state.evals_without_improvement >= stopping.patience:
+            self.state.stopped_early = True
             log.info(
                 "early stopping at step %d: %s has not improved on %.6g for %d validations",
-                self.step,
+                self.state.step,
                 stopping.metric,
-                self.best_metric,
-                self.evals_without_improvement,
+                self.state.best_metric,
+                self.state.evals_without_improvement,
             )
 
     # ------------------------------------------------------------------ logging
@@ -553,13 +527,13 @@ class Trainer:
     def _record(self, metrics: dict[str, float]) -> None:
         if not self.env.is_main:
             return
-        self._append_jsonl({"step": self.step, **metrics})
+        self._append_jsonl({"step": self.state.step, **metrics})
         every = self.config.logging.every_n_steps
-        if self.step % every == 0 or self.step == self.total_steps:
-            self.tracker.log_metrics(metrics, self.step)
+        if self.state.step % every == 0 or self.state.step == self.total_steps:
+            self.tracker.log_metrics(metrics, self.state.step)
             if not self._bar_enabled():
                 keys = ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "memory/peak_gib")
-                log.info("step %d/%d %s", self.step, self.total_steps, _format({k: metrics[k] for k in keys}))
+                log.info("step %d/%d %s", self.state.step, self.total_steps, _format({k: metrics[k] for k in keys}))
 
     def _trim_metrics(self) -> None:
         """Drop metrics.jsonl rows past the step resumed from (steps run after the last checkpoint,
@@ -574,7 +548,7 @@ class Trainer:
                     row = json.loads(line) if line.endswith("\n") else None
                 except json.JSONDecodeError:
                     row = None
-                if row is None or row.get("step", 0) > self.step:
+                if row is None or row.get("step", 0) > self.state.step:
                     changed = True
                     continue
                 kept.append(line)
@@ -606,35 +580,25 @@ class Trainer:
             TextColumn("{task.fields[status]}"),
         )
         with Progress(*columns, transient=False) as progress:
-            task = progress.add_task("train", total=self.total_steps, completed=self.step, status="")
+            task = progress.add_task("train", total=self.total_steps, completed=self.state.step, status="")
             yield lambda m: progress.update(
-                task, completed=self.step, status=f"loss {m['loss']:.4f}  {m['tokens_per_s']:,.0f} tok/s"
+                task, completed=self.state.step, status=f"loss {m['loss']:.4f}  {m['tokens_per_s']:,.0f} tok/s"
             )
 
     # ------------------------------------------------------------------ checkpoints
 
     def _trainer_state(self) -> dict[str, Any]:
-        state = {
-            "step": self.step,
-            "epoch": self.epoch,
+        return {
+            **dataclasses.asdict(self.state),
             "scheduler": self.scheduler.state_dict(),
-            "micro_splits": self.micro_splits,
-            "nonfinite_total": self.nonfinite_total,
-            "nonfinite_in_a_row": self.nonfinite_in_a_row,
-            "best_metric": self.best_metric,
-            "evals_without_improvement": self.evals_without_improvement,
-            "stopped_early": self.stopped_early,
-            "tracker_run_id": self.tracker_run_id,
             "total_steps": self.total_steps,
+            "objective": self.objective.state_dict(),  # besides its trained modules (a value snapshot)
         }
-        if hasattr(self.objective, "state_dict"):  # state an objective keeps besides trained modules
-            state["objective"] = self.objective.state_dict()
-        return state
 
     def _save(self) -> Path:
         path = save_checkpoint(
             self.checkpoint_dir,
-            self.step,
+            self.state.step,
             modules=self.modules,
             optimizer=self.optimizer,
             trainer_state=self._trainer_state(),
@@ -643,7 +607,7 @@ class Trainer:
             env=self.env,
             fmt=self.config.distributed.checkpoint_format,
         )
-        self._last_saved_step = self.step
+        self._last_saved_step = self.state.step
         self._last_checkpoint = path
         if self.env.is_main:
             prune_checkpoints(self.checkpoint_dir, self.training.keep_last)
@@ -651,8 +615,8 @@ class Trainer:
             if self.s3_store is not None:
                 location = self.s3_store.upload_checkpoint(path, path.name)
                 self.s3_store.prune_checkpoints(self.training.keep_last)
-            self.tracker.log_checkpoint(location, self.step)
-            log.info("step %d: checkpoint %s", self.step, location)
+            self.tracker.log_checkpoint(location, self.state.step)
+            log.info("step %d: checkpoint %s", self.state.step, location)
         D.barrier(self.env)
         return path
 
@@ -682,23 +646,15 @@ class Trainer:
             path, modules=self.modules, optimizer=self.optimizer, env=self.env
         )
         self.scheduler.load_state_dict(trainer_state["scheduler"])
-        self.step = trainer_state["step"]
-        self.epoch = trainer_state["epoch"]
-        self.micro_splits = trainer_state["micro_splits"]
-        self.nonfinite_total = trainer_state["nonfinite_total"]
-        self.nonfinite_in_a_row = trainer_state["nonfinite_in_a_row"]
-        self.best_metric = trainer_state["best_metric"]
-        self.evals_without_improvement = trainer_state["evals_without_improvement"]
-        self.stopped_early = trainer_state["stopped_early"]
-        self.tracker_run_id = trainer_state["tracker_run_id"]
-        if hasattr(self.objective, "load_state_dict"):
-            if "objective" not in trainer_state:
-                raise CheckpointError(
-                    f"{path}: has no state for the {type(self.objective).__name__} objective "
-                    "(saved by an older version or another pipeline)"
-                )
-            self.objective.load_state_dict(trainer_state["objective"])
-        self._last_saved_step = self._last_eval_step = self.step
+        self.state = LoopState(**{f.name: trainer_state[f.name] for f in dataclasses.fields(LoopState)})
+        objective_state = trainer_state.get("objective") or {}
+        if self.objective.state_dict().keys() != objective_state.keys():
+            raise CheckpointError(
+                f"{path}: has no state for the {type(self.objective).__name__} objective "
+                "(saved by an older version or another pipeline)"
+            )
+        self.objective.load_state_dict(objective_state)
+        self._last_saved_step = self._last_eval_step = self.state.step
         self._last_checkpoint = path
         if rank_state["loader"] is not None:
             self.train_loader.load_state_dict(rank_state["loader"])

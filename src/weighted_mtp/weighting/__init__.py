@@ -1,9 +1,8 @@
-"""Token weighting schemes; importing this package registers them in WEIGHTING_SCHEMES."""
+"""Token weights as plain tensor functions: the critic's (TD/GAE advantages) and Rho-1's (excess
+loss). Which one a run uses follows from its pipeline (`weighting.scheme` names it and is checked
+against the pipeline); the baseline weighs every token 1."""
 
 from weighted_mtp.weighting.base import (
-    WeightingContext,
-    WeightingScheme,
-    build_weighting,
     discounted_head_weights,
     head_target_mask,
     response_step_mask,
@@ -18,18 +17,12 @@ from weighted_mtp.weighting.critic import (
     gae_advantages,
     value_loss,
 )
-from weighted_mtp.weighting.rho1 import Rho1TokenWeights, Rho1Weighting, reference_token_ce
-from weighted_mtp.weighting.uniform import UniformWeighting
+from weighted_mtp.weighting.rho1 import Rho1Weighting, reference_token_ce
 
 __all__ = [
     "CriticTargets",
     "CriticWeighting",
-    "Rho1TokenWeights",
     "Rho1Weighting",
-    "UniformWeighting",
-    "WeightingContext",
-    "WeightingScheme",
-    "build_weighting",
     "critic_pretrain_loss",
     "critic_targets",
     "discounted_head_weights",

@@ -1,4 +1,4 @@
-"""What every weighting scheme shares: the interface, the label/position alignment, logging stats.
+"""What the weighting functions share: the label/position alignment, head discounting, logging stats.
 
 Alignment used throughout this package (the same as `mtp_forward_backward`'s): tensors are indexed
 by *input position* p. Position p is the state after reading tokens 0..p; head k (1-based) at p
@@ -14,62 +14,11 @@ head weights, so every scheme gets it the same way and the loss scale stays that
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 
-from weighted_mtp.errors import UnknownComponentError
 from weighted_mtp.losses import IGNORE_INDEX, head_targets
-from weighted_mtp.registry import WEIGHTING_SCHEMES
-
-if TYPE_CHECKING:
-    from weighted_mtp.config.schema import Config
-
-TokenWeightFn = Callable[[int, Tensor, Tensor], Tensor]
-"""fn(k0, per_token_ce_detached[B,T], target_mask[B,T]) -> weights[B,T] for head k0+1."""
-
-
-class BatchLike(Protocol):
-    """The fields of `weighted_mtp.data.Batch` a scheme reads."""
-
-    input_ids: Tensor  # [B,T] long
-    labels: Tensor  # [B,T] long, -100 where there is no loss
-    rewards: Tensor  # [B] float, 1 for a passing solution, 0 otherwise
-
-
-@dataclass
-class WeightingContext:
-    """Per-batch model outputs a scheme needs besides the batch; each scheme says which it reads."""
-
-    values: Tensor | None = None  # [B,T] critic values at every position (critic)
-    reference_ce: Tensor | None = None  # [B,T,n] reference model's per-token CE (rho1)
-
-
-class WeightingScheme(Protocol):
-    name: str
-
-    @classmethod
-    def from_config(cls, config: Config) -> WeightingScheme: ...
-
-    def weights(self, batch: BatchLike, *, n_heads: int, context: WeightingContext) -> Tensor | TokenWeightFn:
-        """The `weights` argument of `mtp_forward_backward`: [B,T,n] or a per-head callable."""
-        ...
-
-    def stats(self, weights: Tensor | TokenWeightFn, mask: Tensor) -> dict[str, float]:
-        """Summary of the weights over the valid targets (`mask`, [B,T,n]) for logging."""
-        ...
-
-
-def build_weighting(config: Config) -> WeightingScheme:
-    """The scheme named by `weighting.scheme`, set up from its config section."""
-    try:
-        scheme_cls = WEIGHTING_SCHEMES.get(config.weighting.scheme)
-    except UnknownComponentError as err:
-        raise UnknownComponentError(f"weighting.scheme: {err}") from None
-    return scheme_cls.from_config(config)
 
 
 def discounted_head_weights(n_heads: int, discount: float) -> list[float]:

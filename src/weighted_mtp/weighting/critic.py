@@ -32,14 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from weighted_mtp.config.schema import ValueWeightingConfig
-from weighted_mtp.registry import WEIGHTING_SCHEMES
-from weighted_mtp.weighting.base import (
-    BatchLike,
-    WeightingContext,
-    response_step_mask,
-    spread_over_heads,
-    weight_stats,
-)
+from weighted_mtp.weighting.base import response_step_mask, spread_over_heads, weight_stats
 
 if TYPE_CHECKING:
     from weighted_mtp.config.schema import Config
@@ -208,11 +201,9 @@ def critic_pretrain_loss(
 DEFAULTS = ValueWeightingConfig()  # stage2.value_weighting: the one place its defaults are set
 
 
-@WEIGHTING_SCHEMES.register("critic")
 class CriticWeighting:
-    """Reads context.values ([B,T], the critic's estimate of R at every position)."""
-
-    name = "critic"
+    """The knobs of `stage2.value_weighting`: turns the critic's values into advantages, returns
+    and token weights (`targets`)."""
 
     def __init__(
         self,
@@ -253,11 +244,6 @@ class CriticWeighting:
             clip_min=self.clip_min,
             clip_max=self.clip_max,
         )
-
-    def weights(self, batch: BatchLike, *, n_heads: int, context: WeightingContext) -> Tensor:
-        if context.values is None:
-            raise ValueError("the critic weighting needs the value head's outputs in context.values")
-        return self.targets(context.values, batch.rewards, batch.labels, n_heads=n_heads).weights
 
     def stats(self, weights: Tensor, mask: Tensor) -> dict[str, float]:
         stats = weight_stats(weights, mask)

@@ -65,7 +65,8 @@ def test_fsdp_dead_rank_fails_fast_then_resumes_from_sharded_checkpoint(
     micro_workspace, reference_losses
 ) -> None:
     ws = micro_workspace
-    fsdp = (*RANKS_OF_ONE, "distributed.strategy=fsdp", "distributed.checkpoint_format=sharded")
+    fsdp = (*RANKS_OF_ONE, "distributed.strategy=fsdp", "distributed.checkpoint_format=sharded",
+            "model.activation_checkpointing=true")  # checkpointing composes with fully_shard: same losses
     proc = torchrun(ws, "fsdp", *fsdp, log_name="killed")
     done_2 = ws.runs / "fsdp" / "checkpoints" / checkpoint_name(2) / COMPLETE
     deadline = time.monotonic() + 240

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from weighted_mtp.data import build_loader
 from weighted_mtp.losses import head_target_counts
 from weighted_mtp.models.loading import load_model_from_config
-from weighted_mtp.train.objective import BaselineObjective
+from weighted_mtp.objectives import BaselineObjective
 from weighted_mtp.train.trainer import Trainer
 
 # long enough that responses differ in length (35 to 96 targets in the first batch of 4)
@@ -38,7 +38,7 @@ def one_step(ws, name: str, *overrides: str, micro_splits: int = 1):
     model, tokenizer = load_model_from_config(config)
     loader = build_loader(config, tokenizer, split="train")
     trainer = Trainer(config, model, BaselineObjective(chunk_size=64), loader, export_model=False)
-    trainer.micro_splits = micro_splits
+    trainer.state.micro_splits = micro_splits
     stepped_with: dict[str, torch.Tensor] = {}
 
     def record(optimizer, args, kwargs):

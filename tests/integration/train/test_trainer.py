@@ -13,7 +13,7 @@ import torch
 from weighted_mtp.data import build_loader
 from weighted_mtp.errors import WMTPError
 from weighted_mtp.models.loading import load_model, load_model_from_config
-from weighted_mtp.train.objective import BaselineObjective
+from weighted_mtp.objectives import BaselineObjective
 from weighted_mtp.train.trainer import Trainer, split_batch
 
 
@@ -37,7 +37,9 @@ class Scripted(BaselineObjective):
         self.rows_seen: list[int] = []
         self.snapshots: list[torch.Tensor] = []
 
-    def forward_backward(self, model, batch, *, loss_scale, global_counts=None):
+    def step(self, model, batch, counts, *, loss_scale):
+        if loss_scale is None:  # validation
+            return super().step(model, batch, counts, loss_scale=None)
         self.calls += 1
         if self.oom_above_rows is not None and len(batch) > self.oom_above_rows:
             # a CUDA out-of-memory cannot happen on this CPU machine; raise what torch raises
@@ -46,7 +48,7 @@ class Scripted(BaselineObjective):
         self.snapshots.append(model.extra_heads[0].feed_forward.w2.weight.detach().clone())
         if self.calls in self.nan_calls:
             loss_scale = float("nan")  # poisons every gradient of this step
-        return super().forward_backward(model, batch, loss_scale=loss_scale, global_counts=global_counts)
+        return super().step(model, batch, counts, loss_scale=loss_scale)
 
 
 def test_nonfinite_gradient_skips_the_step(micro_workspace) -> None:
@@ -83,7 +85,7 @@ def test_out_of_memory_halves_the_micro_batch(micro_workspace, caplog) -> None:
         result = trainer.fit()
     assert result.steps == 2
     assert objective.rows_seen == [1, 1, 1, 1]  # two micro-batches of one row per step
-    assert trainer.micro_splits == 2
+    assert trainer.state.micro_splits == 2
     warnings = [r.getMessage() for r in caplog.records if "out of GPU memory" in r.getMessage()]
     assert len(warnings) == 1 and "halved to 1" in warnings[0] and "2 micro-batches" in warnings[0]
 

@@ -12,7 +12,8 @@ import pytest
 from weighted_mtp.data import build_loader
 from weighted_mtp.losses import IGNORE_INDEX, mtp_evaluate
 from weighted_mtp.models.loading import load_model_from_config
-from weighted_mtp.train.objective import BaselineObjective, loss_metrics
+from weighted_mtp.objectives import BaselineObjective
+from weighted_mtp.objectives.base import loss_metrics
 from weighted_mtp.train.trainer import Trainer
 
 ROWS = 7  # batches of 2 or 3 leave a short last batch

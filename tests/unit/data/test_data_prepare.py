@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import gzip
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-
 from data_helpers import codecontests_rows, write_codecontests
+
 from weighted_mtp.data.index import SplitIndex
 from weighted_mtp.data.prepare import prepare_dataset
-from weighted_mtp.registry import DATASETS
+from weighted_mtp.data.sources import DATASETS
 
 
 def test_all_sources_are_registered():
-    assert {"mbpp", "humaneval", "codecontests", "rollouts"} <= set(DATASETS.names())
+    assert {"mbpp", "humaneval", "codecontests", "rollouts"} <= set(DATASETS)
 
 
 @pytest.mark.parametrize("split", ["train", "validation"])

@@ -11,15 +11,15 @@ from torch import nn
 
 from weighted_mtp.config.schema import ValueHeadConfig
 from weighted_mtp.errors import ConfigError
-from weighted_mtp.models.transformer import build_micro_model
-from weighted_mtp.models.value_head import build_value_head
-from weighted_mtp.train.checkpoint import distinct_tensors, trainable_state_dict
-from weighted_mtp.train.lora import (
+from weighted_mtp.models.lora import (
     configure_training_modes,
     lora_scaling,
     merge_lora_,
     merge_lora_state_dict,
 )
+from weighted_mtp.models.transformer import build_micro_model
+from weighted_mtp.models.value_head import build_value_head
+from weighted_mtp.train.checkpoint import distinct_tensors, trainable_state_dict
 
 VOCAB = 97
 TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]

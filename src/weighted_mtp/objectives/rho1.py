@@ -1,0 +1,139 @@
+"""Rho-1 (Lin et al. 2024): train on the tokens whose loss most exceeds a reference model's.
+
+Differs from the baseline in its objective: a frozen reference model (`rho1.reference_model`,
+default the ref_tuning run's export `<paths.runs>/ref_tuning/final`) scores every target token
+first; the MTP loss then keeps the top `rho1.top_k_ratio` of tokens by excess loss (or softmax
+weights with `selection: soft`), per head or by head 1's choice (`rho1.per_head`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from weighted_mtp.config.schema import Config
+from weighted_mtp.data import Batch
+from weighted_mtp.errors import CheckpointError, ConfigError
+from weighted_mtp.losses import head_token_ce, mtp_loss
+from weighted_mtp.models.loading import DTYPES, load_model
+from weighted_mtp.objectives.base import (
+    Counts,
+    Objective,
+    head_counts,
+    loss_metrics,
+    prefixed,
+    scaled,
+    share,
+    target_counts,
+)
+from weighted_mtp.weighting import (
+    Rho1Weighting,
+    discounted_head_weights,
+    head_target_mask,
+    reference_token_ce,
+)
+
+log = logging.getLogger(__name__)
+
+
+def reference_location(config: Config) -> str:
+    """The reference model's name or path; a clear error when the default one was not trained yet."""
+    if config.rho1.reference_model is not None:
+        return config.rho1.reference_model
+    path = config.paths.runs / "ref_tuning" / "final"
+    if not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"rho1.reference_model is not set and {path} does not exist: train the reference first "
+            "(`wmtp train --recipe ref_tuning`) or set rho1.reference_model"
+        )
+    return str(path)
+
+
+def load_reference(config: Config, model: nn.Module, device) -> nn.Module:
+    """The reference model, frozen, in eval mode, on the training device."""
+    location = reference_location(config)
+    dtype = DTYPES[config.dtype] if device.type == "cpu" else DTYPES["float32"]  # autocast on GPU
+    reference, _ = load_model(location, models_dir=config.paths.models, dtype=dtype, seed=config.seed)
+    if reference.args.vocab_size != model.args.vocab_size:
+        raise ConfigError(
+            f"rho1.reference_model {location} has a vocabulary of {reference.args.vocab_size} tokens but the "
+            f"model has {model.args.vocab_size}: Rho-1 compares losses on the same tokens"
+        )
+    if config.rho1.per_head and reference.n_future_tokens < model.n_future_tokens:
+        raise ConfigError(
+            f"rho1.per_head is true but the reference {location} has {reference.n_future_tokens} head(s) for "
+            f"{model.n_future_tokens} trained heads; set rho1.per_head: false (select by head 1's excess loss)"
+        )
+    reference.requires_grad_(False)
+    log.info("rho1 reference: %s (%d head(s))", location, reference.n_future_tokens)
+    return reference.to(device).eval()
+
+
+class Rho1Objective(Objective):
+    """MTP loss on the tokens with the highest excess loss over a frozen reference model."""
+
+    def __init__(
+        self,
+        reference: nn.Module,
+        weighting: Rho1Weighting,
+        *,
+        head_weights: Sequence[float] | None = None,
+        chunk_size: int = 1024,
+    ) -> None:
+        self.reference = reference
+        self.weighting = weighting
+        self.head_weights = list(head_weights) if head_weights is not None else None
+        self.chunk_size = chunk_size
+
+    @classmethod
+    def from_config(cls, config: Config, model: nn.Module, device: torch.device) -> Rho1Objective:
+        if config.weighting.scheme != "rho1":
+            raise ConfigError(
+                f"weighting.scheme is {config.weighting.scheme!r}: the rho1 pipeline weighs by excess loss"
+            )
+        return cls(
+            load_reference(config, model, device),
+            Rho1Weighting.from_config(config),
+            head_weights=discounted_head_weights(model.n_future_tokens, config.weighting.head_discount),
+            chunk_size=config.training.loss_chunk_size,
+        )
+
+    def token_counts(self, model: nn.Module, batch: Batch) -> Counts:
+        return target_counts(batch.labels, model.n_future_tokens)
+
+    def step(self, model: nn.Module, batch: Batch, counts: Counts, *, loss_scale: float | None) -> dict[str, float]:
+        """Trunk -> both models' per-token CE (no gradient; every head, or head 1 without
+        `per_head`) -> the weights of the selected tokens -> the heads' weighted loss and backward ->
+        the trunk's backward. The model's CE pass runs each scored head's block once more without
+        gradient (with dropout, under masks of its own)."""
+        n_heads = model.n_future_tokens
+        scored = self.weighting.scored_heads(n_heads)
+        hidden = model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)
+        model_ce = head_token_ce(
+            model, hidden.detach(), batch.labels, attention_mask=batch.attention_mask, n_heads=scored,
+            chunk_size=self.chunk_size,
+        )  # fmt: skip
+        reference_ce = reference_token_ce(
+            self.reference, batch.input_ids, batch.labels, attention_mask=batch.attention_mask, n_heads=scored,
+            chunk_size=self.chunk_size,
+        )  # fmt: skip
+        weights, excess = self.weighting.weights(model_ce, reference_ce, batch.labels, n_heads=n_heads)
+        out = mtp_loss(
+            model,
+            batch.input_ids,
+            batch.labels,
+            loss_scale=loss_scale,
+            attention_mask=batch.attention_mask,
+            target_counts=head_counts(counts, n_heads),
+            weights=weights,
+            head_weights=self.head_weights,
+            chunk_size=self.chunk_size,
+            h_trunk=hidden,
+        )
+        local = self.token_counts(model, batch)
+        fraction = share(sum(local.values()), sum(counts.values()))
+        stats = self.weighting.stats(weights, excess, head_target_mask(batch.labels, n_heads))
+        return {**loss_metrics(out), **scaled(prefixed("weights", stats), fraction)}

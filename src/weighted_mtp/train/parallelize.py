@@ -1,0 +1,95 @@
+"""What trains and how it is spread over devices, applied to the model from outside (torchtitan's
+`parallelize`): per-part training modes (train / LoRA / frozen), activation checkpointing per block,
+then FSDP2 sharding or replicated data parallelism. The model's own code knows none of this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+from weighted_mtp.config.schema import Config
+from weighted_mtp.models.loading import DTYPES
+from weighted_mtp.models.lora import configure_training_modes
+from weighted_mtp.train import distributed as D
+
+
+def parallelize(model: nn.Module, extra_modules: dict[str, nn.Module], config: Config, env: D.DistEnv) -> str:
+    """Set what trains (LoRA adapters injected where asked), move everything to the device, checkpoint
+    activations, and shard (fsdp) or synchronise (ddp) across ranks. Returns the strategy in use:
+    "fsdp", "ddp" or "none" (one process)."""
+    freeze, lora = config.training.freeze, config.training.lora
+    configure_training_modes(
+        model,
+        trunk="lora" if lora.enabled and freeze.trunk == "train" else freeze.trunk,
+        heads="lora" if lora.enabled and freeze.heads == "train" else freeze.heads,
+        lora_targets=lora.target_modules,
+        lora_r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        value_head=extra_modules.get("value_head"),
+        value_head_mode=freeze.value_head,
+    )
+    model.to(env.device)
+    for module in extra_modules.values():
+        module.to(env.device)
+    if config.model.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    strategy = env.strategy if env.is_distributed else "none"
+    if strategy == "fsdp":
+        dist_cfg = config.distributed
+        shard_model(
+            model,
+            extra_modules.values(),
+            env,
+            param_dtype=dist_cfg.param_dtype,
+            reduce_dtype=dist_cfg.reduce_dtype,
+            reshard_after_forward=dist_cfg.reshard_after_forward,
+        )
+    elif strategy == "ddp":
+        D.broadcast_parameters([model, *extra_modules.values()], env)
+    return strategy
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Each transformer block keeps only its input for the backward pass and recomputes the rest
+    (PyTorch's composable `checkpoint`: hooks on the block, so names and state dicts are unchanged)."""
+    from torch.distributed._composable import checkpoint
+
+    for block in model.blocks():
+        checkpoint(block)
+
+
+def shard_model(
+    model: nn.Module,
+    extra_modules: Iterable[nn.Module],
+    env: D.DistEnv,
+    *,
+    param_dtype: str = "auto",
+    reduce_dtype: str = "float32",
+    reshard_after_forward: bool = True,
+) -> None:
+    """FSDP2: one shard unit per transformer block, then the root (embeddings, norm, unembedding).
+
+    The loss drives the model through `trunk_forward` and `head_forward` rather than `forward`,
+    so both are registered as FSDP forward methods: the root's parameters are gathered for them.
+    Extra trainable modules (a value head) become their own units.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    policy = MixedPrecisionPolicy(
+        param_dtype=None if param_dtype in ("auto", "float32") else DTYPES[param_dtype],
+        reduce_dtype=DTYPES[reduce_dtype],
+    )
+    for block in model.blocks():
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # The root's parameters (norm, unembedding) are used by the loss between head_forward calls,
+    # outside any forward method, so they stay gathered from forward until backward.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    for method in ("trunk_forward", "head_forward"):
+        register_fsdp_forward_method(model, method)
+    for module in extra_modules:
+        fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)

@@ -1,0 +1,60 @@
+"""Activation checkpointing applied from outside the model: same loss and gradients, names and state
+dict unchanged, and each block really runs again in the backward pass."""
+
+from __future__ import annotations
+
+import torch
+
+from weighted_mtp.losses import mtp_forward_backward
+from weighted_mtp.models.transformer import build_micro_model
+from weighted_mtp.train.parallelize import apply_activation_checkpointing
+
+
+def batch(vocab: int = 53):
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (2, 11), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    return input_ids, labels
+
+
+def block_calls(model) -> list[int]:
+    calls = [0]
+
+    def count(*_):
+        calls[0] += 1
+
+    for block in model.blocks():
+        block.register_forward_pre_hook(count)
+    return calls
+
+
+def test_checkpointed_blocks_give_the_same_gradients_and_recompute_in_backward():
+    input_ids, labels = batch()
+    results = []
+    for checkpointed in (False, True):
+        model = build_micro_model(53, n_future_tokens=2, seed=1).double().train()
+        names = [name for name, _ in model.named_parameters()]
+        if checkpointed:
+            apply_activation_checkpointing(model)
+        calls = block_calls(model)
+        out = mtp_forward_backward(model, input_ids, labels)
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        assert [name for name, _ in model.named_parameters()] == names  # nothing renamed or wrapped
+        results.append((out.loss, grads, calls[0], sorted(model.state_dict())))
+    (plain_loss, plain_grads, plain_calls, plain_keys), (loss, grads, calls, keys) = results
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-12, atol=1e-12)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-10, atol=1e-12)
+    assert keys == plain_keys
+    assert calls == 2 * plain_calls  # every block ran again during the backward pass
+
+
+def test_without_gradients_a_checkpointed_model_runs_each_block_once():
+    model = build_micro_model(53, n_future_tokens=2, seed=1).eval()
+    apply_activation_checkpointing(model)
+    calls = block_calls(model)
+    input_ids, _ = batch()
+    with torch.no_grad():
+        model(input_ids, return_all_heads=True)
+    assert calls[0] == len(model.blocks())
