@@ -451,7 +451,7 @@ def mtp_forward_backward(
     weights: Tensor | None = None,
     head_weights: Sequence[float] | None = None,
     chunk_size: int = 1024,
-    loss_scale: float = 1.0,
+    loss_scale: float | None = 1.0,
     h_trunk: Tensor | None = None,
     trunk_loss: Tensor | None = None,
     n_heads: int | None = None,
@@ -460,6 +460,7 @@ def mtp_forward_backward(
     """Forward and backward of the weighted MTP loss, one head at a time.
 
     Calls `.backward()` itself on `loss_scale * total`; the returned values are detached and unscaled.
+    With `loss_scale=None`, forward only: the same losses and metrics without gradients (validation).
     total = sum_k head_weights[k] * L_k / sum_k head_weights[k] (+ trunk_loss), where
     L_k = sum_t(w * ce * mask) / N_k over head k's unmasked targets, N_k = target_counts[k] (head k's
     targets in the whole step: every micro-batch and rank) or, when None, this batch's own count.
@@ -475,6 +476,14 @@ def mtp_forward_backward(
     n, hw = _resolve_heads(model, n_heads, head_weights)
     hw_total = sum(hw)
     counts = _step_counts(target_counts, n)
+    if loss_scale is None:
+        with torch.no_grad():
+            h_trunk = _trunk_output(model, input_ids, attention_mask, h_trunk, trunk_loss)
+            stats = [
+                _head_loss(model, k0, h_trunk, labels, attention_mask, weights, chunk_size, count=counts[k0])
+                for k0 in range(n)
+            ]
+        return _collect(stats, hw, trunk_loss)
 
     h_trunk = _trunk_output(model, input_ids, attention_mask, h_trunk, trunk_loss)
     # Heads write their gradient into this leaf; the trunk's graph is kept for one backward at the end.
@@ -523,62 +532,6 @@ def _trunk_output(
     if trunk_loss is not None and h_trunk is None:
         raise ValueError("trunk_loss must be computed from the h_trunk passed with it")
     return model.trunk_forward(input_ids, attention_mask=attention_mask) if h_trunk is None else h_trunk
-
-
-@torch.no_grad()
-def mtp_evaluate(
-    model: nn.Module,
-    input_ids: Tensor,
-    labels: Tensor,
-    *,
-    attention_mask: Tensor | None = None,
-    weights: Tensor | None = None,
-    head_weights: Sequence[float] | None = None,
-    chunk_size: int = 1024,
-    h_trunk: Tensor | None = None,
-    trunk_loss: Tensor | None = None,
-    n_heads: int | None = None,
-    target_counts: Sequence[float] | Tensor | None = None,
-) -> MTPLossOutput:
-    """The same losses and metrics as `mtp_forward_backward`, without gradients (validation)."""
-    n, hw = _resolve_heads(model, n_heads, head_weights)
-    counts = _step_counts(target_counts, n)
-    h_trunk = _trunk_output(model, input_ids, attention_mask, h_trunk, trunk_loss)
-    stats = [
-        _head_loss(model, k0, h_trunk, labels, attention_mask, weights, chunk_size, count=counts[k0])
-        for k0 in range(n)
-    ]
-    return _collect(stats, hw, trunk_loss)
-
-
-def mtp_loss(
-    model: nn.Module,
-    input_ids: Tensor,
-    labels: Tensor,
-    *,
-    loss_scale: float | None,
-    attention_mask: Tensor | None = None,
-    weights: Tensor | None = None,
-    head_weights: Sequence[float] | None = None,
-    chunk_size: int = 1024,
-    h_trunk: Tensor | None = None,
-    trunk_loss: Tensor | None = None,
-    target_counts: Sequence[float] | Tensor | None = None,
-) -> MTPLossOutput:
-    """The one call of an objective's step: `mtp_forward_backward` (backward included, gradients
-    scaled by `loss_scale`) when training, `mtp_evaluate` (no gradients) when `loss_scale` is None."""
-    common = dict(
-        attention_mask=attention_mask,
-        weights=weights,
-        head_weights=head_weights,
-        chunk_size=chunk_size,
-        h_trunk=h_trunk,
-        trunk_loss=trunk_loss,
-        target_counts=target_counts,
-    )
-    if loss_scale is None:
-        return mtp_evaluate(model, input_ids, labels, **common)
-    return mtp_forward_backward(model, input_ids, labels, loss_scale=loss_scale, **common)
 
 
 def mtp_loss_naive(

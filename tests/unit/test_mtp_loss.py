@@ -12,7 +12,6 @@ from weighted_mtp.config.schema import ValueHeadConfig
 from weighted_mtp.losses import (
     head_targets,
     head_token_ce,
-    mtp_evaluate,
     mtp_forward_backward,
     mtp_loss_naive,
 )
@@ -174,7 +173,7 @@ def test_head_tokens_count_targets_inside_the_sequence():
     _, _, labels = _batch()
     model = _model(4, tie=True)
     input_ids, attention_mask, labels = _batch()
-    out = mtp_evaluate(model, input_ids, labels, attention_mask=attention_mask)
+    out = mtp_forward_backward(model, input_ids, labels, attention_mask=attention_mask, loss_scale=None)
     # Head k at position t needs labels[t + k]: rows have 9, 7 and 2 labelled tokens from position 4, 2, 3.
     expected = [sum(max(0, n_labelled - max(0, k - prompt)) for n_labelled, prompt in [(9, 4), (7, 2), (2, 3)])
                 for k in range(1, 5)]
@@ -232,7 +231,9 @@ def test_evaluate_reports_the_same_metrics_without_gradients():
     weights = torch.rand(BATCH, SEQ, 2)
     trained = mtp_forward_backward(model, input_ids, labels, attention_mask=attention_mask, weights=weights)
     _zero([model])
-    evaluated = mtp_evaluate(model, input_ids, labels, attention_mask=attention_mask, weights=weights)
+    evaluated = mtp_forward_backward(
+        model, input_ids, labels, attention_mask=attention_mask, weights=weights, loss_scale=None
+    )
     assert all(p.grad is None for p in model.parameters())
     for field in ("loss", "head_losses", "head_ce", "head_accuracy", "head_tokens"):
         torch.testing.assert_close(getattr(evaluated, field), getattr(trained, field), **TOL)

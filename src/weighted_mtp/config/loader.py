@@ -197,6 +197,11 @@ def available_names(directory: Path, pattern: str, strip: tuple[str, str]) -> li
     return sorted(p.name.removeprefix(prefix).removesuffix(suffix) for p in directory.glob(pattern))
 
 
+def _closest(name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def resolve_recipe_path(recipe: str, config_dir: Path) -> Path:
     """A recipe is a path or a short name (`baseline` -> configs/recipe.baseline.yaml)."""
     path = Path(recipe)
@@ -208,9 +213,7 @@ def resolve_recipe_path(recipe: str, config_dir: Path) -> Path:
     if candidate.is_file():
         return candidate
     names = available_names(config_dir, "recipe.*.yaml", ("recipe.", ".yaml"))
-    close = difflib.get_close_matches(recipe, names, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"unknown recipe {recipe!r}{hint} (available in {config_dir}: {', '.join(names) or 'none'})")
+    raise ConfigError(f"unknown recipe {recipe!r}{_closest(recipe, names)} (available in {config_dir}: {', '.join(names) or 'none'})")
 
 
 def resolve_preset_path(preset: str, config_dir: Path) -> Path:
@@ -219,9 +222,7 @@ def resolve_preset_path(preset: str, config_dir: Path) -> Path:
     if candidate.is_file():
         return candidate
     names = available_names(presets_dir, "*.yaml", ("", ".yaml"))
-    close = difflib.get_close_matches(preset, names, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"unknown preset {preset!r}{hint} (available: {', '.join(names) or 'none'})")
+    raise ConfigError(f"unknown preset {preset!r}{_closest(preset, names)} (available: {', '.join(names) or 'none'})")
 
 
 def load_config(

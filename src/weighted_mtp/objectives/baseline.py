@@ -10,7 +10,7 @@ from torch import nn
 
 from weighted_mtp.config.schema import Config
 from weighted_mtp.data import Batch
-from weighted_mtp.losses import mtp_loss
+from weighted_mtp.losses import mtp_forward_backward
 from weighted_mtp.objectives.base import Counts, Objective, head_counts, loss_metrics, target_counts
 from weighted_mtp.weighting import discounted_head_weights
 
@@ -31,7 +31,7 @@ class BaselineObjective(Objective):
         return target_counts(batch.labels, model.n_future_tokens)
 
     def step(self, model: nn.Module, batch: Batch, counts: Counts, *, loss_scale: float | None) -> dict[str, float]:
-        out = mtp_loss(
+        out = mtp_forward_backward(
             model,
             batch.input_ids,
             batch.labels,

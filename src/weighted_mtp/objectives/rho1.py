@@ -17,7 +17,7 @@ from torch import nn
 from weighted_mtp.config.schema import Config
 from weighted_mtp.data import Batch
 from weighted_mtp.errors import CheckpointError, ConfigError
-from weighted_mtp.losses import head_token_ce, mtp_loss
+from weighted_mtp.losses import head_token_ce, mtp_forward_backward
 from weighted_mtp.models.loading import DTYPES, load_model
 from weighted_mtp.objectives.base import (
     Counts,
@@ -121,7 +121,7 @@ class Rho1Objective(Objective):
             chunk_size=self.chunk_size,
         )  # fmt: skip
         weights, excess = self.weighting.weights(model_ce, reference_ce, batch.labels, n_heads=n_heads)
-        out = mtp_loss(
+        out = mtp_forward_backward(
             model,
             batch.input_ids,
             batch.labels,

@@ -28,7 +28,7 @@ from weighted_mtp.config import load_saved_config
 from weighted_mtp.config.schema import Config
 from weighted_mtp.data import Batch
 from weighted_mtp.errors import CheckpointError, ConfigError
-from weighted_mtp.losses import MTPLossOutput, mtp_loss
+from weighted_mtp.losses import MTPLossOutput, mtp_forward_backward
 from weighted_mtp.models.lora import lora_scaling, merge_lora_state_dict
 from weighted_mtp.models.value_head import VALUE_HEAD_FILE, load_value_head
 from weighted_mtp.objectives.base import (
@@ -243,7 +243,7 @@ class VerifiableObjective(Objective):
             loss = value_loss(values, old_values, targets.returns, targets.step_mask, self.value_clip_range)
             trunk_loss = self.value_loss_coefficient * loss * fractions["steps"]
             critic.values, critic.value_loss = values.detach(), (loss * fractions["steps"]).detach()
-        out = mtp_loss(
+        out = mtp_forward_backward(
             model,
             batch.input_ids,
             batch.labels,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -38,7 +37,6 @@ from torch import nn
 from weighted_mtp.config import save_resolved_config
 from weighted_mtp.config.schema import Config
 from weighted_mtp.errors import CheckpointError, ConfigError, DataError, WMTPError
-from weighted_mtp.io import atomic_write
 from weighted_mtp.objectives.base import Objective
 from weighted_mtp.train import distributed as D
 from weighted_mtp.train.checkpoint import (
@@ -48,6 +46,7 @@ from weighted_mtp.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from weighted_mtp.train.metrics_file import MetricsFile
 from weighted_mtp.train.optim import build_optimizer, build_scheduler
 from weighted_mtp.train.parallelize import parallelize
 
@@ -169,6 +168,7 @@ class Trainer:
         self.export_model = export_model
         self.run_dir = Path(config.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.metrics_file = MetricsFile(self.run_dir / "metrics.jsonl")
         self._check_config()
 
         seed_everything(config.seed)
@@ -230,7 +230,7 @@ class Trainer:
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved_config(self.config, self.run_dir)
-            self._trim_metrics()
+            self.metrics_file.trim(self.state.step)
         self.tracker.start(self.config, run_id=self.state.tracker_run_id)
         self.state.tracker_run_id = self.tracker.run_id
         history: list[dict[str, float]] = []
@@ -260,9 +260,9 @@ class Trainer:
             status = "KILLED"
             raise
         finally:
-            if self.env.is_main and (self.run_dir / "metrics.jsonl").is_file():
+            if self.env.is_main and self.metrics_file.path.is_file():
                 with contextlib.suppress(Exception):
-                    self.tracker.log_artifact(self.run_dir / "metrics.jsonl")
+                    self.tracker.log_artifact(self.metrics_file.path)
             self.tracker.end(status)
         return TrainResult(
             steps=self.state.step,
@@ -482,7 +482,7 @@ class Trainer:
         self._last_eval_step = self.state.step
         if self.env.is_main:
             self.tracker.log_metrics(metrics, self.state.step)
-            self._append_jsonl({"step": self.state.step, **metrics})
+            self.metrics_file.append({"step": self.state.step, **metrics})
             log.info("step %d validation: %s", self.state.step, _format(metrics))
         self._update_early_stopping(metrics)
         return metrics
@@ -527,39 +527,13 @@ class Trainer:
     def _record(self, metrics: dict[str, float]) -> None:
         if not self.env.is_main:
             return
-        self._append_jsonl({"step": self.state.step, **metrics})
+        self.metrics_file.append({"step": self.state.step, **metrics})
         every = self.config.logging.every_n_steps
         if self.state.step % every == 0 or self.state.step == self.total_steps:
             self.tracker.log_metrics(metrics, self.state.step)
             if not self._bar_enabled():
                 keys = ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "memory/peak_gib")
                 log.info("step %d/%d %s", self.state.step, self.total_steps, _format({k: metrics[k] for k in keys}))
-
-    def _trim_metrics(self) -> None:
-        """Drop metrics.jsonl rows past the step resumed from (steps run after the last checkpoint,
-        which the resumed run replays) and a last line cut short by a kill: one row per step."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        kept, changed = [], False
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    row = json.loads(line) if line.endswith("\n") else None
-                except json.JSONDecodeError:
-                    row = None
-                if row is None or row.get("step", 0) > self.state.step:
-                    changed = True
-                    continue
-                kept.append(line)
-        if changed:
-            with atomic_write(path) as handle:
-                handle.writelines(kept)
-
-    def _append_jsonl(self, record: dict[str, float]) -> None:
-        """Every step's metrics in the run directory, readable without MLflow (a resumed run appends)."""
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
 
     def _bar_enabled(self) -> bool:
         mode = self.config.logging.progress_bar

@@ -1,7 +1,7 @@
 """The trainer's validation metrics are those of the whole validation set in one piece.
 
 On variable-length sequences, `val/loss` and every head's loss, cross-entropy and accuracy equal one
-`mtp_evaluate` call on all validation rows at once, for two validation batch sizes; the old rule
+`mtp_forward_backward(loss_scale=None)` call on all validation rows at once, for two validation batch sizes; the old rule
 (each batch's own means, averaged over batches) gives something else on the same data.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from weighted_mtp.data import build_loader
-from weighted_mtp.losses import IGNORE_INDEX, mtp_evaluate
+from weighted_mtp.losses import IGNORE_INDEX, mtp_forward_backward
 from weighted_mtp.models.loading import load_model_from_config
 from weighted_mtp.objectives import BaselineObjective
 from weighted_mtp.objectives.base import loss_metrics
@@ -42,8 +42,8 @@ def whole_set_metrics(ws) -> dict[str, float]:
     (batch,) = list(build_loader(config, tokenizer, split="validation", shuffle=False))
     assert len(batch) == ROWS
     model.eval()
-    out = mtp_evaluate(
-        model, batch.input_ids, batch.labels, attention_mask=batch.attention_mask, chunk_size=64
+    out = mtp_forward_backward(
+        model, batch.input_ids, batch.labels, attention_mask=batch.attention_mask, chunk_size=64, loss_scale=None
     )
     return {f"val/{key}": value for key, value in loss_metrics(out).items()}
 
