@@ -1,8 +1,9 @@
 """MBPP gold programs per second: the sandbox's fork-server workers vs a plain interpreter per program.
 
-Both sides run the same programs (setup + gold code + asserts) with the same number of parallel
-workers; the plain side starts `python program.py` in a fresh temporary directory for each, as
-a minimal harness would. Prints programs/s side by side and whether every verdict agrees.
+Both sides run the same problems with the same number of parallel workers. The sandbox runs the
+setup and gold code, evaluates the asserts' calls and judges them in the harness (`eval/judge.py`);
+the plain side starts `python program.py` (setup + gold code + asserts) in a fresh temporary
+directory for each, as a minimal harness would. Prints programs/s side by side and whether every verdict agrees.
 
     .venv/bin/python benchmarks/sandbox_throughput.py --split test --workers 2
 """
@@ -50,7 +51,8 @@ def main() -> None:
 
     benchmark = get_benchmark("mbpp")
     problems = benchmark.load(args.raw_data, args.split, args.limit)
-    sources = [benchmark.program(p, benchmark.reference(p)).source for p in problems]
+    # the plain side runs what a minimal harness would: setup, gold code and the asserts in one file
+    sources = ["\n".join([p.tests["setup"], benchmark.reference(p), *p.tests["cases"], ""]) for p in problems]
     n = len(sources)
     print(f"MBPP {args.split}: {n} gold programs, {args.workers} workers, {os.cpu_count()} cores visible")
 

@@ -17,6 +17,7 @@ from typing import Any
 from weighted_mtp.data.sources import Problem, get_source
 from weighted_mtp.data.templates import alpaca_prompt, chat_prompt, mbpp_fewshot_prompt
 from weighted_mtp.errors import lookup
+from weighted_mtp.eval.judge import split_asserts
 from weighted_mtp.eval.postprocess import (
     MBPP_STOP,
     exact_match,
@@ -24,7 +25,7 @@ from weighted_mtp.eval.postprocess import (
     extract_humaneval_program,
     extract_mbpp_program,
 )
-from weighted_mtp.eval.sandbox import AssertProgram, Program, StdioProgram
+from weighted_mtp.eval.sandbox import AssertProgram, CallProgram, Program, StdioProgram
 
 ALPACA_STOP = ("\n### Instruction", "\n### Input", "\n### Response")
 
@@ -69,7 +70,7 @@ class Benchmark:
 
 
 class MBPP(Benchmark):
-    """Austin et al. 2021: setup code, the program, then the task's three asserts."""
+    """Austin et al. 2021: setup code, the program, then the task's three asserts, judged in the harness."""
 
     name = "mbpp"
     stop = MBPP_STOP
@@ -86,8 +87,16 @@ class MBPP(Benchmark):
         return extract_mbpp_program(completion)
 
     def program(self, problem: Problem, program_text: str) -> Program:
+        """The setup code and the program run in the sandbox; each assert is split so that only its
+        calls of the program run there and the comparison runs in the harness (`eval/judge.py`)."""
         tests = problem.tests
-        return AssertProgram("\n".join([tests["setup"], program_text, *tests["cases"], ""]))
+        source = "\n".join([tests["setup"], program_text, ""])
+        split = split_asserts(tests["cases"], source)
+        return CallProgram(
+            source,
+            calls=tuple(call for part in split for call in part.calls),
+            checks=tuple(part.check for part in split),
+        )
 
     def exact_match(self, problem: Problem, program_text: str) -> bool | None:
         return exact_match(program_text, problem.correct[0])

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,19 @@ class StdioProgram:
     timeout_s: float | None = None
 
 
-Program = AssertProgram | StdioProgram
+@dataclass(frozen=True)
+class CallProgram:
+    """A program the harness judges: the sandbox runs `source`, then evaluates each of `calls` (an
+    expression over the program's names, e.g. `area(2.0)`) and sends its value back as plain data;
+    `checks` (the tests, with call i's value as `_call_i`) are evaluated here (`eval/judge.py`)."""
+
+    source: str
+    calls: tuple[str, ...]
+    checks: tuple[str, ...]
+    timeout_s: float | None = None
+
+
+Program = AssertProgram | StdioProgram | CallProgram
 Status = Literal["passed", "failed", "timeout"]
 
 
@@ -237,6 +249,9 @@ def _run_on(worker: _Worker, program: Program, limits: Limits) -> ExecutionResul
     timeout = program.timeout_s or limits.timeout_s
     if isinstance(program, AssertProgram):
         return _assert_verdict(worker.execute(program.source, None, timeout, limits.output_limit_bytes))
+    if isinstance(program, CallProgram):
+        reply = worker.execute(program.source, None, timeout, limits.output_limit_bytes, calls=list(program.calls))
+        return _call_verdict(reply, program)
     duration = 0.0
     for index, (case_input, expected) in enumerate(program.cases):
         output_limit = max(limits.output_limit_bytes, 2 * len(expected.encode()) + 4096)
@@ -285,6 +300,63 @@ def _assert_verdict(reply: dict) -> ExecutionResult:
     if not reply["tests_completed"]:
         result.status, result.error_class = "failed", "ExitedBeforeTestsCompleted"
         result.error_message = "the process ended with status 0 before its tests ran to the end"
+    return result
+
+
+def decode_plain(value: Any) -> Any:
+    """The builtin value `sandbox_worker.to_plain` encoded (JSON with tagged containers); anything
+    else is an error: what comes back from a program is data, never an object with its own methods."""
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if type(value) is not dict or len(value) != 1:
+        raise ValueError(f"not plain data: {value!r:.80}")
+    ((tag, items),) = value.items()
+    if tag == "list":
+        return [decode_plain(item) for item in items]
+    if tag == "tuple":
+        return tuple(decode_plain(item) for item in items)
+    if tag == "set":
+        return {decode_plain(item) for item in items}
+    if tag == "frozenset":
+        return frozenset(decode_plain(item) for item in items)
+    if tag == "dict":
+        return {decode_plain(key): decode_plain(item) for key, item in items}
+    if tag == "bytes":
+        return bytes.fromhex(items)
+    if tag == "complex":
+        return complex(float(items[0]), float(items[1]))
+    raise ValueError(f"unknown plain-data tag {tag!r}")
+
+
+def _call_verdict(reply: dict, program: CallProgram) -> ExecutionResult:
+    """The program ran in the sandbox; its calls' values are judged here by the tests' checks."""
+    from weighted_mtp.eval.judge import judge
+
+    result = _assert_verdict(reply)
+    if not result.passed:
+        return result
+    if reply.get("call_results_truncated"):
+        result.status, result.error_class = "failed", "OutputLimitExceeded"
+        result.error_message = "the calls' values exceed the output limit"
+        return result
+    values = {}
+    try:
+        raw = json.loads(reply["call_results"])
+        if len(raw) != len(program.calls):
+            raise ValueError(f"{len(raw)} values for {len(program.calls)} calls")
+        for index, (kind, value) in enumerate(raw):
+            if kind != "value":  # the test would have raised there, or the value is not data
+                result.status = "failed"
+                result.error_class = "NotPlainData" if kind == "not plain data" else str(value)[:100]
+                result.error_message = f"{program.calls[index]}: {kind} ({value})"[:300]
+                return result
+            values[f"_call_{index}"] = decode_plain(value)
+    except (ValueError, TypeError, KeyError) as exc:
+        result.status, result.error_class, result.error_message = "failed", "NotPlainData", str(exc)[:300]
+        return result
+    passed, message = judge(program.checks, values)
+    if not passed:
+        result.status, result.error_class, result.error_message = "failed", "AssertionError", message
     return result
 
 
@@ -345,7 +417,9 @@ class _Worker:
             raise SandboxError("the sandbox worker did not start (see its messages above)")
         self.applied = hello["applied"]
 
-    def execute(self, source: str, stdin: str | None, timeout_s: float, output_limit: int) -> dict:
+    def execute(
+        self, source: str, stdin: str | None, timeout_s: float, output_limit: int, calls: list[str] | None = None
+    ) -> dict:
         limits = {
             "memory_mb": self.limits.memory_mb,
             "file_size_mb": self.limits.file_size_mb,
@@ -353,7 +427,10 @@ class _Worker:
             "output_limit_bytes": output_limit,
         }
         wall_time_s = timeout_s * self.limits.wall_clock_factor
-        request = {"source": source, "stdin": stdin, "cpu_time_s": timeout_s, "wall_time_s": wall_time_s, "limits": limits}
+        request = {
+            "source": source, "stdin": stdin, "calls": calls, "cpu_time_s": timeout_s, "wall_time_s": wall_time_s,
+            "limits": limits,
+        }
         try:
             self._send(request)
             reply = self._receive(deadline=wall_time_s + HARNESS_GRACE_S)

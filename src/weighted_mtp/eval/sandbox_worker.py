@@ -39,7 +39,7 @@ SCRATCH_ROOTS = ("/tmp", "/var/tmp", "/dev/shm")
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
-MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 1 << 12, 1 << 14, 1 << 18
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 1 << 12, 1 << 14, 1 << 18
 MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 22, 36, 38
 SECCOMP_MODE_FILTER = 2
@@ -148,6 +148,30 @@ def mount_private_scratch(size_mb):
             check(libc.mount(b"tmpfs", root.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options), f"tmpfs on {root}")
 
 
+def clear_scratch(keep):
+    """Empty the private scratch directories after a program, so the next one starts from nothing
+    (files it left, a filled-up tmpfs); `keep` is the worker's own directory of work directories."""
+    for root in SCRATCH_ROOTS:
+        if not os.path.isdir(root):
+            continue
+        for entry in os.scandir(root):
+            if entry.path == keep:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    pass
+
+
+def hide_other_processes():
+    """A /proc of our own with hidepid=2: a program sees its own processes only, not the harness's
+    command line or environment (root, the worker, still sees everything)."""
+    check(libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, b"hidepid=2"), "mount /proc")
+
+
 class SockFilter(ctypes.Structure):
     _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
 
@@ -209,6 +233,11 @@ def set_up(settings):
         report["private /tmp"] = capture(mount_private_scratch, settings["scratch_mb"])
     else:
         report["private /tmp"] = "disabled" if not settings["private_tmp"] else "needs a mount namespace"
+    settings["clear_scratch"] = report["private /tmp"] is None
+    if private_mounts is None and as_root:
+        report["other processes hidden"] = capture(hide_other_processes)
+    else:
+        report["other processes hidden"] = "needs root and a mount namespace"
     if platform.machine() not in SECCOMP_ARCHES:
         report["socket filter"] = f"seccomp filter not written for {platform.machine()}"
     else:
@@ -301,14 +330,96 @@ def child(request, settings, workdir, stdin_path, out_w, err_w, verdict_w, nonce
     except BaseException:
         exit_now(CHILD_SETUP_FAILED)
     exit_code = run_as_main(source, main.__dict__, is_stdio, write)
+    calls = request.get("calls")
+    results = None if calls is None or exit_code != 0 else evaluate_calls(calls, main.__dict__)
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
             stream.flush()
         except BaseException:
             pass
     if exit_code == 0:
-        write(VERDICT_FD, nonce)
+        write_all(VERDICT_FD, nonce + (b"" if results is None else results))
     exit_now(exit_code)
+
+
+def write_all(fd, data, write=os.write):
+    while data:
+        data = data[write(fd, data):]
+
+
+def evaluate_calls(calls, namespace):
+    """Each call's value as plain data, or the name of the exception it raised: JSON bytes."""
+    out = []
+    for call in calls:
+        try:
+            value = eval(compile(call, "<test>", "eval", dont_inherit=True), namespace)
+        except BaseException as exc:
+            out.append(["raised", exception_name(exc)])
+            continue
+        try:
+            out.append(["value", to_plain(value)])
+        except BaseException as exc:
+            out.append(["not plain data", exception_name(exc)])
+    try:
+        return json_dumps(out, allow_nan=True).encode()
+    except BaseException:
+        return b"[]"
+
+
+def exception_name(exc, type=type, str=str):
+    try:
+        return str(type(exc).__name__)
+    except BaseException:
+        return "?"
+
+
+def make_to_plain():
+    """`to_plain(value)`: builtin data as JSON-ready values, built from the builtin types' own C
+    methods (a subclass is read as its builtin base: its overrides never run), every other type an
+    error. Containers are tagged so that tuples, sets, bytes and dict keys come back as they were.
+    The builtins are bound now, before any program runs and can replace them."""
+    type_, issubclass_, slice_ = type, issubclass, slice
+    int_, float_, complex_, str_, bytes_ = int, float, complex, str, bytes
+    list_, tuple_, dict_, set_, frozenset_ = list, tuple, dict, set, frozenset
+    int_index, float_float, complex_complex, str_str = int.__index__, float.__float__, complex.__complex__, str.__str__
+    bytes_bytes, list_copy, tuple_get, dict_copy = bytes.__bytes__, list.copy, tuple.__getitem__, dict.copy
+    set_copy, frozenset_copy, dict_items, bytes_hex = set.copy, frozenset.copy, dict.items, bytes.hex
+    bool_, none_type, max_depth = bool, type(None), 64
+
+    def to_plain(value, depth=0):
+        if depth > max_depth:
+            raise ValueError("nested too deeply")
+        kind = type_(value)
+        if kind is none_type or kind is bool_:
+            return value
+        if issubclass_(kind, int_):
+            return int_index(value)
+        if issubclass_(kind, float_):
+            return float_float(value)
+        if issubclass_(kind, str_):
+            return str_str(value)
+        if issubclass_(kind, complex_):
+            number = complex_complex(value)
+            return {"complex": [number.real, number.imag]}
+        if issubclass_(kind, bytes_):
+            return {"bytes": bytes_hex(bytes_bytes(value))}
+        if issubclass_(kind, list_):
+            return {"list": [to_plain(item, depth + 1) for item in list_copy(value)]}
+        if issubclass_(kind, tuple_):
+            return {"tuple": [to_plain(item, depth + 1) for item in tuple_get(value, slice_(None))]}
+        if issubclass_(kind, dict_):
+            return {"dict": [[to_plain(k, depth + 1), to_plain(v, depth + 1)] for k, v in dict_items(dict_copy(value))]}
+        if issubclass_(kind, frozenset_):
+            return {"frozenset": [to_plain(item, depth + 1) for item in frozenset_copy(value)]}
+        if issubclass_(kind, set_):
+            return {"set": [to_plain(item, depth + 1) for item in set_copy(value)]}
+        raise TypeError(f"{kind.__name__} is not plain data")
+
+    return to_plain
+
+
+to_plain = make_to_plain()
+json_dumps = json.dumps
 
 
 def run_as_main(source, namespace, is_stdio, write):
@@ -369,7 +480,8 @@ def run_program(request, settings):
         os.close(fd)
     try:
         limit = request["limits"]["output_limit_bytes"]
-        streams = {out_r: Capture(limit), err_r: Capture(limit), verdict_r: Capture(VERDICT_LIMIT)}
+        verdict_limit = VERDICT_LIMIT if request.get("calls") is None else VERDICT_LIMIT + limit
+        streams = {out_r: Capture(limit), err_r: Capture(limit), verdict_r: Capture(verdict_limit)}
         status, usage, timed_out = supervise(pid, streams, start + request["wall_time_s"])
         duration = time.monotonic() - start
         if status is None:
@@ -382,11 +494,15 @@ def run_program(request, settings):
         for fd in (out_r, err_r, verdict_r):
             os.close(fd)
         shutil.rmtree(workdir, ignore_errors=True)
+        if settings.get("clear_scratch"):
+            clear_scratch(settings["scratch_dir"])
     verdict = streams[verdict_r].data
     return {
         "timed_out": timed_out,
         "exit_code": os.waitstatus_to_exitcode(status),
         "tests_completed": nonce in verdict,
+        "call_results": verdict.split(nonce, 1)[1].decode("utf-8", "replace") if nonce in verdict else None,
+        "call_results_truncated": streams[verdict_r].truncated,
         "error": parse_error(verdict),
         "stdout": streams[out_r].text(),
         "stderr": streams[err_r].text(),

@@ -15,10 +15,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+from fixtures.sandbox import AS_ROOT, assert_contained
 
 from weighted_mtp.eval.sandbox import AssertProgram, ExecutionResult, Limits, Sandbox, StdioProgram
 
-AS_ROOT = os.geteuid() == 0
 LIMITS = Limits(timeout_s=1.0, wall_clock_factor=4.0, memory_mb=512, max_processes=32, output_limit_bytes=4096)
 FAILING_TESTS = "\ndef add(a, b):\n    return a - b\nassert add(1, 2) == 3\n"
 
@@ -27,35 +27,6 @@ FAILING_TESTS = "\ndef add(a, b):\n    return a - b\nassert add(1, 2) == 3\n"
 def sandbox():
     with Sandbox(2, LIMITS) as box:
         yield box
-
-
-def processes_of(uids: list[int]) -> list[str]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            status = Path(f"/proc/{entry}/status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        real_uid = int(fields["Uid"].split()[0])
-        if real_uid in uids and fields["State"].split()[0] != "Z":
-            found.append(f"{entry} {fields['Name'].strip()}")
-    return found
-
-
-def assert_contained(sandbox: Sandbox, result: ExecutionResult) -> None:
-    assert result.status in ("failed", "timeout"), result
-    if AS_ROOT:
-        deadline = time.monotonic() + 2.0  # a killed worker's program dies by its parent-death signal
-        while processes_of(sandbox.worker_uids) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert sandbox.worker_uids and processes_of(sandbox.worker_uids) == []
-    for pid in sandbox.worker_pids:
-        os.kill(pid, 0)  # the workers are alive
-    after = sandbox.run(AssertProgram("assert sum(range(5)) == 10"))
-    assert after.passed, after
 
 
 def test_isolation_applied_as_root(sandbox: Sandbox) -> None:
