@@ -135,9 +135,26 @@ def test_resuming_a_run_directory_of_another_shape_names_the_difference(in_tmp_r
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (
         "error: storage/runs/baseline: holds a checkpoint of another run (model.n_future_tokens is 4 there, 3 here); "
-        "set a new experiment.name, or delete storage/runs/baseline to start over"
+        "set a new experiment.name, or start over with --fresh"
     )
     assert _train(shared_data, "model.n_future_tokens=3", "training.max_steps=3", "experiment.name=other") == 0
+
+
+def test_fresh_starts_a_run_directory_over(in_tmp_repo, shared_data, capsys):
+    import json
+
+    assert _train(shared_data) == 0
+    run_dir = in_tmp_repo / "storage" / "runs" / "baseline"
+    assert (run_dir / "checkpoints" / "step_00000002").is_dir()
+    assert _train(shared_data, "model.n_future_tokens=3", "training.max_steps=1", "--fresh") == 0
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1]  # nothing of the first run's two steps
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == ["step_00000001"]
+    capsys.readouterr()
+    assert _train(shared_data, "--fresh", "--resume") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --resume and --fresh contradict each other: continue the run, or start it over"
+    )
 
 
 def test_a_truncated_checkpoint_is_a_one_line_error(in_tmp_repo, shared_data, capsys):

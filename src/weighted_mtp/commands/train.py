@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from weighted_mtp.commands.common import add_config_arguments, resolve
+from weighted_mtp.errors import ConfigError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -16,6 +17,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="validate, print the resolved config and the plan, run one forward/backward; write nothing",
     )
     parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    parser.add_argument(
+        "--fresh", action="store_true", help="start over: remove the run directory's checkpoints, metrics and export first"
+    )
     parser.set_defaults(func=run)
 
 
@@ -27,5 +31,7 @@ def run(args: argparse.Namespace) -> int:
         return dry_run(resolved)
     from weighted_mtp.train.run import train
 
-    train(resolved.config, resume=args.resume)
+    if args.resume and args.fresh:
+        raise ConfigError("--resume and --fresh contradict each other: continue the run, or start it over")
+    train(resolved.config, resume=args.resume, fresh=args.fresh)
     return 0

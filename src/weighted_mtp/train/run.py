@@ -61,7 +61,7 @@ def run_s3_store(config: Config):
     return build_s3_store(config.model_copy(update={"s3": config.s3.model_copy(update={"prefix": prefix})}))
 
 
-def train(config: Config, *, resume: bool = False) -> TrainResult:
+def train(config: Config, *, resume: bool = False, fresh: bool = False) -> TrainResult:
     """Join the process group, build the run, train it to the end, leave the group."""
     from weighted_mtp.tracking import build_tracker
 
@@ -82,7 +82,7 @@ def train(config: Config, *, resume: bool = False) -> TrainResult:
             s3_store=run_s3_store(config) if env.is_main else None,
             tokenizer=run.tokenizer,
         )
-        result = trainer.fit(resume=resume)
+        result = trainer.fit(resume=resume, fresh=fresh)
     finally:
         D.shutdown()
     log.info("%s: %d steps, run directory %s", config.experiment.name, result.steps, result.run_dir)

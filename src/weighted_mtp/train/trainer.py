@@ -21,6 +21,7 @@ import logging
 import math
 import random
 import resource
+import shutil
 import sys
 import time
 import warnings
@@ -114,7 +115,7 @@ def check_same_run(saved_config: Path, config: Config) -> None:
         if there != here:
             raise ConfigError(
                 f"{saved_config.parent}: holds a checkpoint of another run ({key} is {there!r} there, {here!r} "
-                f"here); set a new experiment.name, or delete {saved_config.parent} to start over"
+                f"here); set a new experiment.name, or start over with --fresh"
             )
 
 
@@ -220,13 +221,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ fit
 
-    def fit(self, resume: bool = False) -> TrainResult:
+    def fit(self, resume: bool = False, fresh: bool = False) -> TrainResult:
         """Train to the end (max_steps, epochs or early stopping), resuming from a checkpoint if any.
 
         A checkpoint in the run directory (or in the run's S3 prefix) is always resumed from;
-        `resume=True` additionally insists that there is one.
+        `resume=True` additionally insists that there is one; `fresh=True` starts over instead,
+        removing what an earlier run left in the run directory (checkpoints, metrics, export).
         """
-        resumed_from = self._restore(required=resume)  # before any write: a failed --resume leaves no trace
+        if resume and fresh:
+            raise ConfigError("--resume and --fresh contradict each other: continue the run, or start it over")
+        if fresh:
+            self._clear_run_dir()
+            resumed_from = None
+        else:
+            resumed_from = self._restore(required=resume)  # before any write: a failed --resume leaves no trace
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved_config(self.config, self.run_dir)
@@ -593,6 +601,16 @@ class Trainer:
             log.info("step %d: checkpoint %s", self.state.step, location)
         D.barrier(self.env)
         return path
+
+    def _clear_run_dir(self) -> None:
+        """What an earlier run of this experiment left locally; its S3 checkpoints stay where they are."""
+        if self.env.is_main:
+            for name in ("checkpoints", "final"):
+                shutil.rmtree(self.run_dir / name, ignore_errors=True)
+            for name in ("metrics.jsonl", "config.yaml"):
+                (self.run_dir / name).unlink(missing_ok=True)
+            log.info("%s: starting over (--fresh)", self.run_dir)
+        D.barrier(self.env)
 
     def _find_checkpoint(self) -> Path | None:
         """The newest complete local checkpoint, else the newest one in S3 (downloaded first)."""
