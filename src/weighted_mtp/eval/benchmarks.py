@@ -25,7 +25,7 @@ from weighted_mtp.eval.postprocess import (
     extract_humaneval_program,
     extract_mbpp_program,
 )
-from weighted_mtp.eval.sandbox import AssertProgram, CallProgram, Program, StdioProgram
+from weighted_mtp.eval.sandbox import CallProgram, CheckProgram, Program, StdioProgram
 
 ALPACA_STOP = ("\n### Instruction", "\n### Input", "\n### Response")
 
@@ -103,7 +103,7 @@ class MBPP(Benchmark):
 
 
 class HumanEval(Benchmark):
-    """Chen et al. 2021: the prompt's function completed, then `check(entry_point)`."""
+    """Chen et al. 2021: the prompt's function completed, then `check(entry_point)`, judged in the harness."""
 
     name = "humaneval"
     stop = ("\nclass ", "\ndef ", "\n#", "\nif ", "\nprint(")
@@ -120,8 +120,10 @@ class HumanEval(Benchmark):
         return extract_humaneval_program(problem.input, completion)
 
     def program(self, problem: Problem, program_text: str) -> Program:
+        """The program runs in the sandbox and serves its entry point; `check(candidate)` runs in
+        the harness (`eval/judge.py`), so the tests' expected values never reach the program."""
         tests = problem.tests
-        return AssertProgram(f"{program_text}\n\n{tests['test']}\n\ncheck({tests['entry_point']})\n")
+        return CheckProgram(program_text, prompt=problem.input, test=tests["test"], entry_point=tests["entry_point"])
 
 
 class CodeContests(Benchmark):

@@ -146,3 +146,21 @@ def judge(checks: tuple[str, ...], values: dict[str, Any]) -> tuple[bool, str]:
         except Exception as exc:  # noqa: BLE001 - a test that raises on these values fails
             return False, f"assert {index + 1} raised {type(exc).__name__}: {check}"
     return True, ""
+
+
+def judge_check(prompt: str, test: str, entry_point: str, candidate: Any) -> tuple[bool, str]:
+    """HumanEval's judgement in the harness: the benchmark's prompt (its helpers, e.g. `poly` for
+    `find_zero`) and test code run here, and `check(candidate)` with `candidate` calling the program
+    in the sandbox; (passed, why not)."""
+    namespace: dict[str, Any] = {"__builtins__": builtins, "__name__": "__check__"}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exec(compile(prompt, "<prompt>", "exec", dont_inherit=True), namespace)  # noqa: S102 - the benchmark's
+            exec(compile(test, "<test>", "exec", dont_inherit=True), namespace)  # noqa: S102 - the benchmark's
+        namespace[entry_point] = candidate
+        namespace["check"](candidate)
+    except Exception as exc:  # noqa: BLE001 - a check that raises fails
+        return False, f"{type(exc).__name__}: {str(exc)[:200]}"
+    return True, ""
+

@@ -15,6 +15,7 @@ See docs/evaluation.md for the threat model.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -30,11 +31,14 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from weighted_mtp.eval import sandbox_worker
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +107,20 @@ class CallProgram:
     timeout_s: float | None = None
 
 
-Program = AssertProgram | StdioProgram | CallProgram
+@dataclass(frozen=True)
+class CheckProgram:
+    """A program whose function the harness's test calls (HumanEval): the sandbox runs `source` and
+    then serves calls of `entry_point`; `check(candidate)` from `test` runs here, after `prompt` (the
+    benchmark's own helpers), with `candidate` sending each call to the sandbox (`eval/judge.py`)."""
+
+    source: str
+    prompt: str
+    test: str
+    entry_point: str
+    timeout_s: float | None = None
+
+
+Program = AssertProgram | StdioProgram | CallProgram | CheckProgram
 Status = Literal["passed", "failed", "timeout"]
 
 
@@ -252,6 +269,8 @@ def _run_on(worker: _Worker, program: Program, limits: Limits) -> ExecutionResul
     if isinstance(program, CallProgram):
         reply = worker.execute(program.source, None, timeout, limits.output_limit_bytes, calls=list(program.calls))
         return _call_verdict(reply, program)
+    if isinstance(program, CheckProgram):
+        return _check_verdict(worker, program, timeout, limits)
     duration = 0.0
     for index, (case_input, expected) in enumerate(program.cases):
         output_limit = max(limits.output_limit_bytes, 2 * len(expected.encode()) + 4096)
@@ -304,28 +323,9 @@ def _assert_verdict(reply: dict) -> ExecutionResult:
 
 
 def decode_plain(value: Any) -> Any:
-    """The builtin value `sandbox_worker.to_plain` encoded (JSON with tagged containers); anything
-    else is an error: what comes back from a program is data, never an object with its own methods."""
-    if value is None or type(value) in (bool, int, float, str):
-        return value
-    if type(value) is not dict or len(value) != 1:
-        raise ValueError(f"not plain data: {value!r:.80}")
-    ((tag, items),) = value.items()
-    if tag == "list":
-        return [decode_plain(item) for item in items]
-    if tag == "tuple":
-        return tuple(decode_plain(item) for item in items)
-    if tag == "set":
-        return {decode_plain(item) for item in items}
-    if tag == "frozenset":
-        return frozenset(decode_plain(item) for item in items)
-    if tag == "dict":
-        return {decode_plain(key): decode_plain(item) for key, item in items}
-    if tag == "bytes":
-        return bytes.fromhex(items)
-    if tag == "complex":
-        return complex(float(items[0]), float(items[1]))
-    raise ValueError(f"unknown plain-data tag {tag!r}")
+    """The builtin value a program's child encoded (JSON with tagged containers); anything else is an
+    error: what comes back from a program is data, never an object with its own methods."""
+    return sandbox_worker.from_plain(value)
 
 
 def _call_verdict(reply: dict, program: CallProgram) -> ExecutionResult:
@@ -360,6 +360,30 @@ def _call_verdict(reply: dict, program: CallProgram) -> ExecutionResult:
     return result
 
 
+def _check_verdict(worker: _Worker, program: CheckProgram, timeout: float, limits: Limits) -> ExecutionResult:
+    """Run the program serving its entry point, run the test's `check` here against it, then the
+    program's own verdict (it ran to the end, no crash, no timeout) and the check's together."""
+    from weighted_mtp.eval.judge import judge_check
+
+    judged: list[tuple[bool, str]] = []
+
+    def conversation(candidate: Callable[..., Any]) -> None:
+        judged.append(judge_check(program.prompt, program.test, program.entry_point, candidate))
+
+    reply = worker.execute(
+        program.source, None, timeout, limits.output_limit_bytes, serve=program.entry_point, conversation=conversation
+    )
+    result = _assert_verdict(reply)
+    if result.passed and not (judged and judged[0][0]):
+        result.status, result.error_class = "failed", "AssertionError"
+        result.error_message = judged[0][1] if judged else "the check did not run"
+    return result
+
+
+class ProgramEnded(Exception):
+    """The serving program ended (or was killed) while the harness waited for an answer."""
+
+
 def _stdio_verdict(reply: dict, expected: str) -> ExecutionResult:
     failed = _base_result(reply)
     if failed is not None:
@@ -391,19 +415,25 @@ class _Worker:
     def start(self) -> None:
         request_r, request_w = os.pipe()
         reply_r, reply_w = os.pipe()
+        calls_r, calls_w = os.pipe()
+        results_r, results_w = os.pipe()
+        os.set_blocking(results_r, False)
+        os.set_blocking(calls_w, False)
+        worker_fds = (request_r, reply_w, calls_r, results_w)
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-s", "-P", str(WORKER_SCRIPT), str(request_r), str(reply_w)],
-                pass_fds=(request_r, reply_w),
+                [sys.executable, "-s", "-P", str(WORKER_SCRIPT), *map(str, worker_fds)],
+                pass_fds=worker_fds,
                 env=WORKER_ENV,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 start_new_session=True,
             )
         finally:
-            os.close(request_r)
-            os.close(reply_w)
+            for fd in worker_fds:
+                os.close(fd)
         self._request, self._reply = request_w, reply_r
+        self._calls, self._results = calls_w, results_r
         settings = {
             "uid": self.uid,
             "isolate_network": self.isolate_network,
@@ -418,8 +448,17 @@ class _Worker:
         self.applied = hello["applied"]
 
     def execute(
-        self, source: str, stdin: str | None, timeout_s: float, output_limit: int, calls: list[str] | None = None
+        self,
+        source: str,
+        stdin: str | None,
+        timeout_s: float,
+        output_limit: int,
+        calls: list[str] | None = None,
+        serve: str | None = None,
+        conversation: Callable[[Callable[..., Any]], None] | None = None,
     ) -> dict:
+        """Run one program; its reply. With `serve`, the program's function of that name is called by
+        `conversation(candidate)` while the program waits (`candidate(*args)` returns plain data)."""
         limits = {
             "memory_mb": self.limits.memory_mb,
             "file_size_mb": self.limits.file_size_mb,
@@ -427,12 +466,17 @@ class _Worker:
             "output_limit_bytes": output_limit,
         }
         wall_time_s = timeout_s * self.limits.wall_clock_factor
+        nonce = os.urandom(16).hex()
         request = {
-            "source": source, "stdin": stdin, "calls": calls, "cpu_time_s": timeout_s, "wall_time_s": wall_time_s,
-            "limits": limits,
+            "source": source, "stdin": stdin, "calls": calls, "serve": serve, "nonce": nonce,
+            "cpu_time_s": timeout_s, "wall_time_s": wall_time_s, "limits": limits,
         }
         try:
+            if serve is not None:
+                self._drain_results()
             self._send(request)
+            if serve is not None and conversation is not None:
+                self._converse(serve, nonce, conversation, time.monotonic() + wall_time_s, output_limit)
             reply = self._receive(deadline=wall_time_s + HARNESS_GRACE_S)
         except OSError as exc:
             reply, why = None, str(exc)
@@ -445,6 +489,71 @@ class _Worker:
             return {"sandbox_error": f"the sandbox worker died while running this program ({why})"}
         reply["cpu_time_s"] = max(1, math.ceil(timeout_s))
         return reply
+
+    def _converse(
+        self, name: str, nonce: str, conversation: Callable[[Callable[..., Any]], None], deadline: float, limit: int
+    ) -> None:
+        """Let `conversation` call the program's `name`, then tell the program it is done."""
+
+        def candidate(*args: Any, **kwargs: Any) -> Any:
+            self._send_call([nonce, name, sandbox_worker.to_plain(args), sandbox_worker.to_plain(kwargs)], deadline)
+            answer = self._read_answer(nonce, deadline, limit)
+            kind, value = answer[1], answer[2]
+            if kind != "value":
+                raise AssertionError(f"{name}(...): {kind} ({value})")
+            return decode_plain(value)
+
+        try:
+            conversation(candidate)
+        finally:
+            with contextlib.suppress(OSError, ProgramEnded):
+                self._send_call([nonce, None, None, None], deadline)
+
+    def _read_answer(self, nonce: str, deadline: float, limit: int) -> list:
+        """The next answer of this program; ProgramEnded when it ended first (the worker replied)."""
+        while True:
+            header = self._read_results(4, deadline)
+            (size,) = struct.unpack(">I", header)
+            if size > limit + 4096:
+                raise ProgramEnded(f"an answer of {size} bytes exceeds the output limit")
+            answer = json.loads(self._read_results(size, deadline))
+            if isinstance(answer, list) and len(answer) == 3 and answer[0] == nonce:
+                return answer
+
+    def _read_results(self, n: int, deadline: float) -> bytes:
+        chunks, remaining = [], n
+        while remaining:
+            timeout = deadline - time.monotonic()
+            ready, _, _ = select.select([self._results, self._reply], [], [], max(timeout, 0))
+            if self._results in ready:
+                try:
+                    chunk = os.read(self._results, remaining)
+                except BlockingIOError:
+                    continue
+                chunks.append(chunk)
+                remaining -= len(chunk)
+            elif self._reply in ready or timeout <= 0:
+                raise ProgramEnded("the program ended before it answered")
+        return b"".join(chunks)
+
+    def _drain_results(self) -> None:
+        """Drop whatever an earlier program left in the results pipe (all its processes are gone)."""
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._results, 1 << 16):
+                pass
+
+    def _send_call(self, obj: Any, deadline: float) -> None:
+        """One frame to the program's calls pipe, without blocking past the deadline or the program."""
+        data = json.dumps(obj).encode()
+        data = struct.pack(">I", len(data)) + data
+        while data:
+            timeout = deadline - time.monotonic()
+            readable, writable, _ = select.select([self._reply], [self._calls], [], max(timeout, 0))
+            if writable:
+                with contextlib.suppress(BlockingIOError):
+                    data = data[os.write(self._calls, data) :]
+            elif readable or timeout <= 0:
+                raise ProgramEnded("the program ended before it took the call")
 
     def _send(self, obj: dict) -> None:
         data = json.dumps(obj).encode()
@@ -474,7 +583,7 @@ class _Worker:
 
     def stop(self, release_uid: bool = True, kill: bool = False) -> None:
         if self.process is not None:
-            for fd in (self._request, self._reply):
+            for fd in (self._request, self._reply, self._calls, self._results):
                 try:
                     os.close(fd)
                 except OSError:

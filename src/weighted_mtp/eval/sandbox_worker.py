@@ -8,7 +8,9 @@ in-process as `__main__`. Forking an already-started interpreter is what makes t
 the child never inherits anything the harness has (no modules, no environment, no file descriptors).
 
 Protocol on two inherited file descriptors: 4-byte big-endian length + UTF-8 JSON, one request and
-one reply per program. This file runs as a script (`python sandbox_worker.py REQ_FD RESP_FD`), so it
+one reply per program. Two more inherited pipes carry a serving program's calls (HumanEval: the
+harness runs `check(candidate)` and each call of `candidate` is a request to the program's child and a
+plain-data answer back); the worker only hands them to that child. This file runs as a script (`python sandbox_worker.py REQ_FD RESP_FD`), so it
 must not import from `weighted_mtp`.
 """
 
@@ -31,6 +33,7 @@ import traceback
 import types
 
 VERDICT_FD = 3
+CALLS_FD, RESULTS_FD = 4, 5  # a serving program: call requests from the harness, values back to it
 CHILD_SETUP_FAILED = 125
 READ_CHUNK = 65536
 VERDICT_LIMIT = 4096
@@ -299,7 +302,11 @@ def child(request, settings, workdir, stdin_path, out_w, err_w, verdict_w, nonce
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
         os.dup2(verdict_w, VERDICT_FD)
-        os.closerange(VERDICT_FD + 1, os.sysconf("SC_OPEN_MAX"))
+        serving = request.get("serve") is not None
+        if serving:
+            os.dup2(settings["calls_fd"], CALLS_FD)
+            os.dup2(settings["results_fd"], RESULTS_FD)
+        os.closerange((RESULTS_FD if serving else VERDICT_FD) + 1, os.sysconf("SC_OPEN_MAX"))
         limits = request["limits"]
         cpu = max(1, math.ceil(request["cpu_time_s"]))
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
@@ -339,7 +346,50 @@ def child(request, settings, workdir, stdin_path, out_w, err_w, verdict_w, nonce
             pass
     if exit_code == 0:
         write_all(VERDICT_FD, nonce + (b"" if results is None else results))
+        if serving:
+            serve_calls(main.__dict__, nonce.decode())
     exit_now(exit_code)
+
+
+def serve_calls(namespace, nonce):
+    """Answer the harness's calls of the program's functions until it says done: each request is
+    [nonce, name, args, kwargs] in plain data, each answer [nonce, kind, value]. A request with
+    another nonce (left over from an earlier program) is skipped."""
+    loads, dumps = json.loads, json.dumps
+    while True:
+        request = read_frame(CALLS_FD)
+        if request is None:
+            return
+        try:
+            tag, name, args, kwargs = loads(request)
+        except BaseException:
+            continue
+        if tag != nonce:
+            continue
+        if name is None:
+            return
+        try:
+            value = namespace[name](*from_plain(args), **from_plain(kwargs))
+        except BaseException as exc:
+            answer = ["raised", exception_name(exc)]
+        else:
+            try:
+                answer = ["value", to_plain(value)]
+            except BaseException as exc:
+                answer = ["not plain data", exception_name(exc)]
+        try:
+            data = dumps([nonce, *answer], allow_nan=True).encode()
+        except BaseException:
+            data = dumps([nonce, "not plain data", "?"]).encode()
+        try:
+            write_all(RESULTS_FD, struct.pack(">I", len(data)) + data)
+        except OSError:
+            return
+
+
+def read_frame(fd):
+    header = read_exactly(fd, 4)
+    return None if header is None else read_exactly(fd, struct.unpack(">I", header)[0])
 
 
 def write_all(fd, data, write=os.write):
@@ -419,6 +469,30 @@ def make_to_plain():
 
 
 to_plain = make_to_plain()
+
+
+def from_plain(value):
+    """The builtin value `to_plain` encoded; anything else is an error."""
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if type(value) is not dict or len(value) != 1:
+        raise ValueError(f"not plain data: {value!r:.80}")
+    ((tag, items),) = value.items()
+    if tag == "list":
+        return [from_plain(item) for item in items]
+    if tag == "tuple":
+        return tuple(from_plain(item) for item in items)
+    if tag == "set":
+        return {from_plain(item) for item in items}
+    if tag == "frozenset":
+        return frozenset(from_plain(item) for item in items)
+    if tag == "dict":
+        return {from_plain(key): from_plain(item) for key, item in items}
+    if tag == "bytes":
+        return bytes.fromhex(items)
+    if tag == "complex":
+        return complex(float(items[0]), float(items[1]))
+    raise ValueError(f"unknown plain-data tag {tag!r}")
 json_dumps = json.dumps
 
 
@@ -454,7 +528,7 @@ def report_error(write, exc):
 
 
 def run_program(request, settings):
-    nonce = os.urandom(16).hex().encode()
+    nonce = (request.get("nonce") or os.urandom(16).hex()).encode()
     scratch = settings["scratch_dir"]
     workdir = tempfile.mkdtemp(prefix="program-", dir=scratch)
     uid = settings["uid"]
@@ -681,11 +755,13 @@ def parse_error(verdict):
 
 def main():
     request_fd, reply_fd = int(sys.argv[1]), int(sys.argv[2])
+    calls_fd, results_fd = int(sys.argv[3]), int(sys.argv[4])
     for fd in (0, 1):
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, fd)
         os.close(null)
     settings = read_message(request_fd)
+    settings["calls_fd"], settings["results_fd"] = calls_fd, results_fd
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 1024), min(hard, 1024)))
     report = set_up(settings)

@@ -13,7 +13,7 @@ from fixtures.sandbox import AS_ROOT, assert_contained
 
 from weighted_mtp.eval.benchmarks import get_benchmark
 from weighted_mtp.eval.judge import split_assert, split_asserts
-from weighted_mtp.eval.sandbox import AssertProgram, CallProgram, Limits, Sandbox, decode_plain
+from weighted_mtp.eval.sandbox import AssertProgram, CallProgram, CheckProgram, Limits, Sandbox, decode_plain
 
 LIMITS = Limits(timeout_s=2.0, wall_clock_factor=4.0, memory_mb=512, max_processes=32, output_limit_bytes=16384)
 
@@ -182,3 +182,64 @@ def test_plain_data_round_trips_and_nothing_else_decodes():
     for bad in ({"object": []}, {"list": [], "tuple": []}, [1, 2]):
         with pytest.raises(ValueError):
             decode_plain(bad)
+
+
+# ----------------------------------------------------------------------------- HumanEval: check() runs here
+
+# HumanEval/0 has_close_elements(numbers, threshold): whether two numbers are closer than threshold
+HAS_CLOSE = {
+    "__eq__ and __bool__ always True": (
+        "class Always:\n    def __eq__(self, other): return True\n    def __bool__(self): return True\n"
+        "def has_close_elements(numbers, threshold):\n    return Always()\n"
+    ),
+    "int subclass whose __eq__ is True": (
+        "class I(int):\n    def __eq__(self, other): return True\n    __hash__ = int.__hash__\n"
+        "def has_close_elements(numbers, threshold):\n    return I(0)\n"
+    ),
+    "exit inside the call": "import os\ndef has_close_elements(numbers, threshold):\n    os._exit(0)\n",
+    "exit before serving": "import os\ndef has_close_elements(numbers, threshold):\n    return True\nos._exit(0)\n",
+    "answers written ahead with the nonce from the caller's frame": (
+        "import sys, os, json, struct\nnonce = sys._getframe(1).f_locals.get('nonce', b'').decode()\n"
+        "for _ in range(20):\n    data = json.dumps([nonce, 'value', True]).encode()\n"
+        "    os.write(5, struct.pack('>I', len(data)) + data)\n"
+        "def has_close_elements(numbers, threshold):\n    return True\n"
+    ),
+    "expected values from the stack": (
+        "import sys\ndef has_close_elements(numbers, threshold):\n    frame, seen = sys._getframe(1), []\n"
+        "    while frame:\n        seen += [c for c in frame.f_code.co_consts if isinstance(c, bool)]\n        frame = frame.f_back\n"
+        "    return seen[0] if seen else True\n"
+    ),
+    "loop forever in the call": "def has_close_elements(numbers, threshold):\n    while True:\n        pass\n",
+}
+
+
+@pytest.fixture(scope="module")
+def humaneval(shared_data: Path) -> dict:
+    benchmark = get_benchmark("humaneval")
+    return {"benchmark": benchmark, "problems": benchmark.load(shared_data, "test")}
+
+
+def run_humaneval(sandbox: Sandbox, humaneval: dict, index: int, program_text: str):
+    benchmark, problem = humaneval["benchmark"], humaneval["problems"][index]
+    program = benchmark.program(problem, program_text)
+    assert isinstance(program, CheckProgram) and problem.tests["test"] not in program.source
+    return sandbox.run(program)
+
+
+@pytest.mark.parametrize("trick", list(HAS_CLOSE))
+def test_humaneval_tricks_do_not_pass(sandbox, humaneval, trick):
+    assert_contained(sandbox, run_humaneval(sandbox, humaneval, 0, HAS_CLOSE[trick]))
+
+
+def test_humaneval_helpers_come_from_the_prompt_and_the_gold_solution_passes(sandbox, humaneval):
+    problem = humaneval["problems"][32]  # find_zero: check() evaluates the prompt's poly() on the answer
+    assert sandbox.run(humaneval["benchmark"].program(problem, humaneval["benchmark"].reference(problem))).passed
+    wrong_poly = problem.input.replace("return sum(", "return 0 * sum(") + "    return 0.0\n"
+    assert not sandbox.run(humaneval["benchmark"].program(problem, wrong_poly)).passed
+
+
+def test_what_one_serving_program_leaves_in_the_pipes_does_not_reach_the_next(sandbox, humaneval):
+    gold = humaneval["benchmark"].reference(humaneval["problems"][0])
+    junk = "import os\nos.write(5, b'\\x00\\x00\\x00\\x10garbage-garbage-')\ndef has_close_elements(numbers, threshold):\n    while True:\n        pass\n"
+    assert_contained(sandbox, run_humaneval(sandbox, humaneval, 0, junk))
+    assert run_humaneval(sandbox, humaneval, 0, gold).passed
