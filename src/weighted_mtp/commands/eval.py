@@ -83,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     limits = Limits(timeout_s=settings.timeout_s if args.timeout is None else args.timeout)
-    with Sandbox(settings.workers if args.workers is None else args.workers, limits) as sandbox, _progress(console, config) as progress:
+    workers = settings.workers if args.workers is None else args.workers
+    hidden = (config.paths.raw_data, config.paths.storage)
+    with Sandbox(workers, limits, hidden=hidden) as sandbox, _progress(console, config) as progress:
         total = sum(len(v) for v in completions.values())
         task = progress.add_task(f"running {name} {split}", total=total)
         report = evaluate_completions(

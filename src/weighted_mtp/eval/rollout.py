@@ -322,7 +322,8 @@ def run_rollouts(
     per_piece = max(1, rows_per_piece // settings.sampling.n_samples)
     generated_tokens, generation_s, execution_s = 0, 0.0, 0.0
     workers = config.evaluation.workers if workers is None else workers
-    with Sandbox(workers, Limits(timeout_s=config.rollout.timeout_s)) as sandbox, progress:
+    hidden = (config.paths.raw_data, config.paths.storage)
+    with Sandbox(workers, Limits(timeout_s=config.rollout.timeout_s), hidden=hidden) as sandbox, progress:
         progress.start(total=len(problems), done=len(done))
         for start in range(0, len(todo), per_piece):
             piece = todo[start : start + per_piece]

@@ -143,5 +143,5 @@ def evaluate_model(
     }
     workers = config.evaluation.workers if workers is None else workers
     timeout_s = config.evaluation.timeout_s if timeout_s is None else timeout_s
-    with Sandbox(workers, Limits(timeout_s=timeout_s)) as sandbox:
+    with Sandbox(workers, Limits(timeout_s=timeout_s), hidden=(config.paths.raw_data, config.paths.storage)) as sandbox:
         return evaluate_completions(benchmark, problems, completions, sandbox, ks, split=split, metadata=metadata)

@@ -184,10 +184,14 @@ class Sandbox:
         unprivileged_user: bool = True,
         isolate_network: bool = True,
         private_tmp: bool = True,
+        hidden: Sequence[str | Path] = (),
     ) -> None:
+        """`hidden`: directories programs must not read (the benchmark data with the tests' expected
+        values, run storage), besides the harness's working directory and home, always hidden."""
         self.limits = limits
+        hide = [os.getcwd(), str(Path.home()), *(str(Path(p).resolve()) for p in hidden)]
         self._options = dict(
-            unprivileged_user=unprivileged_user, isolate_network=isolate_network, private_tmp=private_tmp
+            unprivileged_user=unprivileged_user, isolate_network=isolate_network, private_tmp=private_tmp, hidden=hide
         )
         n_workers = workers or len(os.sched_getaffinity(0))
         self._workers = [_Worker(self.limits, **self._options) for _ in range(n_workers)]
@@ -402,9 +406,11 @@ def _stdio_verdict(reply: dict, expected: str) -> ExecutionResult:
 class _Worker:
     """Harness side of one fork server: starts it, talks to it, restarts it if it dies."""
 
-    def __init__(self, limits: Limits, *, unprivileged_user: bool, isolate_network: bool, private_tmp: bool) -> None:
+    def __init__(
+        self, limits: Limits, *, unprivileged_user: bool, isolate_network: bool, private_tmp: bool, hidden: list[str]
+    ) -> None:
         self.limits = limits
-        self.isolate_network, self.private_tmp = isolate_network, private_tmp
+        self.isolate_network, self.private_tmp, self.hidden = isolate_network, private_tmp, hidden
         self.uid: int | None = None
         self._uid_lock: int | None = None
         if unprivileged_user and os.geteuid() == 0:
@@ -439,6 +445,7 @@ class _Worker:
             "isolate_network": self.isolate_network,
             "private_tmp": self.private_tmp,
             "scratch_mb": self.limits.scratch_mb,
+            "hidden": self.hidden,
         }
         self._send(settings)
         hello = self._receive(deadline=HARNESS_GRACE_S)

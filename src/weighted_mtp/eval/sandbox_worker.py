@@ -37,7 +37,7 @@ CALLS_FD, RESULTS_FD = 4, 5  # a serving program: call requests from the harness
 CHILD_SETUP_FAILED = 125
 READ_CHUNK = 65536
 VERDICT_LIMIT = 4096
-SCRATCH_ROOTS = ("/tmp", "/var/tmp", "/dev/shm")
+SCRATCH_ROOTS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # the world-writable directories
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -106,35 +106,48 @@ def make_mounts_private():
     check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
 
 
-def expose_interpreter(uid):
-    """Let the unprivileged uid import the standard library and site-packages when they live under
-    a directory it cannot enter (e.g. a pyenv under a 0700 /root): hide that directory behind an
-    empty tmpfs and bind-mount only the interpreter's own directories back into it."""
+def interpreter_paths():
+    """The directories the interpreter imports from: they stay visible whatever is hidden."""
     needed = []
     for path in sorted({os.path.realpath(p) for p in [sys.base_prefix, sys.prefix, *sys.path] if os.path.isdir(p)}):
         if not any(path.startswith(outer + "/") for outer in needed):
             needed.append(path)
-    hidden = {}
+    return needed
+
+
+def hide_directories(explicit):
+    """Hide directories behind empty tmpfs mounts in the worker's mount namespace, then bind-mount the
+    interpreter's own directories back into them: the harness's (its working directory, its home, the
+    benchmark data and run storage it names: `explicit`), and any directory the unprivileged uid
+    cannot enter on the way to the interpreter (a pyenv under a 0700 /root). A program then cannot read
+    the tests' expected values from the data files, nor anything else of the harness's."""
+    needed = interpreter_paths()
+    hidden = set()
+    for path in explicit:
+        path = os.path.realpath(path)
+        if os.path.isdir(path) and path != "/" and not any(path == n or path.startswith(n + "/") for n in needed):
+            hidden.add(path)
     for path in needed:
         parts = path.strip("/").split("/")
         for depth in range(1, len(parts)):
             ancestor = "/" + "/".join(parts[:depth])
             if not os.stat(ancestor).st_mode & 0o001:
-                hidden.setdefault(ancestor, []).append(path)
+                hidden.add(ancestor)
                 break
+    hidden = {h for h in hidden if not any(h.startswith(other + "/") for other in hidden)}
     if not hidden:
         return
     staging = tempfile.mkdtemp(prefix="wmtp-sandbox-expose-")
     try:
         staged = []
-        for ancestor, paths in hidden.items():
-            for path in paths:
+        for path in needed:
+            if any(path.startswith(h + "/") for h in hidden):
                 stage = os.path.join(staging, str(len(staged)))
                 os.mkdir(stage)
                 check(libc.mount(path.encode(), stage.encode(), None, MS_BIND | MS_REC, None), f"bind {path}")
                 staged.append((stage, path))
-        for ancestor in hidden:
-            check(libc.mount(b"tmpfs", ancestor.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=755"), f"hide {ancestor}")
+        for path in sorted(hidden):
+            check(libc.mount(b"tmpfs", path.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=755"), f"hide {path}")
         for stage, path in staged:
             os.makedirs(path, mode=0o755, exist_ok=True)
             check(libc.mount(stage.encode(), path.encode(), None, MS_BIND | MS_REC, None), f"expose {path}")
@@ -226,7 +239,7 @@ def set_up(settings):
     private_mounts = capture(make_mounts_private) if namespaces is None and settings["isolate_network"] else "no namespace"
     if settings["uid"] is not None:
         if private_mounts is None:
-            report["interpreter visible to the unprivileged user"] = capture(expose_interpreter, settings["uid"])
+            report["harness directories hidden"] = capture(hide_directories, settings["hidden"])
         if not can_import_as(settings["uid"]):
             report["unprivileged user"] = "the interpreter's files are not readable by an unprivileged user"
             settings["uid"] = None

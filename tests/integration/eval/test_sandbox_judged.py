@@ -130,10 +130,12 @@ def test_a_program_that_shadows_a_builtin_is_called_not_the_builtin(sandbox, mbp
     assert sandbox.run(program).passed
 
 
-@pytest.mark.parametrize("directory", ["/tmp", "/var/tmp", "/dev/shm"])
+@pytest.mark.parametrize("directory", ["/tmp", "/var/tmp", "/dev/shm", "/run/lock"])
 def test_nothing_a_program_leaves_in_scratch_directories_reaches_the_next(sandbox, directory):
     if not AS_ROOT:
         pytest.skip("private scratch directories need root")
+    if not os.path.isdir(directory):
+        pytest.skip(f"no {directory} here")
     write = AssertProgram(f"open('{directory}/answer', 'w').write('42')\nassert open('{directory}/answer').read() == '42'\n")
     assert sandbox.run(write).passed
     read = AssertProgram(f"import os\nassert os.path.exists('{directory}/answer')\n")
@@ -243,3 +245,19 @@ def test_what_one_serving_program_leaves_in_the_pipes_does_not_reach_the_next(sa
     junk = "import os\nos.write(5, b'\\x00\\x00\\x00\\x10garbage-garbage-')\ndef has_close_elements(numbers, threshold):\n    while True:\n        pass\n"
     assert_contained(sandbox, run_humaneval(sandbox, humaneval, 0, junk))
     assert run_humaneval(sandbox, humaneval, 0, gold).passed
+
+
+def test_the_benchmark_data_and_the_harness_directories_are_unreadable(shared_data, tmp_path):
+    if not AS_ROOT:
+        pytest.skip("hiding directories needs root")
+    storage = tmp_path / "storage"
+    (storage / "rollouts").mkdir(parents=True)
+    (storage / "rollouts" / "train.jsonl").write_text('{"expected": 42}\n')
+    answers = shared_data / "mbpp" / "test.jsonl"
+    with Sandbox(1, LIMITS, hidden=(shared_data, storage)) as box:
+        for secret in (answers, storage / "rollouts" / "train.jsonl", Path.cwd() / "pyproject.toml"):
+            if not secret.exists():
+                continue
+            result = box.run(AssertProgram(f"open({str(secret)!r}).read()\n"))
+            assert result.status == "failed" and result.error_class == "FileNotFoundError", (secret, result)
+        assert box.run(AssertProgram("import json, collections, math\nassert math.isclose(1.0, 1.0)\n")).passed
