@@ -102,8 +102,9 @@ def main() -> None:
     lists = (values.tolist(), batch.rewards.tolist(), batch.labels.tolist())
     rows = {
         "critic targets (GAE + weights)": best_of(
-            lambda: critic_targets(values, batch.rewards, batch.labels, n_heads=n, gamma=1.0, lam=0.95,
-                                   temperature=1.0, normalization="zscore", clip_min=0.0, clip_max=float("inf")),
+            lambda: critic_targets(values, batch.rewards, batch.labels, n_heads=n, scorer="gae", gamma=1.0, lam=0.95,
+                                   temperature=1.0, normalization="zscore", transform="exp", clip_min=0.0,
+                                   clip_max=float("inf"), weight_normalization="mean1"),
             args.repeats,
         ),
         "GAE only (matmul)": best_of(

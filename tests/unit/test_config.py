@@ -140,3 +140,15 @@ def test_saving_the_config_clears_temporaries_of_a_killed_write(tmp_path):
     other.write_text("not ours")
     save_resolved_config(load_config(recipe="baseline").config, tmp_path)
     assert not stale.exists() and other.exists() and (tmp_path / "config.yaml").is_file()
+
+
+def test_the_original_designs_rho1_weighted_recipe_is_soft_rho1(monkeypatch):
+    from pathlib import Path
+
+    from weighted_mtp.config import load_config
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    for recipe in ("rho1_weighted", "configs/recipe.rho1_weighted.yaml"):
+        config = load_config(recipe=recipe).config
+        assert (config.experiment.pipeline, config.weighting.scheme, config.rho1.selection) == ("rho1", "rho1", "soft")
+        assert config.experiment.name == "rho1_weighted"

@@ -214,9 +214,10 @@ def critic(reward_on: str):
 def verifiable():
     model = tiny_model(2)
     head = critic_head(model)
-    # per-row weights (GAE within a row, no batch z-score), so a split cannot change them
+    # per-row weights (GAE within a row, no batch z-score or mean-1 rescale), so a split cannot change them
     weighting = CriticWeighting(
-        gamma=1.0, lam=0.9, temperature=0.7, normalization="none", clip_min=0.2, clip_max=2.5
+        gamma=1.0, lam=0.9, temperature=0.7, normalization="none", clip_min=0.2, clip_max=2.5,
+        weight_normalization="none",
     )
     objective = VerifiableObjective(
         head,

@@ -134,12 +134,15 @@ def naive_verifiable_step(reference_model, reference_head, batch, old, clipped_v
         batch.rewards,
         batch.labels,
         n_heads=3,
+        scorer="gae",
         gamma=1.0,
         lam=0.9,
         temperature=0.7,
         normalization="zscore",
+        transform="exp",
         clip_min=0.2,
         clip_max=2.5,
+        weight_normalization="mean1",
     )
 
     def clipped(hidden):
@@ -176,10 +179,11 @@ def test_verifiable_gradients_equal_the_naive_weighted_loss_with_the_clipped_val
     ):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
 
-    valid = targets.weights[(targets.weights > 0)]
-    assert valid.min() >= 0.2 - 1e-6 and valid.max() <= 2.5 + 1e-6
-    assert valid.std() > 0.05  # not all equal
-    assert 0.2 - 1e-6 <= metrics["weights/min"] < metrics["weights/max"] <= 2.5 + 1e-6
+    steps = targets.token_weights[targets.step_mask]  # clipped to [0.2, 2.5], then rescaled to mean 1
+    assert float(steps.mean()) == pytest.approx(1.0, abs=1e-6)
+    assert float(steps.max() / steps.min()) <= 2.5 / 0.2 + 1e-6
+    assert steps.std() > 0.05  # not all equal
+    assert 0 < metrics["weights/min"] < metrics["weights/max"]
     assert metrics["value/loss"] == pytest.approx(float(out.aux_loss) / 0.5, rel=1e-5)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import random
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -51,6 +50,12 @@ def reference_gae(values, rewards, labels, gamma, lam):
             advantages[b][steps[i]] = a
             returns[b][steps[i]] = a + v[i]
     return torch.tensor(advantages), torch.tensor(returns)
+
+
+KNOBS = dict(
+    gamma=0.99, lam=0.95, temperature=1.0, normalization="zscore", transform="exp", clip_min=0.1, clip_max=3.0,
+    weight_normalization="mean1",
+)
 
 
 def random_case(seed: int, *, gaps: bool = False):
@@ -107,34 +112,102 @@ def test_values_do_not_leak_from_padding_or_prompt():
     torch.testing.assert_close(r, r2)
 
 
-@pytest.mark.parametrize("seed", range(10))
+def reference_token_weights(scores, mask, temperature, normalization, transform, clip_min, clip_max, weight_normalization):
+    """Plain loops over rows and steps, in float64."""
+    batch, length = mask.shape
+    steps = [(b, t) for b in range(batch) for t in range(length) if mask[b, t]]
+    s = {bt: float(scores[bt]) for bt in steps}
+    if normalization == "zscore" and steps:
+        mean = sum(s.values()) / len(s)
+        std = math.sqrt(sum((x - mean) ** 2 for x in s.values()) / len(s))
+        s = {bt: (x - mean) / (std + 1e-8) for bt, x in s.items()}
+    w = {}
+    for b in range(batch):
+        row = [t for t in range(length) if mask[b, t]]
+        if transform == "exp":
+            w.update({(b, t): math.exp(s[b, t] / temperature) for t in row})
+        elif row:
+            top = max(s[b, t] / temperature for t in row)
+            total = sum(math.exp(s[b, t] / temperature - top) for t in row)
+            w.update({(b, t): len(row) * math.exp(s[b, t] / temperature - top) / total for t in row})
+    w = {bt: min(max(x, clip_min), clip_max) for bt, x in w.items()}
+    if weight_normalization == "mean1" and w:
+        mean = sum(w.values()) / len(w)
+        w = {bt: x / mean for bt, x in w.items()}
+    out = torch.zeros(batch, length, dtype=torch.float64)
+    for bt, x in w.items():
+        out[bt] = x
+    return out
+
+
+@pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("normalization", ["zscore", "none"])
-def test_token_weights_match_numpy(seed, normalization):
-    rng, labels, values, rewards = random_case(seed)
+@pytest.mark.parametrize("transform", ["exp", "softmax"])
+@pytest.mark.parametrize("weight_normalization", ["mean1", "none"])
+def test_token_weights_match_plain_loops_in_float64(seed, normalization, transform, weight_normalization):
+    rng, labels, values, rewards = random_case(seed, gaps=seed % 2 == 1)
     mask = response_step_mask(labels)
-    advantages = torch.randn(values.shape, generator=torch.Generator().manual_seed(seed)) * 2
-    temperature, clip_min, clip_max = rng.uniform(0.3, 2.0), rng.uniform(0.0, 0.5), rng.uniform(1.5, 4.0)
-    weights = advantage_token_weights(
-        advantages,
-        mask,
-        temperature=temperature,
-        normalization=normalization,
-        clip_min=clip_min,
-        clip_max=clip_max,
+    scores = torch.randn(values.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2
+    knobs = dict(
+        temperature=rng.uniform(0.3, 2.0), normalization=normalization, transform=transform,
+        clip_min=rng.uniform(0.0, 0.5), clip_max=rng.uniform(1.5, 4.0), weight_normalization=weight_normalization,
     )
-    a = advantages.numpy().astype(np.float64)
-    m = mask.numpy()
-    if normalization == "zscore" and m.any():
-        a = (a - a[m].mean()) / (a[m].std() + 1e-8)
-    expected = np.where(m, np.clip(np.exp(a / temperature), clip_min, clip_max), 0.0)
-    np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-5, atol=1e-6)
+    weights = advantage_token_weights(scores, mask, **knobs)
+    assert weights.dtype == torch.float64
+    torch.testing.assert_close(weights, reference_token_weights(scores, mask, **knobs), rtol=1e-9, atol=1e-12)
+    if weight_normalization == "mean1" and mask.any():
+        assert float(weights[mask].mean()) == pytest.approx(1.0, abs=1e-12)
+
+
+def reference_critic_delta(values, rewards, labels):
+    """V of the next step minus V of this one; after the last step the reward (or no change if NaN)."""
+    batch, length = len(labels), len(labels[0])
+    out = [[0.0] * length for _ in range(batch)]
+    for b in range(batch):
+        steps = [p for p in range(length - 1) if labels[b][p + 1] != -100]
+        for i, p in enumerate(steps):
+            if i + 1 < len(steps):
+                after = float(values[b][steps[i + 1]])
+            else:
+                after = float(values[b][p]) if math.isnan(float(rewards[b])) else float(rewards[b])
+            out[b][p] = after - float(values[b][p])
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_critic_delta_scores_match_a_plain_loop(seed):
+    from weighted_mtp.weighting.critic import critic_delta_scores
+
+    _, labels, values, rewards = random_case(seed, gaps=seed % 2 == 1)
+    values, rewards = values.double(), rewards.double()
+    if seed % 3 == 0:
+        rewards[0] = float("nan")  # unknown reward: the last step changes nothing
+    scores = critic_delta_scores(values, rewards, response_step_mask(labels))
+    assert scores.dtype == torch.float64
+    torch.testing.assert_close(scores, reference_critic_delta(values.tolist(), rewards.tolist(), labels.tolist()))
+
+
+@pytest.mark.parametrize("scorer", ["gae", "critic_delta"])
+def test_critic_targets_score_with_the_chosen_scorer_and_keep_float64(scorer):
+    from weighted_mtp.weighting.critic import critic_delta_scores
+
+    _, labels, values, rewards = random_case(3)
+    values, rewards = values.double(), rewards.double()
+    out = critic_targets(values, rewards, labels, n_heads=2, scorer=scorer, **KNOBS)
+    mask = response_step_mask(labels)
+    expected = critic_delta_scores(values, rewards, mask) if scorer == "critic_delta" else gae_advantages(
+        values, rewards, mask, gamma=KNOBS["gamma"], lam=KNOBS["lam"]
+    )[0]
+    torch.testing.assert_close(out.advantages, expected)
+    assert out.advantages.dtype == out.returns.dtype == out.weights.dtype == torch.float64
 
 
 def test_extreme_advantages_clip_instead_of_overflowing():
     advantages = torch.tensor([[1e4, -1e4, 0.0]])
     mask = torch.tensor([[True, True, True]])
     w = advantage_token_weights(
-        advantages, mask, temperature=0.01, normalization="none", clip_min=0.1, clip_max=3.0
+        advantages, mask, temperature=0.01, normalization="none", transform="exp", clip_min=0.1, clip_max=3.0,
+        weight_normalization="none",
     )
     assert w.tolist() == [[3.0, pytest.approx(0.1), 1.0]]
 
@@ -143,10 +216,7 @@ def test_extreme_advantages_clip_instead_of_overflowing():
 def test_critic_weights_per_head_follow_the_target_token(seed):
     rng, labels, values, rewards = random_case(seed, gaps=seed % 2 == 1)
     n_heads = rng.randint(1, 4)
-    out = critic_targets(
-        values, rewards, labels, n_heads=n_heads, gamma=0.99, lam=0.95, temperature=1.0, normalization="zscore",
-        clip_min=0.1, clip_max=3.0,
-    )
+    out = critic_targets(values, rewards, labels, n_heads=n_heads, scorer="gae", **KNOBS)
     batch, length = labels.shape
     for b in range(batch):
         # weight of the token at index j is stored where head 1 predicts it: position j-1
@@ -172,8 +242,9 @@ def test_weighting_reads_its_config_section():
     from weighted_mtp.weighting import head_target_mask
 
     mask = head_target_mask(labels, 3)
-    stats = scheme.stats(weights, mask)
-    assert 0.1 <= stats["min"] <= stats["mean"] <= stats["max"] <= 2.0
+    targets = scheme.targets(values, rewards, labels, n_heads=3)
+    stats = scheme.stats(targets, mask)
+    assert stats["mean"] == pytest.approx(1.0, abs=0.3)  # mean 1 over the steps; heads see shifted subsets
     assert 0.0 <= stats["clipped_low"] <= 1.0 and 0.0 <= stats["clipped_high"] <= 1.0
 
 
@@ -263,8 +334,14 @@ def test_unknown_options_are_refused():
         critic_pretrain_loss(torch.zeros(1, 3), torch.ones(1), mask, kind="hinge")
     with pytest.raises(ValueError, match="normalization"):
         advantage_token_weights(
-            torch.zeros(1, 3), mask, temperature=1.0, normalization="rank", clip_min=0, clip_max=1
+            torch.zeros(1, 3), mask, temperature=1.0, normalization="rank", transform="exp", clip_min=0, clip_max=1,
+            weight_normalization="none",
         )
+    for knob, value in (("transform", "tanh"), ("weight_normalization", "sum1")):
+        with pytest.raises(ValueError, match=knob.split("_")[0]):
+            advantage_token_weights(torch.zeros(1, 3), mask, **{**dict(
+                temperature=1.0, normalization="none", transform="exp", clip_min=0, clip_max=1,
+                weight_normalization="none"), knob: value})
 
 
 def test_bce_matches_torch_on_logits():
@@ -321,7 +398,11 @@ def test_the_critic_weighting_defaults_are_the_configs():
     from weighted_mtp.config.schema import ValueWeightingConfig
 
     scheme, section = CriticWeighting(), ValueWeightingConfig()
-    assert (scheme.gamma, scheme.lam, scheme.temperature, scheme.normalization, scheme.clip_min, scheme.clip_max) == (
-        section.gae_gamma, section.gae_lambda, section.weight_temperature, section.td_error_normalization,
-        section.weight_clip_min, section.weight_clip_max,
+    assert (
+        scheme.scorer, scheme.gamma, scheme.lam, scheme.temperature, scheme.normalization, scheme.transform,
+        scheme.clip_min, scheme.clip_max, scheme.weight_normalization,
+    ) == (
+        section.scorer, section.gae_gamma, section.gae_lambda, section.weight_temperature,
+        section.td_error_normalization, section.transform, section.weight_clip_min, section.weight_clip_max,
+        section.weight_normalization,
     )

@@ -207,3 +207,23 @@ def test_rho1_weights_in_the_memory_efficient_loss(micro_models, per_head):
     stats = scheme.stats(weights, excess, masks)
     assert 0.0 < stats["selected"] < 1.0
     assert stats["excess_head1"] == pytest.approx(float(excess_naive[..., 0][masks[..., 0]].mean()), abs=1e-5)
+
+
+@pytest.mark.parametrize("selection", ["top_k", "soft"])
+def test_weights_keep_float64(selection):
+    rng = random.Random(5)
+    labels = random_labels(rng, 3, 20)
+    generator = torch.Generator().manual_seed(5)
+    model_ce = torch.rand(*labels.shape, 2, generator=generator, dtype=torch.float64) * head_target_mask(labels, 2)
+    reference_ce = torch.rand(*labels.shape, 2, generator=generator, dtype=torch.float64)
+    weights, excess = Rho1Weighting(selection=selection, ratio=0.5).weights(model_ce, reference_ce, labels, n_heads=2)
+    assert weights.dtype == excess.dtype == torch.float64
+    mask = head_target_mask(labels, 2)
+    for k0 in range(2):
+        scores = model_ce[..., k0] - reference_ce[..., k0]
+        expected = reference_top_k(scores, mask[..., k0], 0.5).double() if selection == "top_k" else None
+        if expected is None:
+            valid = scores[mask[..., k0]]
+            expected = torch.zeros_like(scores)
+            expected[mask[..., k0]] = len(valid) * torch.exp(valid - valid.max()) / torch.exp(valid - valid.max()).sum()
+        torch.testing.assert_close(weights[..., k0], expected, rtol=1e-12, atol=1e-12)

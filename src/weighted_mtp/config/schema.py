@@ -200,12 +200,21 @@ class ValueLossConfig(Section):
 
 
 class ValueWeightingConfig(Section):
+    scorer: Literal["gae", "critic_delta"] = Field(
+        "gae", description="gae: GAE advantages; critic_delta: V(s_{t+1}) - V(s_t), the value change a token causes."
+    )
     gae_gamma: float = Field(1.0, ge=0, le=1)
     gae_lambda: float = Field(0.95, ge=0, le=1)
     td_error_normalization: Literal["zscore", "none"] = "zscore"
+    transform: Literal["exp", "softmax"] = Field(
+        "exp", description="exp: exp(s / beta); softmax: L * softmax(s / beta) over each sequence's L tokens."
+    )
     weight_temperature: float = Field(1.0, gt=0, description="beta in exp(A / beta).")
     weight_clip_min: float = Field(0.1, ge=0)
     weight_clip_max: float = Field(3.0, gt=0)
+    weight_normalization: Literal["mean1", "none"] = Field(
+        "mean1", description="mean1: after clipping, rescale the batch's weights to mean 1 (the loss keeps its scale)."
+    )
 
     @model_validator(mode="after")
     def _clip_order(self) -> ValueWeightingConfig:

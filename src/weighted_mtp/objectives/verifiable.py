@@ -280,7 +280,7 @@ class VerifiableObjective(Objective):
                 value_stats["value/clip_fraction"] = float((moved > self.value_clip_range).float().mean())
         metrics.update(scaled(value_stats, fractions["steps"]))
         mask = head_target_mask(batch.labels, n_heads)
-        weight_stats = prefixed("weights", self.weighting.stats(targets.weights, mask))
+        weight_stats = prefixed("weights", self.weighting.stats(targets, mask))
         metrics.update(scaled(weight_stats, fractions["targets"]))
         return metrics
 

@@ -73,43 +73,110 @@ def gae_advantages(
 
     step_returns = torch.where(is_step, step_advantages + step_values, 0.0)
     placed = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device)
-    return placed.scatter(1, order, step_advantages).float(), placed.scatter(1, order, step_returns).float()
+    out_dtype = torch.promote_types(values.dtype, torch.float32)  # float64 in, float64 out
+    return placed.scatter(1, order, step_advantages).to(out_dtype), placed.scatter(1, order, step_returns).to(out_dtype)
+
+
+@torch.no_grad()
+def critic_delta_scores(values: Tensor, rewards: Tensor, step_mask: Tensor) -> Tensor:
+    """[B,T] the value change each token causes, V[p_{i+1}] - V[p_i], at the step positions (0
+    elsewhere): the original design's critic-weighted scorer, without reward shaping or discount.
+    After the last step the next value is the reward R, or the last value (a change of 0) where R is
+    unknown (NaN)."""
+    mask = step_mask.bool()
+    steps_per_row = mask.sum(dim=1)
+    longest = int(steps_per_row.max()) if mask.shape[0] else 0
+    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :longest]
+    rank = torch.arange(longest, device=mask.device)
+    is_step = rank[None, :] < steps_per_row[:, None]
+    is_last = rank[None, :] == (steps_per_row[:, None] - 1)
+    step_values = torch.where(is_step, values.detach().double().gather(1, order), 0.0)
+    rewards = rewards.detach().double().to(mask.device)[:, None]
+    after_last = torch.where(torch.isnan(rewards), step_values, rewards)
+    next_values = torch.where(is_last, after_last, F.pad(step_values[:, 1:], (0, 1)))
+    deltas = torch.where(is_step, next_values - step_values, 0.0)
+    placed = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device)
+    return placed.scatter(1, order, deltas).to(torch.promote_types(values.dtype, torch.float32))
 
 
 @torch.no_grad()
 def advantage_token_weights(
-    advantages: Tensor,
+    scores: Tensor,
     step_mask: Tensor,
     *,
     temperature: float,
     normalization: Literal["zscore", "none"],
+    transform: Literal["exp", "softmax"],
     clip_min: float,
     clip_max: float,
+    weight_normalization: Literal["mean1", "none"],
 ) -> Tensor:
-    """[B,T] weights clip(exp(A' / temperature), clip_min, clip_max), 0 off the steps.
+    """[B,T] token weights from per-step scores (advantages or value changes), 0 off the steps, in
+    the scores' dtype (at least float32). In order:
 
-    A' is A z-scored over the batch's steps (population std) when normalization is "zscore".
+    1. normalization "zscore": s' = (s - mean) / std over the batch's steps (population std);
+    2. transform "exp": w = exp(s' / temperature); "softmax": w = L * softmax(s' / temperature) over
+       each row's L steps (mean 1 per row);
+    3. clip to [clip_min, clip_max];
+    4. weight_normalization "mean1": w / mean(w) over the batch's steps, so the weights average 1
+       and the loss keeps the baseline's scale from batch to batch (after clipping, so a weight can
+       end up to clip_max / mean(w) high; clipping bounds the spread, the rescale the level).
     """
+    raw = transformed_scores(scores, step_mask, temperature=temperature, normalization=normalization, transform=transform)
+    return clipped_weights(
+        raw, step_mask, clip_min=clip_min, clip_max=clip_max, weight_normalization=weight_normalization
+    )
+
+
+def transformed_scores(
+    scores: Tensor,
+    step_mask: Tensor,
+    *,
+    temperature: float,
+    normalization: Literal["zscore", "none"],
+    transform: Literal["exp", "softmax"],
+) -> Tensor:
+    """Steps 1-2 of `advantage_token_weights`: the weights before clipping, 0 off the steps."""
     mask = step_mask.bool()
-    advantages = advantages.float()
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
     if normalization == "zscore" and mask.any():
-        valid = advantages[mask]
-        advantages = (advantages - valid.mean()) / (valid.std(unbiased=False) + ZSCORE_EPS)
+        valid = scores[mask]
+        scores = (scores - valid.mean()) / (valid.std(unbiased=False) + ZSCORE_EPS)
     elif normalization not in ("zscore", "none"):
         raise ValueError(f"unknown td_error_normalization {normalization!r} (expected zscore or none)")
-    weights = torch.exp(advantages / temperature).clamp(clip_min, clip_max)
+    if transform == "exp":
+        weights = torch.exp(scores / temperature)
+    elif transform == "softmax":
+        logits = torch.where(mask, scores / temperature, -torch.inf)
+        weights = torch.softmax(logits, dim=1).nan_to_num(0.0) * mask.sum(dim=1, keepdim=True)
+    else:
+        raise ValueError(f"unknown weight transform {transform!r} (expected exp or softmax)")
     return torch.where(mask, weights, 0.0)
+
+
+def clipped_weights(
+    raw: Tensor, step_mask: Tensor, *, clip_min: float, clip_max: float, weight_normalization: Literal["mean1", "none"]
+) -> Tensor:
+    """Steps 3-4 of `advantage_token_weights`: clip, then rescale to mean 1 over the steps."""
+    mask = step_mask.bool()
+    weights = torch.where(mask, raw.clamp(clip_min, clip_max), 0.0)
+    if weight_normalization == "mean1" and mask.any():
+        weights = weights / weights[mask].mean().clamp_min(torch.finfo(weights.dtype).tiny)
+    elif weight_normalization not in ("mean1", "none"):
+        raise ValueError(f"unknown weight_normalization {weight_normalization!r} (expected mean1 or none)")
+    return weights
 
 
 @dataclass
 class CriticTargets:
     """What one batch's values give: the loss weights and the value-loss targets."""
 
-    advantages: Tensor  # [B,T] at step positions, before normalisation
+    advantages: Tensor  # [B,T] the scores at step positions, before normalisation (GAE A, or value changes)
     returns: Tensor  # [B,T] targets for values[:, p] on the steps
     step_mask: Tensor  # [B,T] bool, the positions where values are trained
     token_weights: Tensor  # [B,T] weight of token p+1, at position p
     weights: Tensor  # [B,T,n] for mtp_forward_backward
+    unclipped: Tensor  # [B,T] the token weights before clipping and rescaling
 
 
 def critic_targets(
@@ -118,26 +185,30 @@ def critic_targets(
     labels: Tensor,
     *,
     n_heads: int,
+    scorer: Literal["gae", "critic_delta"],
     gamma: float,
     lam: float,
     temperature: float,
     normalization: Literal["zscore", "none"],
+    transform: Literal["exp", "softmax"],
     clip_min: float,
     clip_max: float,
+    weight_normalization: Literal["mean1", "none"],
 ) -> CriticTargets:
-    """From values [B,T] (an estimate of R, e.g. sigmoid of a BCE-trained head), rewards [B], labels."""
+    """From values [B,T] (an estimate of R, e.g. sigmoid of a BCE-trained head), rewards [B], labels.
+    The value loss's returns are GAE's whatever the scorer (the value head keeps learning R)."""
     step_mask = response_step_mask(labels)
     advantages, returns = gae_advantages(values, rewards, step_mask, gamma=gamma, lam=lam)
-    token_weights = advantage_token_weights(
-        advantages,
-        step_mask,
-        temperature=temperature,
-        normalization=normalization,
-        clip_min=clip_min,
-        clip_max=clip_max,
+    if scorer == "critic_delta":
+        advantages = critic_delta_scores(values, rewards, step_mask)
+    elif scorer != "gae":
+        raise ValueError(f"unknown scorer {scorer!r} (expected gae or critic_delta)")
+    raw = transformed_scores(advantages, step_mask, temperature=temperature, normalization=normalization, transform=transform)
+    token_weights = clipped_weights(
+        raw, step_mask, clip_min=clip_min, clip_max=clip_max, weight_normalization=weight_normalization
     )
     weights = spread_over_heads(token_weights, n_heads)
-    return CriticTargets(advantages, returns, step_mask, token_weights, weights)
+    return CriticTargets(advantages, returns, step_mask, token_weights, weights, raw)
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -202,33 +273,39 @@ DEFAULTS = ValueWeightingConfig()  # stage2.value_weighting: the one place its d
 
 
 class CriticWeighting:
-    """The knobs of `stage2.value_weighting`: turns the critic's values into advantages, returns
-    and token weights (`targets`)."""
+    """The knobs of `stage2.value_weighting`: turns the critic's values into scores, returns and
+    token weights (`targets`)."""
 
     def __init__(
         self,
         *,
+        scorer: Literal["gae", "critic_delta"] = DEFAULTS.scorer,
         gamma: float = DEFAULTS.gae_gamma,
         lam: float = DEFAULTS.gae_lambda,
         temperature: float = DEFAULTS.weight_temperature,
         normalization: Literal["zscore", "none"] = DEFAULTS.td_error_normalization,
+        transform: Literal["exp", "softmax"] = DEFAULTS.transform,
         clip_min: float = DEFAULTS.weight_clip_min,
         clip_max: float = DEFAULTS.weight_clip_max,
+        weight_normalization: Literal["mean1", "none"] = DEFAULTS.weight_normalization,
     ) -> None:
-        self.gamma, self.lam, self.temperature = gamma, lam, temperature
-        self.normalization = normalization
-        self.clip_min, self.clip_max = clip_min, clip_max
+        self.scorer, self.gamma, self.lam, self.temperature = scorer, gamma, lam, temperature
+        self.normalization, self.transform = normalization, transform
+        self.clip_min, self.clip_max, self.weight_normalization = clip_min, clip_max, weight_normalization
 
     @classmethod
     def from_config(cls, config: Config) -> CriticWeighting:
         section = config.stage2.value_weighting
         return cls(
+            scorer=section.scorer,
             gamma=section.gae_gamma,
             lam=section.gae_lambda,
             temperature=section.weight_temperature,
             normalization=section.td_error_normalization,
+            transform=section.transform,
             clip_min=section.weight_clip_min,
             clip_max=section.weight_clip_max,
+            weight_normalization=section.weight_normalization,
         )
 
     def targets(self, values: Tensor, rewards: Tensor, labels: Tensor, *, n_heads: int) -> CriticTargets:
@@ -237,18 +314,23 @@ class CriticWeighting:
             rewards,
             labels,
             n_heads=n_heads,
+            scorer=self.scorer,
             gamma=self.gamma,
             lam=self.lam,
             temperature=self.temperature,
             normalization=self.normalization,
+            transform=self.transform,
             clip_min=self.clip_min,
             clip_max=self.clip_max,
+            weight_normalization=self.weight_normalization,
         )
 
-    def stats(self, weights: Tensor, mask: Tensor) -> dict[str, float]:
-        stats = weight_stats(weights, mask)
-        valid = weights.detach()[mask.bool()]
-        if valid.numel():
-            stats["clipped_low"] = float((valid <= self.clip_min).float().mean())
-            stats["clipped_high"] = float((valid >= self.clip_max).float().mean())
+    def stats(self, targets: CriticTargets, mask: Tensor) -> dict[str, float]:
+        """Weight statistics over the valid targets (`mask` [B,T,n]) and the fraction of steps
+        whose weight was clipped at either end."""
+        stats = weight_stats(targets.weights, mask)
+        unclipped = targets.unclipped.detach()[targets.step_mask.bool()]
+        if unclipped.numel():
+            stats["clipped_low"] = float((unclipped <= self.clip_min).float().mean())
+            stats["clipped_high"] = float((unclipped >= self.clip_max).float().mean())
         return stats

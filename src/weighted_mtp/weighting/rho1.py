@@ -55,13 +55,14 @@ def reference_token_ce(
 def top_k_weights(scores: Tensor, mask: Tensor, ratio: float) -> Tensor:
     """[B,T]: N/n_keep on the n_keep = round(ratio*N) highest-scoring valid positions, else 0."""
     mask = mask.bool()
-    weights = torch.zeros(scores.shape, dtype=torch.float32, device=scores.device)
+    dtype = torch.promote_types(scores.dtype, torch.float32)  # float64 in, float64 out
+    weights = torch.zeros(scores.shape, dtype=dtype, device=scores.device)
     count = int(mask.sum())
     if count == 0:
         return weights
     n_keep = min(count, max(1, int(ratio * count + 0.5)))
-    order = torch.sort(scores[mask].float(), descending=True, stable=True).indices
-    valid_weights = torch.zeros(count, dtype=torch.float32, device=scores.device)
+    order = torch.sort(scores[mask].to(dtype), descending=True, stable=True).indices
+    valid_weights = torch.zeros(count, dtype=dtype, device=scores.device)
     valid_weights[order[:n_keep]] = count / n_keep
     weights[mask] = valid_weights
     return weights
@@ -70,10 +71,11 @@ def top_k_weights(scores: Tensor, mask: Tensor, ratio: float) -> Tensor:
 def soft_weights(scores: Tensor, mask: Tensor, temperature: float) -> Tensor:
     """[B,T]: N * softmax(score / temperature) over the N valid positions, else 0."""
     mask = mask.bool()
-    weights = torch.zeros(scores.shape, dtype=torch.float32, device=scores.device)
+    dtype = torch.promote_types(scores.dtype, torch.float32)
+    weights = torch.zeros(scores.shape, dtype=dtype, device=scores.device)
     count = int(mask.sum())
     if count:
-        weights[mask] = count * torch.softmax(scores[mask].float() / temperature, dim=0)
+        weights[mask] = count * torch.softmax(scores[mask].to(dtype) / temperature, dim=0)
     return weights
 
 
@@ -114,8 +116,9 @@ class Rho1Weighting:
                 f"{model_ce.shape[-1]} (model) and {reference_ce.shape[-1]} (reference)"
             )
         mask = head_target_mask(labels, n_heads).to(model_ce.device)
-        excess = model_ce[..., :heads].float() - reference_ce[..., :heads].float().to(model_ce.device)
-        weights = torch.zeros(mask.shape, dtype=torch.float32, device=model_ce.device)
+        dtype = torch.promote_types(torch.promote_types(model_ce.dtype, reference_ce.dtype), torch.float32)
+        excess = model_ce[..., :heads].to(dtype) - reference_ce[..., :heads].to(dtype).to(model_ce.device)
+        weights = torch.zeros(mask.shape, dtype=dtype, device=model_ce.device)
         for k0 in range(heads):
             if self.selection == "top_k":
                 weights[..., k0] = top_k_weights(excess[..., k0], mask[..., k0], self.ratio)
