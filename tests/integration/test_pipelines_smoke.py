@@ -183,3 +183,29 @@ def test_rollout_labels_are_what_the_sandbox_says(raw_data, models_dir):
     summary = json.loads(out.with_name("train.summary.json").read_text())
     assert summary["n_samples"] == 6 and summary["correct"]["gold"] == 2
     assert not out.with_name("train.jsonl.partial").exists()
+
+
+def test_a_pairwise_critic_trains_and_feeds_verifiable(raw_data, models_dir):
+    overrides = ("data.dataset=rollouts", "data.sampler=pairs", "training.max_steps=2", "data.val_split=validation",
+                 "training.eval_every=2", "stage1.loss=mse", "stage1.pairwise_coefficient=0.5")  # fmt: skip
+    critic = train(pipeline_config("critic", raw_data, models_dir, *overrides))
+    assert all(math.isfinite(step["value/pairwise_loss"]) for step in critic.history)
+    assert 0.0 <= critic.val_metrics["val/value/pair_accuracy"] <= 1.0
+    pairwise_only = pipeline_config("critic", raw_data, models_dir, *overrides[:-2], "stage1.loss=pairwise",
+                                    "experiment.name=critic_pairwise")  # fmt: skip
+    assert train(pairwise_only).steps == 2
+    verifiable = pipeline_config(
+        "verifiable", raw_data, models_dir, "data.dataset=rollouts", "data.sampler=all", "training.max_steps=1",
+        f"stage2.critic_checkpoint={pairwise_only.run_dir / 'final'}",
+    )
+    assert math.isfinite(train(verifiable).history[0]["loss"])
+
+
+def test_a_pairwise_critic_without_pairs_names_the_sampler(raw_data, models_dir):
+    from weighted_mtp.errors import ConfigError
+    from weighted_mtp.objectives import CriticObjective
+
+    config = pipeline_config("critic", raw_data, models_dir, "data.dataset=rollouts", "data.sampler=all",
+                             "stage1.loss=pairwise")  # fmt: skip
+    with pytest.raises(ConfigError, match="set data.sampler=pairs"):
+        CriticObjective.from_config(config, None, CPU)

@@ -24,6 +24,11 @@ from weighted_mtp.weighting import CriticWeighting, Rho1Weighting
 
 VOCAB, ROWS, SEQ = 61, 6, 15
 SPLIT = (1, 3, 2)  # uneven pieces of the six rows
+PAIR_SPLIT = (2, 4)  # a pairwise loss needs whole pairs (the trainer's split keeps them together)
+
+
+def split_of(name: str) -> tuple[int, ...]:
+    return PAIR_SPLIT if "pairwise" in name else SPLIT
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 
@@ -205,10 +210,11 @@ def baseline():
     return model, [model], BaselineObjective(chunk_size=5, head_weights=[1.0, 0.5, 0.25])
 
 
-def critic(reward_on: str):
+def critic(reward_on: str, loss: str = "bce", pairwise_coefficient: float = 0.0):
     model = tiny_model(1)
     head = critic_head(model)
-    return model, [model, head], CriticObjective(head, loss="bce", reward_on=reward_on)
+    objective = CriticObjective(head, loss=loss, reward_on=reward_on, pairwise_coefficient=pairwise_coefficient)
+    return model, [model, head], objective
 
 
 def verifiable():
@@ -238,6 +244,8 @@ SETUPS = {
     "baseline": baseline,
     "critic_every_token": lambda: critic("every_token"),
     "critic_last_token": lambda: critic("last_token"),
+    "critic_pairwise": lambda: critic("every_token", loss="pairwise"),
+    "critic_mse_plus_pairwise": lambda: critic("last_token", loss="mse", pairwise_coefficient=0.5),
     "verifiable": verifiable,
 }
 
@@ -266,7 +274,7 @@ def test_every_objective_gives_the_whole_batch_loss_and_gradients_when_split(nam
 
     whole = objective.forward_backward(model, batch, loss_scale=1.0)
     expected = grads(modules)
-    split = step(objective, model, pieces(batch), global_counts=True)
+    split = step(objective, model, pieces(batch, split_of(name)), global_counts=True)
     accumulated = grads(modules)
 
     assert_same_grads(accumulated, expected)
@@ -280,7 +288,7 @@ def test_every_objective_gives_the_whole_batch_loss_and_gradients_when_split(nam
     for key in exact:
         assert split[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-6), key
 
-    old = step(objective, model, pieces(batch), global_counts=False)
+    old = step(objective, model, pieces(batch, split_of(name)), global_counts=False)
     assert max_difference(grads(modules), expected) > 1e-4
     assert abs(old["loss"] - whole["loss"]) > 1e-4
 
@@ -301,7 +309,7 @@ def test_every_objective_evaluates_the_whole_set_when_batches_share_its_counts(n
     model, _, objective = (rho1 if name == "rho1" else SETUPS[name])()
     batch = make_batch(17)
     whole = objective.evaluate(model, batch)
-    split = pieces(batch)
+    split = pieces(batch, split_of(name))
     counts: dict[str, float] = {}
     for piece in split:
         for key, value in objective.token_counts(model, piece).items():

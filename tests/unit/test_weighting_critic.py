@@ -406,3 +406,45 @@ def test_the_critic_weighting_defaults_are_the_configs():
         section.td_error_normalization, section.transform, section.weight_clip_min, section.weight_clip_max,
         section.weight_normalization,
     )
+
+
+def reference_pairwise(values, labels, rewards):
+    """Plain loops: per pair (2i, 2i+1), mean value over each row's steps, -log sigmoid of the margin."""
+    total, count, margins = 0.0, 0, []
+    for i in range(0, len(labels), 2):
+        means = []
+        for b in (i, i + 1):
+            steps = [p for p in range(len(labels[b]) - 1) if labels[b][p + 1] != -100]
+            means.append(sum(values[b][p] for p in steps) / len(steps) if steps else None)
+        if None in means or rewards[i] == rewards[i + 1]:
+            continue
+        better, worse = (means[0], means[1]) if rewards[i] > rewards[i + 1] else (means[1], means[0])
+        margins.append(better - worse)
+        total += math.log1p(math.exp(-(better - worse)))
+        count += 1
+    return total, count, margins
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_pairwise_loss_matches_a_plain_loop_in_float64(seed):
+    from weighted_mtp.weighting import pairwise_value_loss
+
+    rng = random.Random(seed)
+    rows, length = 2 * rng.randint(1, 4), rng.randint(3, 30)
+    labels = random_labels(rng, rows, length, gaps=seed % 2 == 1)
+    values = torch.randn(rows, length, generator=torch.Generator().manual_seed(seed), dtype=torch.float64, requires_grad=True)
+    rewards = torch.tensor([float(rng.random() < 0.5) for _ in range(rows)], dtype=torch.float64)
+    rewards[0], rewards[1] = 1.0, 0.0  # at least one pair of differing rewards, the pair sampler's order
+    loss, count = pairwise_value_loss(values, response_step_mask(labels), rewards)
+    expected, expected_count, _ = reference_pairwise(values.tolist(), labels.tolist(), rewards.tolist())
+    assert int(count) == expected_count
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    loss.backward()
+    assert values.grad is not None and torch.isfinite(values.grad).all()
+
+
+def test_pairwise_needs_pairs():
+    from weighted_mtp.weighting import pairwise_value_loss
+
+    with pytest.raises(ValueError, match="even number of rows"):
+        pairwise_value_loss(torch.zeros(3, 4), torch.ones(3, 4, dtype=torch.bool), torch.zeros(3))

@@ -183,7 +183,14 @@ class Stage1Config(Section):
     enabled: bool = False
     steps: int | None = Field(None, gt=0, description="The critic run's training.max_steps, when set.")
     lr: float | None = Field(None, gt=0, description="The critic run's training.lr, when set.")
-    loss: Literal["mse", "bce"] = "mse"
+    loss: Literal["mse", "bce", "pairwise"] = Field(
+        "mse",
+        description="mse or bce against each solution's reward, or pairwise: Bradley-Terry on same-problem "
+        "pairs (data.sampler: pairs) only.",
+    )
+    pairwise_coefficient: float = Field(
+        0.0, ge=0, description="With mse or bce: add this times the pairwise loss (needs data.sampler: pairs)."
+    )
     reward_on: Literal["last_token", "every_token"] = "every_token"
 
 

@@ -100,6 +100,7 @@ def score_records(
     """Each record's last-step value and its values at every response step, in record order."""
     from weighted_mtp.data.collate import collate, example_from_record
     from weighted_mtp.data.templates import prompt_adds_bos, render
+    from weighted_mtp.objectives.critic import value_estimates
     from weighted_mtp.weighting import response_step_mask
 
     device = model.tok_embeddings.weight.device
@@ -118,7 +119,7 @@ def score_records(
             batch = collate(examples, tokenizer.pad_id)
             hidden = model.trunk_forward(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
             raw = value_head(hidden).float().cpu()
-            values = torch.sigmoid(raw) if value_kind == "bce" else raw
+            values = value_estimates(raw, value_kind)
             steps = response_step_mask(batch.labels)
             for row in range(len(chunk)):
                 along = values[row][steps[row]].double().numpy()

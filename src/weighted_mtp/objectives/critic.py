@@ -19,10 +19,10 @@ from weighted_mtp.data import Batch
 from weighted_mtp.errors import ConfigError
 from weighted_mtp.models.value_head import build_value_head
 from weighted_mtp.objectives.base import Counts, Objective, share
-from weighted_mtp.weighting import critic_pretrain_loss, response_step_mask
+from weighted_mtp.weighting import critic_pretrain_loss, pair_margins, pairwise_value_loss, response_step_mask
 from weighted_mtp.weighting.critic import last_true
 
-ValueLossKind = Literal["mse", "bce"]
+ValueLossKind = Literal["mse", "bce", "pairwise"]
 
 
 def roc_auc(scores: Tensor, labels: Tensor) -> float:
@@ -48,8 +48,9 @@ def roc_auc(scores: Tensor, labels: Tensor) -> float:
 
 
 def value_estimates(raw: Tensor, kind: ValueLossKind) -> Tensor:
-    """The value head's output as an estimate of the reward: a BCE-trained head outputs logits."""
-    return torch.sigmoid(raw) if kind == "bce" else raw
+    """The value head's output as an estimate of the reward: a BCE- or pairwise-trained head outputs
+    logits."""
+    return torch.sigmoid(raw) if kind in ("bce", "pairwise") else raw
 
 
 def last_step_values(values: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -85,7 +86,8 @@ class PassFailMetrics:
 
 
 class CriticObjective(Objective):
-    """The value head learns P(pass | prefix) at every response step (or only the last one)."""
+    """The value head learns P(pass | prefix) at every response step (or only the last one), and/or
+    to rank a correct solution above an incorrect one of the same problem (pairwise)."""
 
     def __init__(
         self,
@@ -93,9 +95,11 @@ class CriticObjective(Objective):
         *,
         loss: ValueLossKind = "mse",
         reward_on: Literal["every_token", "last_token"] = "every_token",
+        pairwise_coefficient: float = 0.0,
     ) -> None:
         self.value_head = value_head
         self.loss, self.reward_on = loss, reward_on
+        self.pairwise_coefficient = 1.0 if loss == "pairwise" else pairwise_coefficient
         self.pass_fail = PassFailMetrics()
 
     @classmethod
@@ -113,23 +117,48 @@ class CriticObjective(Objective):
                 f"training.freeze.heads is {config.training.freeze.heads!r}: the critic trains no LM head; "
                 "set it to frozen"
             )
+        pairwise = config.stage1.loss == "pairwise" or config.stage1.pairwise_coefficient > 0
+        if pairwise and config.data.sampler != "pairs":
+            raise ConfigError(
+                f"stage1.loss / stage1.pairwise_coefficient ask for the pairwise loss, which compares a correct and an "
+                f"incorrect solution of one problem, but data.sampler is {config.data.sampler!r}; set data.sampler=pairs"
+            )
         value_head = build_value_head(config.model.value_head, model.args.dim)
-        return cls(value_head, loss=config.stage1.loss, reward_on=config.stage1.reward_on)
+        return cls(
+            value_head,
+            loss=config.stage1.loss,
+            reward_on=config.stage1.reward_on,
+            pairwise_coefficient=config.stage1.pairwise_coefficient,
+        )
 
     def token_counts(self, model: nn.Module, batch: Batch) -> Counts:
         """The positions the value loss trains ("value": every step, or each row's last) and all steps."""
         steps = response_step_mask(batch.labels)
         trained = last_true(steps) if self.reward_on == "last_token" else steps
-        return {"value": float(trained.sum()), "steps": float(steps.sum())}
+        counts = {"value": float(trained.sum()), "steps": float(steps.sum())}
+        if self.pairwise_coefficient > 0:
+            counts["pairs"] = float(pair_margins(steps.float(), steps, batch.rewards)[1].sum())
+        return counts
 
     def step(self, model: nn.Module, batch: Batch, counts: Counts, *, loss_scale: float | None) -> dict[str, float]:
-        """Trunk -> value head -> value loss against the rewards -> backward (the LM heads never run)."""
+        """Trunk -> value head -> value loss against the rewards (and/or the pairwise loss on the
+        batch's pairs) -> backward (the LM heads never run)."""
         local = self.token_counts(model, batch)
         hidden = model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)
         raw = self.value_head(hidden)
         step_mask = response_step_mask(batch.labels)
-        loss = critic_pretrain_loss(raw, batch.rewards, step_mask, self.loss, self.reward_on)
-        loss = loss * share(local["value"], counts["value"])
+        metrics: dict[str, float] = {}
+        loss = raw.new_zeros(())
+        if self.loss != "pairwise":
+            loss = critic_pretrain_loss(raw, batch.rewards, step_mask, self.loss, self.reward_on)
+            loss = loss * share(local["value"], counts["value"])
+        if self.pairwise_coefficient > 0:
+            pair_sum, _ = pairwise_value_loss(raw, step_mask, batch.rewards)
+            pairwise = pair_sum / max(counts["pairs"], 1.0)
+            loss = loss + self.pairwise_coefficient * pairwise
+            margins, counted = pair_margins(raw.detach(), step_mask, batch.rewards)
+            metrics["value/pairwise_loss"] = float(pairwise.detach())
+            metrics["value/pair_accuracy"] = float(((margins > 0) & counted).sum()) / max(counts["pairs"], 1.0)
         if loss_scale is not None:
             (loss * loss_scale).backward()
         estimates = value_estimates(raw.detach(), self.loss)
@@ -138,6 +167,7 @@ class CriticObjective(Objective):
         return {
             "loss": loss.item(),
             "value/mean": float(estimates[step_mask].sum()) / max(counts["steps"], 1.0),
+            **metrics,
         }
 
     def evaluation_summary(self) -> dict[str, float]:

@@ -15,6 +15,8 @@ from weighted_mtp.weighting.critic import (
     critic_pretrain_loss,
     critic_targets,
     gae_advantages,
+    pair_margins,
+    pairwise_value_loss,
     value_loss,
 )
 from weighted_mtp.weighting.rho1 import Rho1Weighting, reference_token_ce
@@ -28,6 +30,8 @@ __all__ = [
     "discounted_head_weights",
     "gae_advantages",
     "head_target_mask",
+    "pair_margins",
+    "pairwise_value_loss",
     "reference_token_ce",
     "response_step_mask",
     "spread_over_heads",

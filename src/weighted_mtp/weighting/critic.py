@@ -269,6 +269,29 @@ def critic_pretrain_loss(
     return _masked_mean(per_position, mask)
 
 
+def pair_margins(values: Tensor, step_mask: Tensor, rewards: Tensor) -> tuple[Tensor, Tensor]:
+    """For the pairs of rows (2i, 2i+1) of a pair batch: the mean value over the steps of the better
+    row (higher reward) minus that of the worse one [P], and which pairs count [P] (both rows have a
+    step and their rewards differ)."""
+    mask = step_mask.bool()
+    if mask.shape[0] % 2:
+        raise ValueError(f"a pair batch has an even number of rows, got {mask.shape[0]}")
+    steps = mask.sum(dim=1)
+    mean_values = (values * mask).sum(dim=1) / steps.clamp_min(1)
+    first, second = mean_values[0::2], mean_values[1::2]
+    reward_first, reward_second = rewards[0::2].to(values.device), rewards[1::2].to(values.device)
+    sign = torch.sign(reward_first - reward_second).to(values.dtype)
+    counts = (steps[0::2] > 0) & (steps[1::2] > 0) & (sign != 0)
+    return sign * (first - second), counts
+
+
+def pairwise_value_loss(values: Tensor, step_mask: Tensor, rewards: Tensor) -> tuple[Tensor, Tensor]:
+    """Bradley-Terry (Ouyang et al. 2022's reward-model loss) on same-problem pairs: the sum over the
+    counted pairs of -log sigmoid(mean V(better) - mean V(worse)), and the number of counted pairs."""
+    margins, counts = pair_margins(values, step_mask, rewards)
+    return (F.softplus(-margins) * counts).sum(), counts.sum()
+
+
 DEFAULTS = ValueWeightingConfig()  # stage2.value_weighting: the one place its defaults are set
 
 
