@@ -40,6 +40,20 @@ if TYPE_CHECKING:
 ZSCORE_EPS = 1e-8
 
 
+def steps_to_front(mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Each row's step positions in order, gathered to the front (gaps and padding vanish):
+    `order` [B,L] (the positions; `gather(1, order)` reads the steps, `scatter(1, order, .)` puts
+    them back), the step index `rank` [L], and which entries are steps / each row's last [B,L]."""
+    steps_per_row = mask.sum(dim=1)
+    longest = int(steps_per_row.max()) if mask.shape[0] else 0
+    # positions of each row's steps, in order, then the rest (stable sort keeps the order)
+    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :longest]
+    rank = torch.arange(longest, device=mask.device)
+    is_step = rank[None, :] < steps_per_row[:, None]
+    is_last = rank[None, :] == (steps_per_row[:, None] - 1)
+    return order, rank, is_step, is_last
+
+
 @torch.no_grad()
 def gae_advantages(
     values: Tensor, rewards: Tensor, step_mask: Tensor, *, gamma: float, lam: float
@@ -52,17 +66,9 @@ def gae_advantages(
     can touch it. gamma=lam=1 gives Monte-Carlo returns (every return is R); lam=0 gives TD(0).
     """
     mask = step_mask.bool()
-    batch = mask.shape[0]
-    steps_per_row = mask.sum(dim=1)
-    longest = int(steps_per_row.max()) if batch else 0
-    # positions of each row's steps, in order, then the rest (stable sort keeps the order)
-    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :longest]
-    rank = torch.arange(longest, device=mask.device)
-    is_step = rank[None, :] < steps_per_row[:, None]
-
+    order, rank, is_step, is_last = steps_to_front(mask)
     step_values = torch.where(is_step, values.detach().double().gather(1, order), 0.0)
     next_values = F.pad(step_values[:, 1:], (0, 1))  # the terminal state is worth 0
-    is_last = rank[None, :] == (steps_per_row[:, None] - 1)
     step_rewards = torch.where(is_last, rewards.detach().double().to(mask.device)[:, None], 0.0)
     deltas = torch.where(is_step, step_rewards + gamma * next_values - step_values, 0.0)
 
@@ -84,12 +90,7 @@ def critic_delta_scores(values: Tensor, rewards: Tensor, step_mask: Tensor) -> T
     After the last step the next value is the reward R, or the last value (a change of 0) where R is
     unknown (NaN)."""
     mask = step_mask.bool()
-    steps_per_row = mask.sum(dim=1)
-    longest = int(steps_per_row.max()) if mask.shape[0] else 0
-    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :longest]
-    rank = torch.arange(longest, device=mask.device)
-    is_step = rank[None, :] < steps_per_row[:, None]
-    is_last = rank[None, :] == (steps_per_row[:, None] - 1)
+    order, _, is_step, is_last = steps_to_front(mask)
     step_values = torch.where(is_step, values.detach().double().gather(1, order), 0.0)
     rewards = rewards.detach().double().to(mask.device)[:, None]
     after_last = torch.where(torch.isnan(rewards), step_values, rewards)
