@@ -98,7 +98,9 @@ def test_verifiable_resumes_with_the_old_value_snapshot_of_its_checkpoint(raw_da
 
     # refreshed after step 2 (the checkpoint), not after step 3: the end state is step 2's head
     overrides = ("data.dataset=rollouts", "data.sampler=all", "training.max_steps=3", "training.save_every=2",
-                 "training.keep_last=3", "stage2.value_loss.old_values_refresh_every=2")  # fmt: skip
+                 "training.keep_last=3", "stage2.value_loss.old_values_refresh_every=2",
+                 "stage2.value_weighting.td_error_normalization=ema", "stage2.value_weighting.ema_warmup=1",
+                 "stage2.value_weighting.ema_momentum=0.5")  # the running score statistics must resume too  # fmt: skip
     config = pipeline_config("verifiable", raw_data, models_dir, *overrides)
     uninterrupted = train(config)
     snapshot = {k: v.clone() for k, v in made[1][0].old_value_head.state_dict().items()}
@@ -111,8 +113,9 @@ def test_verifiable_resumes_with_the_old_value_snapshot_of_its_checkpoint(raw_da
     for name, tensor in made[2][0].old_value_head.state_dict().items():
         assert torch.equal(tensor, snapshot[name]), name
     step_3, resumed_step_3 = uninterrupted.history[-1], resumed.history[-1]
-    for key in ("loss", "value/mean", "value/loss", "value/clip_fraction", "weights/mean"):
+    for key in ("loss", "value/mean", "value/loss", "value/clip_fraction", "weights/mean", "weights/std"):
         assert resumed_step_3[key] == pytest.approx(step_3[key], rel=1e-6, abs=1e-9), key
+    assert made[2][0].score_moments == made[1][0].score_moments  # restored, then updated by step 3 alike
 
 
 def test_verifiable_without_a_critic_names_the_command_to_run_first(raw_data, models_dir):

@@ -448,3 +448,41 @@ def test_pairwise_needs_pairs():
 
     with pytest.raises(ValueError, match="even number of rows"):
         pairwise_value_loss(torch.zeros(3, 4), torch.ones(3, 4, dtype=torch.bool), torch.zeros(3))
+
+
+def test_ema_normalisation_follows_a_plain_running_average_over_batches():
+    from weighted_mtp.weighting.critic import ScoreMoments, transformed_scores
+
+    momentum, warmup = 0.9, 2
+    moments = ScoreMoments(momentum, warmup)
+    mean = var = None
+    for update in range(1, 7):
+        _, labels, values, rewards = random_case(20 + update, gaps=True)
+        mask = response_step_mask(labels)
+        if not mask.any():
+            continue
+        scores = torch.randn(values.shape, generator=torch.Generator().manual_seed(update), dtype=torch.float64)
+        valid = [float(x) for x in scores[mask]]
+        batch_mean = sum(valid) / len(valid)
+        batch_var = sum((x - batch_mean) ** 2 for x in valid) / len(valid)
+        if mean is None:
+            mean, var = batch_mean, batch_var
+        else:
+            mean, var = momentum * mean + (1 - momentum) * batch_mean, momentum * var + (1 - momentum) * batch_var
+        moments.update(scores[mask])
+        use_mean, use_std = (batch_mean, math.sqrt(batch_var)) if moments.updates <= warmup else (mean, math.sqrt(var))
+        got = transformed_scores(scores, mask, temperature=1.0, normalization="ema", transform="exp", moments=moments)
+        expected = torch.where(mask, torch.exp((scores - use_mean) / (use_std + 1e-8)), 0.0)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        assert (moments.mean, moments.var) == (pytest.approx(mean, abs=1e-12), pytest.approx(var, abs=1e-12))
+    restored = ScoreMoments(momentum, warmup)
+    restored.load_state_dict(moments.state_dict())
+    assert restored == moments
+
+
+def test_ema_without_moments_is_refused():
+    from weighted_mtp.weighting.critic import transformed_scores
+
+    with pytest.raises(ValueError, match="running moments"):
+        transformed_scores(torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool), temperature=1.0,
+                           normalization="ema", transform="exp")  # fmt: skip

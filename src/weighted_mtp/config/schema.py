@@ -212,7 +212,13 @@ class ValueWeightingConfig(Section):
     )
     gae_gamma: float = Field(1.0, ge=0, le=1)
     gae_lambda: float = Field(0.95, ge=0, le=1)
-    td_error_normalization: Literal["zscore", "none"] = "zscore"
+    td_error_normalization: Literal["zscore", "none", "ema"] = Field(
+        "zscore",
+        description="zscore: over the micro-batch's steps; ema: with running statistics (ema_momentum), "
+        "the batch's own for the first ema_warmup training micro-batches; none.",
+    )
+    ema_momentum: float = Field(0.99, ge=0, lt=1)
+    ema_warmup: int = Field(10, ge=0, description="Training micro-batches z-scored by their own statistics first.")
     transform: Literal["exp", "softmax"] = Field(
         "exp", description="exp: exp(s / beta); softmax: L * softmax(s / beta) over each sequence's L tokens."
     )

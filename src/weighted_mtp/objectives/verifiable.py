@@ -152,6 +152,7 @@ class VerifiableObjective(Objective):
         self.value_head = value_head
         self.old_value_head = frozen_copy(value_head)
         self.weighting = weighting
+        self.score_moments = weighting.new_moments()  # running score statistics (ema normalisation)
         self.value_kind = value_kind
         self.value_loss_coefficient = value_loss_coefficient
         self.value_clip_range = value_clip_range
@@ -177,10 +178,15 @@ class VerifiableObjective(Objective):
 
     def state_dict(self) -> dict[str, Any]:
         snapshot = self.old_value_head.state_dict()
-        return {"old_value_head": {name: tensor.detach().cpu().clone() for name, tensor in snapshot.items()}}
+        state = {"old_value_head": {name: tensor.detach().cpu().clone() for name, tensor in snapshot.items()}}
+        if self.score_moments is not None:
+            state["score_moments"] = self.score_moments.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.old_value_head.load_state_dict(state["old_value_head"])
+        if self.score_moments is not None:
+            self.score_moments.load_state_dict(state["score_moments"])
 
     @torch.no_grad()
     def _old_values(self, hidden: Tensor) -> Tensor:
@@ -235,7 +241,10 @@ class VerifiableObjective(Objective):
         fractions = self._fractions(self.token_counts(model, batch), counts, n_heads)
         hidden = model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)
         old_values = self._old_values(hidden)
-        targets = self.weighting.targets(old_values, batch.rewards, batch.labels, n_heads=n_heads)
+        targets = self.weighting.targets(
+            old_values, batch.rewards, batch.labels, n_heads=n_heads, moments=self.score_moments,
+            update_moments=loss_scale is not None,
+        )  # fmt: skip
         critic = CriticStep(old_values, targets)
         trunk_loss = None
         if self.train_values:

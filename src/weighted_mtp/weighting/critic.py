@@ -24,6 +24,7 @@ weights and returns are targets, never a path for gradients.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -129,13 +130,51 @@ def advantage_token_weights(
     )
 
 
+@dataclass
+class ScoreMoments:
+    """Running mean and variance of the scores, for `td_error_normalization: ema`: each training
+    micro-batch updates them (`update`: mean <- momentum mean + (1 - momentum) batch mean, the same for
+    the population variance; the first update takes the batch's own), and scores are z-scored with
+    them once more than `warmup` updates were made, with the batch's own statistics before. Part of
+    the objective's state: checkpoints save it and a resumed run restores it."""
+
+    momentum: float
+    warmup: int
+    mean: float = 0.0
+    var: float = 1.0
+    updates: int = 0
+
+    def update(self, valid: Tensor) -> None:
+        if valid.numel() == 0:
+            return
+        batch_mean, batch_var = float(valid.double().mean()), float(valid.double().var(unbiased=False))
+        if self.updates == 0:
+            self.mean, self.var = batch_mean, batch_var
+        else:
+            self.mean = self.momentum * self.mean + (1 - self.momentum) * batch_mean
+            self.var = self.momentum * self.var + (1 - self.momentum) * batch_var
+        self.updates += 1
+
+    def normalize(self, scores: Tensor, valid: Tensor) -> Tensor:
+        if self.updates <= self.warmup:
+            return (scores - valid.mean()) / (valid.std(unbiased=False) + ZSCORE_EPS)
+        return (scores - self.mean) / (math.sqrt(self.var) + ZSCORE_EPS)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "var": self.var, "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.var, self.updates = float(state["mean"]), float(state["var"]), int(state["updates"])
+
+
 def transformed_scores(
     scores: Tensor,
     step_mask: Tensor,
     *,
     temperature: float,
-    normalization: Literal["zscore", "none"],
+    normalization: Literal["zscore", "none", "ema"],
     transform: Literal["exp", "softmax"],
+    moments: ScoreMoments | None = None,
 ) -> Tensor:
     """Steps 1-2 of `advantage_token_weights`: the weights before clipping, 0 off the steps."""
     mask = step_mask.bool()
@@ -143,8 +182,13 @@ def transformed_scores(
     if normalization == "zscore" and mask.any():
         valid = scores[mask]
         scores = (scores - valid.mean()) / (valid.std(unbiased=False) + ZSCORE_EPS)
-    elif normalization not in ("zscore", "none"):
-        raise ValueError(f"unknown td_error_normalization {normalization!r} (expected zscore or none)")
+    elif normalization == "ema":
+        if moments is None:
+            raise ValueError("td_error_normalization ema needs the running moments (ScoreMoments)")
+        if mask.any():
+            scores = moments.normalize(scores, scores[mask])
+    elif normalization != "none":
+        raise ValueError(f"unknown td_error_normalization {normalization!r} (expected zscore, ema or none)")
     if transform == "exp":
         weights = torch.exp(scores / temperature)
     elif transform == "softmax":
@@ -190,21 +234,30 @@ def critic_targets(
     gamma: float,
     lam: float,
     temperature: float,
-    normalization: Literal["zscore", "none"],
+    normalization: Literal["zscore", "none", "ema"],
     transform: Literal["exp", "softmax"],
     clip_min: float,
     clip_max: float,
     weight_normalization: Literal["mean1", "none"],
+    moments: ScoreMoments | None = None,
+    update_moments: bool = False,
 ) -> CriticTargets:
     """From values [B,T] (an estimate of R, e.g. sigmoid of a BCE-trained head), rewards [B], labels.
-    The value loss's returns are GAE's whatever the scorer (the value head keeps learning R)."""
+    The value loss's returns are GAE's whatever the scorer (the value head keeps learning R). With
+    `normalization="ema"`, `moments` are the running statistics, updated first when `update_moments`
+    (a training micro-batch)."""
     step_mask = response_step_mask(labels)
     advantages, returns = gae_advantages(values, rewards, step_mask, gamma=gamma, lam=lam)
     if scorer == "critic_delta":
         advantages = critic_delta_scores(values, rewards, step_mask)
     elif scorer != "gae":
         raise ValueError(f"unknown scorer {scorer!r} (expected gae or critic_delta)")
-    raw = transformed_scores(advantages, step_mask, temperature=temperature, normalization=normalization, transform=transform)
+    if normalization == "ema" and update_moments and moments is not None:
+        moments.update(advantages[step_mask.bool()])
+    raw = transformed_scores(
+        advantages, step_mask, temperature=temperature, normalization=normalization, transform=transform,
+        moments=moments,
+    )  # fmt: skip
     token_weights = clipped_weights(
         raw, step_mask, clip_min=clip_min, clip_max=clip_max, weight_normalization=weight_normalization
     )
@@ -307,15 +360,22 @@ class CriticWeighting:
         gamma: float = DEFAULTS.gae_gamma,
         lam: float = DEFAULTS.gae_lambda,
         temperature: float = DEFAULTS.weight_temperature,
-        normalization: Literal["zscore", "none"] = DEFAULTS.td_error_normalization,
+        normalization: Literal["zscore", "none", "ema"] = DEFAULTS.td_error_normalization,
         transform: Literal["exp", "softmax"] = DEFAULTS.transform,
         clip_min: float = DEFAULTS.weight_clip_min,
         clip_max: float = DEFAULTS.weight_clip_max,
         weight_normalization: Literal["mean1", "none"] = DEFAULTS.weight_normalization,
+        ema_momentum: float = DEFAULTS.ema_momentum,
+        ema_warmup: int = DEFAULTS.ema_warmup,
     ) -> None:
         self.scorer, self.gamma, self.lam, self.temperature = scorer, gamma, lam, temperature
         self.normalization, self.transform = normalization, transform
         self.clip_min, self.clip_max, self.weight_normalization = clip_min, clip_max, weight_normalization
+        self.ema_momentum, self.ema_warmup = ema_momentum, ema_warmup
+
+    def new_moments(self) -> ScoreMoments | None:
+        """Fresh running statistics when the scores are normalised by them (`ema`), else None."""
+        return ScoreMoments(self.ema_momentum, self.ema_warmup) if self.normalization == "ema" else None
 
     @classmethod
     def from_config(cls, config: Config) -> CriticWeighting:
@@ -330,9 +390,20 @@ class CriticWeighting:
             clip_min=section.weight_clip_min,
             clip_max=section.weight_clip_max,
             weight_normalization=section.weight_normalization,
+            ema_momentum=section.ema_momentum,
+            ema_warmup=section.ema_warmup,
         )
 
-    def targets(self, values: Tensor, rewards: Tensor, labels: Tensor, *, n_heads: int) -> CriticTargets:
+    def targets(
+        self,
+        values: Tensor,
+        rewards: Tensor,
+        labels: Tensor,
+        *,
+        n_heads: int,
+        moments: ScoreMoments | None = None,
+        update_moments: bool = False,
+    ) -> CriticTargets:
         return critic_targets(
             values,
             rewards,
@@ -347,6 +418,8 @@ class CriticWeighting:
             clip_min=self.clip_min,
             clip_max=self.clip_max,
             weight_normalization=self.weight_normalization,
+            moments=moments,
+            update_moments=update_moments,
         )
 
     def stats(self, targets: CriticTargets, mask: Tensor) -> dict[str, float]:
