@@ -47,6 +47,8 @@ bench: setup
 	$(BIN)/python benchmarks/model_forward.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/speculative_decoding.py
+	$(BIN)/python benchmarks/generation_vs_transformers.py --prompts 16 --new-tokens 64 --batch 8 --json benchmarks/results/generation_vs_transformers.json
+	$(BIN)/python benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) storage .pytest_cache .coverage

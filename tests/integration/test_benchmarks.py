@@ -1,0 +1,36 @@
+"""`make bench`'s report path in a quick mode: the generation comparison writes its JSON and the
+report turns it into a table. Nothing here is timed; the figures are whatever the run measured."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_generation_comparison_reports_every_dtype_and_batch(tmp_path, shared_data):
+    pytest.importorskip("transformers")
+    results = tmp_path / "results"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "generation_vs_transformers.py"), "--raw-data", str(shared_data),
+        "--models-dir", str(tmp_path / "models"), "--prompts", "2", "--new-tokens", "4", "--batch", "2",
+        "--repeats", "1", "--json", str(results / "generation_vs_transformers.json"),
+    ]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+    record = json.loads((results / "generation_vs_transformers.json").read_text())
+    assert [(row["dtype"], row["batch"]) for row in record["rows"]] == [
+        ("float32", 1), ("float32", 2), ("bfloat16", 1), ("bfloat16", 2)
+    ]
+    assert all(row["ours_tok_s"] > 0 and row["transformers_tok_s"] > 0 for row in record["rows"])
+    assert record["rows"][0]["identical_rows"] == 2  # float32 greedy: the same tokens as transformers
+    out = tmp_path / "BENCHMARKS.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--results", str(results), "--out", str(out)],
+                   check=True, capture_output=True, text=True)  # fmt: skip
+    page = out.read_text()
+    assert page.count("| float32 |") == 2 and page.count("| bfloat16 |") == 2
+    assert "of bandwidth limit" in page and ("met" in page or "missed" in page)
