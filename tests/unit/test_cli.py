@@ -103,7 +103,7 @@ def test_an_unknown_command_is_named_as_such(capsys):
 
     assert main(["frobnicate"]) == 2
     assert capsys.readouterr().err == (
-        "error: unknown command 'frobnicate' (commands: train, config, data, model, eval, rollout, demo, study)\n"
+        "error: unknown command 'frobnicate' (commands: train, config, ls, cp, data, model, eval, rollout, demo, study)\n"
     )
     assert main(["evla", "--model", "x"]) == 2
     assert capsys.readouterr().err.endswith("did you mean 'eval'?\n")
@@ -183,3 +183,35 @@ def test_info_on_an_unknown_dataset_lists_the_known_ones(in_tmp_repo, capsys):
 
     assert main(["data", "info", "nosuch"]) == 2
     assert capsys.readouterr().err == "error: unknown dataset 'nosuch' (known: codecontests, humaneval, mbpp, rollouts)\n"
+
+
+def test_ls_lists_everything_a_command_line_can_name(repo_root, monkeypatch, capsys):
+    from weighted_mtp.cli import main
+    from weighted_mtp.data.sources import DATASETS
+    from weighted_mtp.eval.benchmarks import BENCHMARKS
+    from weighted_mtp.models.loading import MODEL_LOADERS
+
+    monkeypatch.chdir(repo_root)
+    assert main(["ls"]) == 0
+    out = capsys.readouterr().out
+    recipes = sorted(p.name.removeprefix("recipe.").removesuffix(".yaml") for p in (repo_root / "configs").glob("recipe.*.yaml"))
+    names = [*recipes, "local-light", "cpu-smollm2", "a100x4", *MODEL_LOADERS, *BENCHMARKS, *DATASETS]
+    listed = {line.split()[0] for line in out.splitlines() if line.startswith("  ")}
+    assert set(names) <= listed
+    assert all(len(line.split()) > 1 for line in out.splitlines() if line.startswith("  "))  # each says what it is
+
+
+def test_cp_copies_a_recipe_once_and_refuses_to_overwrite(repo_root, tmp_path, monkeypatch, capsys):
+    from weighted_mtp.cli import main
+
+    monkeypatch.chdir(repo_root)
+    target = tmp_path / "mine" / "rho1.yaml"
+    assert main(["cp", "rho1", str(target)]) == 0
+    assert target.read_text() == (repo_root / "configs" / "recipe.rho1.yaml").read_text()
+    target.write_text("# edited\n")
+    capsys.readouterr()
+    assert main(["cp", "rho1", str(target)]) == 2
+    assert capsys.readouterr().err == f"error: {target}: already exists; nothing was copied\n"
+    assert target.read_text() == "# edited\n"
+    assert main(["cp", "presets/local-light", str(tmp_path / "light.yaml")]) == 0
+    assert main(["cp", "nosuch", str(tmp_path / "x.yaml")]) == 2 and not (tmp_path / "x.yaml").exists()

@@ -152,3 +152,25 @@ def test_the_original_designs_rho1_weighted_recipe_is_soft_rho1(monkeypatch):
         config = load_config(recipe=recipe).config
         assert (config.experiment.pipeline, config.weighting.scheme, config.rho1.selection) == ("rho1", "rho1", "soft")
         assert config.experiment.name == "rho1_weighted"
+
+
+def test_wmtp_config_names_the_layer_of_every_value_and_is_the_config_as_yaml(monkeypatch, capsys):
+    from pathlib import Path
+
+    import yaml
+
+    from weighted_mtp.cli import main
+    from weighted_mtp.config import load_config
+    from weighted_mtp.config.loader import public_dump
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    argv = ["--recipe", "verifiable", "--preset", "local-light", "--use-micro-model", "training.lr=3e-4"]
+    assert main(["config", *argv]) == 0
+    out = capsys.readouterr().out
+    config = load_config(recipe="verifiable", preset="local-light", use_micro_model=True, overrides=["training.lr=3e-4"]).config
+    assert yaml.safe_load(out) == public_dump(config)
+    lines = out.splitlines()
+    assert "  lr: 0.0003  # command line override training.lr" in lines
+    assert "  name: micro  # --use-micro-model" in lines
+    assert "device: cpu  # configs/presets/local-light.yaml" in lines
+    assert "generation_dtype: auto" in lines  # the schema's default: no comment

@@ -1,11 +1,11 @@
-"""`wmtp config`: print the resolved configuration and which file set each layer."""
+"""`wmtp config`: print the resolved configuration, each value with the layer that set it."""
 
 from __future__ import annotations
 
 import argparse
 
 from weighted_mtp.commands.common import add_config_arguments, resolve
-from weighted_mtp.config import config_to_yaml
+from weighted_mtp.config.loader import annotated_yaml
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -17,5 +17,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     resolved = resolve(args)
     print("# layers, later ones win: " + " < ".join(["schema defaults", *resolved.sources]))
-    print(config_to_yaml(resolved.config), end="")
+    print("# a value without a comment is the schema's default")
+    print(annotated_yaml(resolved), end="")
     return 0

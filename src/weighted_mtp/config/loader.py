@@ -278,6 +278,26 @@ def config_to_yaml(config: Config) -> str:
     return yaml.safe_dump(public_dump(config), sort_keys=False, default_flow_style=None)
 
 
+def annotated_yaml(resolved: ResolvedConfig) -> str:
+    """The resolved config as YAML, each value set by a layer (not a schema default) followed by a
+    comment naming that layer: the file, `--use-micro-model`, or the command-line override."""
+    lines: list[str] = []
+
+    def emit(node: dict[str, Any], path: tuple[str, ...], indent: str) -> None:
+        for key, value in node.items():
+            here = (*path, key)
+            if isinstance(value, dict) and value:
+                lines.append(f"{indent}{key}:")
+                emit(value, here, indent + "  ")
+                continue
+            text = yaml.safe_dump({key: value}, default_flow_style=True, width=10**6).strip()[1:-1]
+            source = _source_of(here, resolved.layers)
+            lines.append(f"{indent}{text}" + ("" if source == "defaults" else f"  # {source}"))
+
+    emit(public_dump(resolved.config), (), "")
+    return "\n".join(lines) + "\n"
+
+
 def save_resolved_config(config: Config, directory: Path) -> Path:
     """Save the resolved config beside a run's outputs, so the run can be reproduced from it alone."""
     path = Path(directory) / "config.yaml"

