@@ -202,3 +202,31 @@ def test_unreachable_server_is_a_clear_error_naming_the_uri():
     message = str(info.value)
     assert "127.0.0.1" in message and "tracking.uri" in message
     assert "hunter2" not in message and "hunter2" not in repr(tracker)
+
+
+def test_a_training_run_tells_its_story_and_its_evaluation_links_back(in_tmp_repo, shared_data):
+    """A real micro-model training run with the embedded store: its model is registered under
+    <experiment>-<model>, its curves are an artifact, and `wmtp eval` of its export tags the
+    training run as its source."""
+    from mlflow import MlflowClient
+
+    from weighted_mtp.cli import main
+
+    common = ["--preset", "local-light", "--use-micro-model", f"paths.raw_data={shared_data}", "device=cpu"]
+    assert main(["train", "--recipe", "baseline", *common, "training.max_steps=2", "data.val_split=null",
+                 "training.eval_every=null"]) == 0  # fmt: skip
+    run_dir = in_tmp_repo / "storage" / "runs" / "baseline"
+    manifest = json.loads((run_dir / "final" / "config.json").read_text())
+    train_run = manifest["extra"]["tracking_run_id"]
+    client = MlflowClient(tracking_uri="sqlite:///storage/mlruns/mlflow.db")
+    assert client.get_model_version("baseline-micro", "1").run_id == train_run
+    artifacts = Path(client.get_run(train_run).info.artifact_uri.removeprefix("file://"))
+    assert (artifacts / "plots" / "training-curves.png").stat().st_size > 1000
+    assert (run_dir / "training-curves.png").is_file()
+
+    assert main(["eval", "--model", str(run_dir / "final"), "--benchmark", "mbpp", "--limit", "2",
+                 "--max-new-tokens", "8", *common]) == 0  # fmt: skip
+    (eval_run,) = client.search_runs(
+        [client.get_experiment_by_name("weighted-mtp").experiment_id], "attributes.run_name = 'eval-baseline-mbpp-test'"
+    )
+    assert eval_run.data.tags["source_run_id"] == train_run

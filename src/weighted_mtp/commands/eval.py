@@ -241,6 +241,17 @@ def _progress(console, config):
 MEASURED = ("generation_s", "generated_tokens", "tokens_per_s")  # metadata that is a measurement, not a setting
 
 
+def _training_run_of(model: Path) -> str | None:
+    """The tracker run that trained a model directory (`<run>/final`), as its export recorded it."""
+    manifest = model / "config.json"
+    if not manifest.is_file():
+        return None
+    try:
+        return json.loads(manifest.read_text()).get("extra", {}).get("tracking_run_id")
+    except (ValueError, AttributeError):
+        return None
+
+
 def _track(config, report, output: Path, metadata: dict) -> None:
     """One tracking run per evaluation, named after what was scored (eval-<model>-<benchmark>-<split>):
     the settings as parameters (floats included), pass@k and the generation figures as metrics."""
@@ -258,6 +269,9 @@ def _track(config, report, output: Path, metadata: dict) -> None:
             f"eval/{key}": metadata[key] for key in MEASURED if key in metadata
         }}, step=0)
         tracker.log_artifact(output, artifact_path="eval")
+        source_run = _training_run_of(scored)
+        if source_run:
+            tracker.set_tags({"source_run_id": source_run})
     except BaseException:
         tracker.end(status="FAILED")
         raise

@@ -32,8 +32,11 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_trained_model(
-    directory: Path, modules: nn.ModuleDict, config: Config, env: DistEnv, tokenizer=None
+    directory: Path, modules: nn.ModuleDict, config: Config, env: DistEnv, tokenizer=None,
+    tracking_run_id: str | None = None,
 ) -> Path:
+    """`tracking_run_id`: the tracker's run that trained it, recorded so that an evaluation of this
+    directory can link its own run to it."""
     from safetensors.torch import save_file
 
     from weighted_mtp.models.checkpoints.native import FORMAT, WEIGHTS
@@ -56,7 +59,9 @@ def export_trained_model(
                 "format": FORMAT,
                 "model_args": args.to_dict(),
                 "dtype": dtype,
-                "extra": {"modules": sorted(states), "experiment": config.experiment.name},
+                "extra": {
+                    "modules": sorted(states), "experiment": config.experiment.name, "tracking_run_id": tracking_run_id,
+                },
             }
             (tmp / "config.json").write_text(json.dumps(manifest, indent=2) + "\n")
             for name, state in states.items():

@@ -271,6 +271,8 @@ class Trainer:
             if self.env.is_main and self.metrics_file.path.is_file():
                 with contextlib.suppress(Exception):
                     self.tracker.log_artifact(self.metrics_file.path)
+            if self.env.is_main and history and status == "FINISHED":
+                self._plot(history)
             self.tracker.end(status)
         return TrainResult(
             steps=self.state.step,
@@ -660,11 +662,32 @@ class Trainer:
         from weighted_mtp.train.export import export_trained_model
 
         model_dir = export_trained_model(
-            self.run_dir / "final", self.modules, self.config, self.env, tokenizer=self.tokenizer
+            self.run_dir / "final", self.modules, self.config, self.env, tokenizer=self.tokenizer,
+            tracking_run_id=self.state.tracker_run_id,
         )
         if self.env.is_main and model_dir is not None and self.config.tracking.register_model:
-            self.tracker.register_model(model_dir, self.config.experiment.name)
+            self.tracker.register_model(model_dir, registered_model_name(self.config))
         return model_dir
+
+    def _plot(self, history: list[dict[str, float]]) -> None:
+        """training-curves.png in the run directory, and as an artifact of the tracker's run."""
+        from weighted_mtp.plots import training_curves
+
+        keys = [key for key in CURVES if any(key in row for row in history)]
+        if not keys:
+            return
+        path = training_curves({self.config.experiment.name: history}, keys, self.run_dir / "training-curves.png")
+        self.tracker.log_artifact(path, artifact_path="plots")
+
+
+CURVES = ("loss", "head1/loss", "head2/loss", "value/loss", "weights/mean", "weights/std", "grad_norm", "lr")
+
+
+def registered_model_name(config: Config) -> str:
+    """<experiment>-<model>: runs of one recipe on different models are different registered models."""
+    name = Path(config.model.name)
+    base = name.parent.name if name.name == "final" else name.name
+    return f"{config.experiment.name}-{base.removesuffix('.gguf')}"
 
 
 def _format(metrics: dict[str, float]) -> str:
