@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from weighted_mtp.errors import CheckpointError
@@ -45,6 +46,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="LlamaForCausalLM directory of head 1; extra heads in mtp_heads.safetensors",
     )
     target.add_argument("--to-native", action="store_true", help="safetensors + config.json, every head")
+    target.add_argument(
+        "--adapter",
+        action="store_true",
+        help="the PEFT adapter of a LoRA run (source: <run>/final), for peft on the HF export of the base model",
+    )
     export.add_argument("source", help="a named model or checkpoint path")
     export.add_argument("destination", type=Path)
     export.add_argument("--n-future-tokens", type=int, help="grow/shrink to this many heads first")
@@ -111,6 +117,16 @@ def run_info(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from weighted_mtp.models.checkpoints import hf, native
     from weighted_mtp.models.loading import load_model
+
+    if args.adapter:
+        adapter = Path(args.source) / hf.ADAPTER_DIR
+        if not (adapter / "adapter_config.json").is_file():
+            raise CheckpointError(f"{args.source}: no PEFT adapter (only a LoRA run's final/ export has {hf.ADAPTER_DIR}/)")
+        if args.destination.exists():
+            raise CheckpointError(f"{args.destination}: already exists; nothing was written")
+        shutil.copytree(adapter, args.destination)
+        print(args.destination)
+        return 0
 
     model, tokenizer = load_model(
         args.source,

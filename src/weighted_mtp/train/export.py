@@ -39,14 +39,14 @@ def export_trained_model(
     directory can link its own run to it."""
     from safetensors.torch import save_file
 
+    from weighted_mtp.models.checkpoints.hf import ADAPTER_DIR, export_peft_adapter
     from weighted_mtp.models.checkpoints.native import FORMAT, WEIGHTS
     from weighted_mtp.train.checkpoint import distinct_tensors
 
     lora = config.training.lora
     scaling = lora_scaling(lora.r, lora.alpha)
-    states = {
-        name: merge_lora_state_dict(full_state_dict(module), scaling) for name, module in modules.items()
-    }
+    unmerged = {name: full_state_dict(module) for name, module in modules.items()}
+    states = {name: merge_lora_state_dict(state, scaling) for name, state in unmerged.items()}
     if env.is_main:
         args = modules["model"].args
         model_state = states.pop("model")
@@ -69,6 +69,10 @@ def export_trained_model(
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             save_resolved_config(config, tmp)  # what produced it (e.g. a value head's type and loss)
+            export_peft_adapter(  # LoRA runs: the adapters alone, for peft on the HF export of the base
+                unmerged["model"], args, tmp / ADAPTER_DIR, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                base_model=config.model.name,
+            )
         log.info("exported the trained model to %s", directory)
     barrier(env)
     return Path(directory)

@@ -264,3 +264,51 @@ def export_hf(model: MTPTransformer, directory: Path, tokenizer=None) -> Path:
             + "\n"
         )
     return directory
+
+
+ADAPTER_DIR = "peft_adapter"
+# our LoRA-targeted linear layers -> HF's module names
+LINEAR_NAMES = {key.removesuffix(".weight"): value.removesuffix(".weight") for key, value in BLOCK_NAMES.items()}
+
+
+def peft_adapter_tensors(state: dict[str, Tensor], args: ModelArgs, adapter: str = "default") -> dict[str, Tensor]:
+    """The LoRA adapters of a (gathered, unmerged) state dict under PEFT's names for the Hugging Face
+    export (`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`, ...). The rows of q and k
+    are permuted into HF's rotary layout, so B of wq becomes P B (A is unchanged: the update P B A is
+    the permuted update). Extra heads are not in the HF model, so their adapters are left out."""
+    out: dict[str, Tensor] = {}
+    for key, tensor in state.items():
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}.{adapter}.weight"
+            if not key.endswith(marker) or not key.startswith("layers."):
+                continue
+            module = key.removesuffix(marker)  # layers.N.attention.wq
+            _, index, rest = module.split(".", 2)
+            tensor = tensor.detach().to("cpu")
+            if part == "lora_B" and rest == "attention.wq":
+                tensor = to_hf_rotary(tensor, args.n_heads)
+            elif part == "lora_B" and rest == "attention.wk":
+                tensor = to_hf_rotary(tensor, args.n_kv_heads)
+            out[f"base_model.model.model.layers.{index}.{LINEAR_NAMES[rest]}.{part}.weight"] = tensor.contiguous()
+    return out
+
+
+def export_peft_adapter(
+    state: dict[str, Tensor], args: ModelArgs, directory: Path, *, r: int, alpha: float, dropout: float, base_model: str
+) -> Path | None:
+    """A standard PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`) that
+    `peft.PeftModel.from_pretrained` loads onto the Hugging Face export of the base model; None when
+    the state has no adapters."""
+    tensors = peft_adapter_tensors(state, args)
+    if not tensors:
+        return None
+    targets = sorted({name.split(".")[-3] for name in tensors})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+        "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "base_model_name_or_path": base_model,
+    }
+    with atomic_directory(directory) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        atomic_write_json(tmp / "adapter_config.json", config)
+    return Path(directory)
