@@ -20,9 +20,17 @@ def test_the_peft_adapter_of_a_lora_run_loads_in_peft_with_the_runs_logits(in_tm
     from weighted_mtp.cli import main
 
     assert main(["train", "--recipe", "baseline", "--preset", "local-light", "--use-micro-model",
-                 f"paths.raw_data={shared_data}", "device=cpu", "tracking.enabled=false", "training.max_steps=2",
+                 f"paths.raw_data={shared_data}", "device=cpu", "training.max_steps=2",
                  "training.lora.enabled=true", "training.lora.r=4", "training.lr=5e-3", "data.val_split=null",
                  "training.eval_every=null"]) == 0  # fmt: skip
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri="sqlite:///storage/mlruns/mlflow.db")
+    version = client.get_model_version("baseline-micro", "1")
+    run = client.get_run(version.run_id)
+    assert run.data.tags["model.kind"] == "peft_adapter" and run.data.tags["model.base"] == "micro"
+    logged = Path(run.info.artifact_uri.removeprefix("file://")) / "model"
+    assert sorted(p.name for p in logged.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     final = in_tmp_repo / "storage" / "runs" / "baseline" / "final"
     adapter = final / ADAPTER_DIR
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())

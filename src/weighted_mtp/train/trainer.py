@@ -666,8 +666,21 @@ class Trainer:
             tracking_run_id=self.state.tracker_run_id,
         )
         if self.env.is_main and model_dir is not None and self.config.tracking.register_model:
-            self.tracker.register_model(model_dir, registered_model_name(self.config))
+            self._register(model_dir)
         return model_dir
+
+    def _register(self, model_dir: Path) -> None:
+        """One copy of the model in the tracker, where it is registered: the full export, or for a
+        LoRA run only its PEFT adapter (megabytes, not the merged model's hundreds), tagged with the
+        base model it applies to."""
+        from weighted_mtp.models.checkpoints.hf import ADAPTER_DIR
+
+        adapter = model_dir / ADAPTER_DIR
+        if adapter.is_dir():
+            self.tracker.set_tags({"model.kind": "peft_adapter", "model.base": self.config.model.name})
+            self.tracker.register_model(adapter, registered_model_name(self.config))
+        else:
+            self.tracker.register_model(model_dir, registered_model_name(self.config))
 
     def _plot(self, history: list[dict[str, float]]) -> None:
         """training-curves.png in the run directory, and as an artifact of the tracker's run."""
