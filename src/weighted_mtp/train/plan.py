@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -16,6 +17,7 @@ from rich.table import Table
 from weighted_mtp.config import ResolvedConfig, config_to_yaml
 from weighted_mtp.config.schema import Config
 from weighted_mtp.redact import redact_uri
+from weighted_mtp.train.memory import DTYPE_BYTES, MemoryEstimate, estimate_memory
 
 log = logging.getLogger(__name__)
 
@@ -143,16 +145,59 @@ def one_training_step(config: Config, console: Console) -> dict[str, float]:
     return summary
 
 
-def dry_run(resolved: ResolvedConfig) -> int:
-    """Validate, print the resolved config and the plan, run one step on one batch; write nothing."""
+def memory_estimates(config: Config, world_size: int) -> dict[str, MemoryEstimate]:
+    """The memory per rank this run would need, with and without activation checkpointing, from the
+    model's shapes (read from its checkpoint's metadata, no weights loaded)."""
+    from weighted_mtp.models.loading import read_named_or_path, resolve_device
+
+    args = read_named_or_path(config.model.name, config.paths.models, config.seed).args
+    heads = config.model.n_future_tokens or args.n_future_tokens
+    args = dataclasses.replace(args, n_layers=args.n_layers + heads - args.n_future_tokens, n_future_tokens=heads)
+    cuda = resolve_device(config.device).type == "cuda"
+    freeze, lora = config.training.freeze, config.training.lora
+    common = dict(
+        world_size=world_size,
+        strategy=config.distributed.strategy,
+        weight_bytes=4 if cuda else DTYPE_BYTES[config.dtype],  # CUDA: fp32 weights under autocast
+        compute_bytes=DTYPE_BYTES[config.dtype],
+        batch_size=config.training.batch_size,
+        seq_len=config.data.max_length,
+        trunk="lora" if lora.enabled and freeze.trunk == "train" else freeze.trunk,
+        heads="lora" if lora.enabled and freeze.heads == "train" else freeze.heads,
+        lora_r=lora.r,
+        lora_targets=list(lora.target_modules),
+        loss_chunk_size=config.training.loss_chunk_size,
+    )
+    return {
+        "plain": estimate_memory(args, activation_checkpointing=False, **common),
+        "checkpointed": estimate_memory(args, activation_checkpointing=True, **common),
+    }
+
+
+def print_memory(estimates: dict[str, MemoryEstimate], world_size: int, console: Console) -> None:
+    table = Table(title=f"expected memory per rank, {world_size} rank(s), GiB (estimate: docs/training.md)")
+    for column in ("activations", "params", "grads", "optimizer", "acts", "loss", "total"):
+        table.add_column(column, justify="left" if column == "activations" else "right", no_wrap=True)
+    for name, m in estimates.items():
+        table.add_row(name, *(f"{v:.3f}" for v in (m.parameters, m.gradients, m.optimizer, m.activations, m.loss, m.total)))
+    console.print(table)
+
+
+def dry_run(resolved: ResolvedConfig, world_size: int | None = None) -> int:
+    """Validate, print the resolved config, the plan and the memory it needs per rank (for
+    `world_size` ranks, default $WORLD_SIZE), run one step on one batch; write nothing."""
     config = resolved.config
     console = Console(soft_wrap=True)
     console.print(
         "# resolved configuration (layers: " + " < ".join(["schema defaults", *resolved.sources]) + ")"
     )
     console.print(config_to_yaml(config), markup=False, highlight=False, end="")
-    print_plan(make_plan(config), config, console)
+    plan = make_plan(config)
+    print_plan(plan, config, console)
     with tempfile.TemporaryDirectory(prefix="wmtp-dry-run-") as scratch:
-        one_training_step(_scratch_paths(config, Path(scratch)), console)
+        scratch_config = _scratch_paths(config, Path(scratch))
+        ranks = world_size or plan.world_size
+        print_memory(memory_estimates(scratch_config, ranks), ranks, console)
+        one_training_step(scratch_config, console)
     log.info("dry run: nothing written")
     return 0

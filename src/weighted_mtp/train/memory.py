@@ -1,0 +1,111 @@
+"""How much memory a training run will need per rank, from the config alone: before renting GPUs,
+pick full fine-tuning, LoRA or activation checkpointing, and the number of ranks.
+
+An estimate from the model's shapes, not a measurement:
+
+- parameters: every weight once, in the weights' dtype (float32 on CUDA, where the trainer keeps fp32
+  weights and autocasts; the config's dtype on CPU); FSDP shards them over the ranks and gathers one
+  block at a time (that block is added once);
+- gradients: the trainable parameters, in the weights' dtype, sharded like them under FSDP;
+- optimizer: AdamW's two moments per trainable parameter, in the weights' dtype, sharded likewise;
+- activations: what a block keeps for its backward, per token about (8 d + 2 d_kv + 4 f) values in the
+  compute dtype (the norms' inputs and outputs, q, k, v, the attention output, the residuals, the
+  SwiGLU's three hidden vectors; SDPA keeps no s x s matrix), for every trunk block and one head (the
+  memory-efficient loss runs the heads one at a time); with activation checkpointing only each
+  block's input is kept, plus one block's activations while it is recomputed;
+- the loss: `loss_chunk_size` rows of logits and their gradient in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from weighted_mtp.models.transformer import ModelArgs
+
+GIB = 2**30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """GiB per rank."""
+
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: float
+    loss: float
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.loss
+
+
+def block_parameters(args: ModelArgs) -> int:
+    head_dim = args.dim // args.n_heads
+    attention = args.dim * head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)  # wq, wo, wk, wv
+    return attention + 3 * args.dim * args.ffn_hidden_dim + 2 * args.dim
+
+
+def lora_parameters(args: ModelArgs, r: int, targets: list[str]) -> int:
+    """Adapter parameters of one block: r x (in + out) per targeted projection."""
+    head_dim = args.dim // args.n_heads
+    shapes = {
+        "wq": (args.dim, args.n_heads * head_dim), "wk": (args.dim, args.n_kv_heads * head_dim),
+        "wv": (args.dim, args.n_kv_heads * head_dim), "wo": (args.n_heads * head_dim, args.dim),
+        "w1": (args.dim, args.ffn_hidden_dim), "w3": (args.dim, args.ffn_hidden_dim), "w2": (args.ffn_hidden_dim, args.dim),
+    }  # fmt: skip
+    return sum(r * (n_in + n_out) for name, (n_in, n_out) in shapes.items() if name in targets)
+
+
+def parameter_counts(args: ModelArgs, *, trunk: str, heads: str, lora_r: int, lora_targets: list[str]) -> tuple[int, int]:
+    """(all parameters, trainable parameters) for the parts' modes: train, lora or frozen."""
+    trunk_blocks = args.n_layers - args.n_future_tokens
+    block = block_parameters(args)
+    embeddings = args.vocab_size * args.dim
+    unembedding = 0 if args.tie_embeddings else args.vocab_size * args.dim
+    trunk_total = embeddings + trunk_blocks * block
+    heads_total = args.n_future_tokens * block + args.dim + unembedding
+    adapters = lora_parameters(args, lora_r, lora_targets)
+    trainable = {
+        "train": {"trunk": trunk_total, "heads": heads_total},
+        "lora": {"trunk": trunk_blocks * adapters, "heads": args.n_future_tokens * adapters},
+        "frozen": {"trunk": 0, "heads": 0},
+    }
+    total = trunk_total + heads_total + (trainable["lora"]["trunk"] if trunk == "lora" else 0)
+    total += trainable["lora"]["heads"] if heads == "lora" else 0
+    return total, trainable[trunk]["trunk"] + trainable[heads]["heads"]
+
+
+def estimate_memory(
+    args: ModelArgs,
+    *,
+    world_size: int,
+    strategy: str,
+    weight_bytes: int,
+    compute_bytes: int,
+    batch_size: int,
+    seq_len: int,
+    trunk: str,
+    heads: str,
+    lora_r: int,
+    lora_targets: list[str],
+    activation_checkpointing: bool,
+    loss_chunk_size: int,
+) -> MemoryEstimate:
+    total, trainable = parameter_counts(args, trunk=trunk, heads=heads, lora_r=lora_r, lora_targets=lora_targets)
+    shards = world_size if strategy == "fsdp" and world_size > 1 else 1
+    gathered = block_parameters(args) if shards > 1 else 0  # one block unsharded at a time
+    parameters = (total / shards + gathered) * weight_bytes
+    gradients = trainable / shards * weight_bytes
+    optimizer = 2 * trainable / shards * weight_bytes
+    tokens = batch_size * seq_len
+    head_dim = args.dim // args.n_heads
+    per_block = tokens * (8 * args.dim + 2 * args.n_kv_heads * head_dim + 4 * args.ffn_hidden_dim) * compute_bytes
+    blocks_alive = args.n_layers - args.n_future_tokens + 1  # the trunk and one head
+    if activation_checkpointing:
+        activations = blocks_alive * tokens * args.dim * compute_bytes + per_block
+    else:
+        activations = blocks_alive * per_block
+    loss = 2 * min(loss_chunk_size, tokens) * args.vocab_size * 4
+    return MemoryEstimate(parameters / GIB, gradients / GIB, optimizer / GIB, activations / GIB, loss / GIB)
