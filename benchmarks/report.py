@@ -48,7 +48,32 @@ def generation_section(record: dict) -> list[str]:
     return lines
 
 
-SECTIONS = {"generation_vs_transformers": generation_section}
+TRAINING_TARGET = 1.5  # x transformers, one head, forward + backward + AdamW
+
+
+def training_section(record: dict) -> list[str]:
+    lines = [
+        "## A training step against transformers",
+        "",
+        f"SmolLM2-135M, one head, forward + backward + AdamW (foreach) on the same weights and batch of MBPP train "
+        f"solutions, median of {record['steps']} steps. transformers {record['transformers']}, torch {record['torch']}; "
+        f"{record['machine']}, load average {record['load_average']:.2f} at the end; {record['date']}. "
+        f"Target: at least {TRAINING_TARGET:g}x transformers.",
+        "",
+        "| dtype | batch | this project (tok/s) | transformers (tok/s) | ratio | first loss (ours / theirs) | target |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in record["rows"]:
+        verdict = "met" if row["ratio"] >= TRAINING_TARGET else f"missed: {TRAINING_TARGET - row['ratio']:.2f}x short"
+        lines.append(
+            f"| {row['dtype']} | {row['batch']} x {row['length']} | {row['ours_tok_s']:.0f} | "
+            f"{row['transformers_tok_s']:.0f} | {row['ratio']:.2f}x | {row['first_loss_ours']:.5f} / "
+            f"{row['first_loss_transformers']:.5f} | {verdict} |"
+        )
+    return lines
+
+
+SECTIONS = {"generation_vs_transformers": generation_section, "training_vs_transformers": training_section}
 
 
 def render(results: Path) -> str:

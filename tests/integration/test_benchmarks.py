@@ -34,3 +34,21 @@ def test_the_generation_comparison_reports_every_dtype_and_batch(tmp_path, share
     page = out.read_text()
     assert page.count("| float32 |") == 2 and page.count("| bfloat16 |") == 2
     assert "of bandwidth limit" in page and ("met" in page or "missed" in page)
+
+
+def test_the_training_comparison_reports_its_ratio_and_equal_first_losses(tmp_path, shared_data):
+    pytest.importorskip("transformers")
+    results = tmp_path / "results"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "training_vs_transformers.py"), "--raw-data", str(shared_data),
+        "--models-dir", str(tmp_path / "models"), "--batch", "1", "--length", "16", "--steps", "1", "--warmup", "0",
+        "--json", str(results / "training_vs_transformers.json"),
+    ]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+    (row,) = json.loads((results / "training_vs_transformers.json").read_text())["rows"]
+    assert row["first_loss_ours"] == pytest.approx(row["first_loss_transformers"], rel=1e-4)  # same weights, same data
+    out = tmp_path / "BENCHMARKS.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--results", str(results), "--out", str(out)],
+                   check=True, capture_output=True, text=True)  # fmt: skip
+    assert "## A training step against transformers" in out.read_text()
+
