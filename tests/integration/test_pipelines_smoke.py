@@ -188,12 +188,15 @@ def test_rollout_labels_are_what_the_sandbox_says(raw_data, models_dir):
     assert not out.with_name("train.jsonl.partial").exists()
 
 
-def test_a_pairwise_critic_trains_and_feeds_verifiable(raw_data, models_dir):
+def test_pairwise_and_lambda_return_critics_train_and_feed_verifiable(raw_data, models_dir):
     overrides = ("data.dataset=rollouts", "data.sampler=pairs", "training.max_steps=2", "data.val_split=validation",
                  "training.eval_every=2", "stage1.loss=mse", "stage1.pairwise_coefficient=0.5")  # fmt: skip
     critic = train(pipeline_config("critic", raw_data, models_dir, *overrides))
     assert all(math.isfinite(step["value/pairwise_loss"]) for step in critic.history)
     assert 0.0 <= critic.val_metrics["val/value/pair_accuracy"] <= 1.0
+    bootstrapped = pipeline_config("critic", raw_data, models_dir, *overrides[:-2], "stage1.loss=bce",
+                                   "stage1.targets=lambda_return", "experiment.name=critic_lambda")  # fmt: skip
+    assert all(math.isfinite(step["loss"]) for step in train(bootstrapped).history)
     pairwise_only = pipeline_config("critic", raw_data, models_dir, *overrides[:-2], "stage1.loss=pairwise",
                                     "experiment.name=critic_pairwise")  # fmt: skip
     assert train(pairwise_only).steps == 2

@@ -32,7 +32,7 @@ def random_labels(rng: random.Random, batch: int, length: int, *, gaps: bool = F
     return labels
 
 
-def reference_gae(values, rewards, labels, gamma, lam):
+def reference_gae(values, rewards, labels, gamma, lam, dtype=torch.float32):
     """Plain Python on lists: list the steps of each row, then the GAE sum as a double loop."""
     batch, length = len(labels), len(labels[0])
     advantages = [[0.0] * length for _ in range(batch)]
@@ -49,7 +49,7 @@ def reference_gae(values, rewards, labels, gamma, lam):
             a = sum((gamma * lam) ** l * deltas[i + l] for l in range(n - i))
             advantages[b][steps[i]] = a
             returns[b][steps[i]] = a + v[i]
-    return torch.tensor(advantages), torch.tensor(returns)
+    return torch.tensor(advantages, dtype=dtype), torch.tensor(returns, dtype=dtype)
 
 
 KNOBS = dict(
@@ -486,3 +486,18 @@ def test_ema_without_moments_is_refused():
     with pytest.raises(ValueError, match="running moments"):
         transformed_scores(torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool), temperature=1.0,
                            normalization="ema", transform="exp")  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stage1_lambda_return_targets_match_the_plain_gae_loop(seed):
+    from weighted_mtp.weighting.critic import lambda_return_targets
+
+    _, labels, values, rewards = random_case(seed, gaps=seed % 2 == 1)
+    values, rewards = values.double(), rewards.double()
+    targets = lambda_return_targets(values, rewards, response_step_mask(labels), gamma=0.9, lam=0.8)
+    _, expected = reference_gae(values.tolist(), rewards.tolist(), labels.tolist(), 0.9, 0.8, dtype=torch.float64)
+    torch.testing.assert_close(targets, expected, rtol=1e-12, atol=1e-12)
+    mask = response_step_mask(labels)
+    loss = critic_pretrain_loss(values.clone().requires_grad_(), rewards, mask, "mse", targets=targets)
+    by_hand = sum((float(values[b, t]) - float(targets[b, t])) ** 2 for b, t in mask.nonzero().tolist())
+    assert float(loss.detach()) == pytest.approx(by_hand / max(int(mask.sum()), 1), rel=1e-6)

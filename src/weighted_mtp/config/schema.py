@@ -192,6 +192,11 @@ class Stage1Config(Section):
         0.0, ge=0, description="With mse or bce: add this times the pairwise loss (needs data.sampler: pairs)."
     )
     reward_on: Literal["last_token", "every_token"] = "every_token"
+    targets: Literal["reward", "lambda_return"] = Field(
+        "reward",
+        description="reward: every step regresses onto R; lambda_return: onto the lambda-return of the head's own "
+        "values (stage2.value_weighting.gae_gamma / gae_lambda).",
+    )
 
 
 class ValueLossConfig(Section):

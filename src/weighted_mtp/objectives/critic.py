@@ -20,7 +20,7 @@ from weighted_mtp.errors import ConfigError
 from weighted_mtp.models.value_head import build_value_head
 from weighted_mtp.objectives.base import Counts, Objective, share
 from weighted_mtp.weighting import critic_pretrain_loss, pair_margins, pairwise_value_loss, response_step_mask
-from weighted_mtp.weighting.critic import last_true
+from weighted_mtp.weighting.critic import lambda_return_targets, last_true
 
 ValueLossKind = Literal["mse", "bce", "pairwise"]
 
@@ -96,9 +96,11 @@ class CriticObjective(Objective):
         loss: ValueLossKind = "mse",
         reward_on: Literal["every_token", "last_token"] = "every_token",
         pairwise_coefficient: float = 0.0,
+        lambda_return: tuple[float, float] | None = None,
     ) -> None:
         self.value_head = value_head
         self.loss, self.reward_on = loss, reward_on
+        self.lambda_return = lambda_return  # (gamma, lambda) for lambda-return targets, else the reward
         self.pairwise_coefficient = 1.0 if loss == "pairwise" else pairwise_coefficient
         self.pass_fail = PassFailMetrics()
 
@@ -129,6 +131,11 @@ class CriticObjective(Objective):
             loss=config.stage1.loss,
             reward_on=config.stage1.reward_on,
             pairwise_coefficient=config.stage1.pairwise_coefficient,
+            lambda_return=(
+                (config.stage2.value_weighting.gae_gamma, config.stage2.value_weighting.gae_lambda)
+                if config.stage1.targets == "lambda_return"
+                else None
+            ),
         )
 
     def token_counts(self, model: nn.Module, batch: Batch) -> Counts:
@@ -150,7 +157,14 @@ class CriticObjective(Objective):
         metrics: dict[str, float] = {}
         loss = raw.new_zeros(())
         if self.loss != "pairwise":
-            loss = critic_pretrain_loss(raw, batch.rewards, step_mask, self.loss, self.reward_on)
+            targets = None
+            if self.lambda_return is not None:
+                gamma, lam = self.lambda_return
+                targets = lambda_return_targets(
+                    value_estimates(raw.detach(), self.loss), batch.rewards, step_mask, gamma=gamma, lam=lam
+                )
+                targets = targets.clamp(0.0, 1.0) if self.loss == "bce" else targets
+            loss = critic_pretrain_loss(raw, batch.rewards, step_mask, self.loss, self.reward_on, targets=targets)
             loss = loss * share(local["value"], counts["value"])
         if self.pairwise_coefficient > 0:
             pair_sum, _ = pairwise_value_loss(raw, step_mask, batch.rewards)

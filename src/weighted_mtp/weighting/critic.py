@@ -302,8 +302,10 @@ def critic_pretrain_loss(
     mask: Tensor,
     kind: Literal["mse", "bce"] = "mse",
     reward_on: Literal["every_token", "last_token"] = "every_token",
+    targets: Tensor | None = None,
 ) -> Tensor:
-    """Stage 1: regress every step's value (or only the last one) onto the sequence reward.
+    """Stage 1: regress every step's value (or only the last one) onto the sequence reward, or onto
+    per-position `targets` [B,T] when given (lambda-returns: `lambda_return_targets`).
 
     mask is normally `response_step_mask(labels)`. With kind="bce" the head outputs logits and the
     value is sigmoid(logit): pass that to `critic_targets` in stage 2.
@@ -313,7 +315,10 @@ def critic_pretrain_loss(
     elif reward_on != "every_token":
         raise ValueError(f"unknown reward_on {reward_on!r} (expected every_token or last_token)")
     values = values.float()
-    targets = rewards.detach().float().to(values.device)[:, None].expand_as(values)
+    if targets is None:
+        targets = rewards.detach().float().to(values.device)[:, None].expand_as(values)
+    else:
+        targets = targets.detach().float().to(values.device)
     if kind == "mse":
         per_position = (values - targets) ** 2
     elif kind == "bce":
@@ -321,6 +326,14 @@ def critic_pretrain_loss(
     else:
         raise ValueError(f"unknown critic loss {kind!r} (expected mse or bce)")
     return _masked_mean(per_position, mask)
+
+
+@torch.no_grad()
+def lambda_return_targets(values: Tensor, rewards: Tensor, step_mask: Tensor, *, gamma: float, lam: float) -> Tensor:
+    """[B,T] lambda-returns G_i = A_i + V_i from the value head's own (detached) estimates: stage 1
+    with `stage1.targets: lambda_return` bootstraps each step's target from the values after it,
+    instead of regressing every step onto R. For a BCE head the targets are clamped to [0, 1]."""
+    return gae_advantages(values, rewards, step_mask, gamma=gamma, lam=lam)[1]
 
 
 def pair_margins(values: Tensor, step_mask: Tensor, rewards: Tensor) -> tuple[Tensor, Tensor]:
