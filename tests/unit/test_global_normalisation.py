@@ -20,6 +20,7 @@ from weighted_mtp.losses import IGNORE_INDEX, head_target_counts, mtp_forward_ba
 from weighted_mtp.models.transformer import ModelArgs, MTPTransformer, build_micro_model
 from weighted_mtp.models.value_head import MLPValueHead
 from weighted_mtp.objectives import BaselineObjective, CriticObjective, Rho1Objective, VerifiableObjective
+from weighted_mtp.objectives.base import local_sums
 from weighted_mtp.weighting import CriticWeighting, Rho1Weighting
 
 VOCAB, ROWS, SEQ = 61, 6, 15
@@ -217,13 +218,14 @@ def critic(reward_on: str, loss: str = "bce", pairwise_coefficient: float = 0.0)
     return model, [model, head], objective
 
 
-def verifiable():
+def verifiable(normalization: str = "none", weight_normalization: str = "none", scorer: str = "gae"):
     model = tiny_model(2)
     head = critic_head(model)
-    # per-row weights (GAE within a row, no batch z-score or mean-1 rescale), so a split cannot change them
+    # without batch statistics the weights are per row; with them (z-score, mean 1) prepare_step takes
+    # them over the whole step: either way a split cannot change the weights
     weighting = CriticWeighting(
-        gamma=1.0, lam=0.9, temperature=0.7, normalization="none", clip_min=0.2, clip_max=2.5,
-        weight_normalization="none",
+        scorer=scorer, gamma=1.0, lam=0.9, temperature=0.7, normalization=normalization, clip_min=0.2, clip_max=2.5,
+        weight_normalization=weight_normalization,
     )
     objective = VerifiableObjective(
         head,
@@ -247,7 +249,12 @@ SETUPS = {
     "critic_pairwise": lambda: critic("every_token", loss="pairwise"),
     "critic_mse_plus_pairwise": lambda: critic("last_token", loss="mse", pairwise_coefficient=0.5),
     "verifiable": verifiable,
+    "verifiable_step_statistics": lambda: verifiable("zscore", "mean1"),
+    "verifiable_step_statistics_delta": lambda: verifiable("zscore", "mean1", scorer="critic_delta"),
 }
+
+
+PER_BATCH_WEIGHTS = {"rho1", "verifiable_step_statistics", "verifiable_step_statistics_delta"}  # in validation
 
 
 def step(objective, model: nn.Module, micro: list[Batch], *, global_counts: bool) -> dict[str, float]:
@@ -256,6 +263,8 @@ def step(objective, model: nn.Module, micro: list[Batch], *, global_counts: bool
     for piece in micro:
         for key, value in objective.token_counts(model, piece).items():
             counts[key] = counts.get(key, 0.0) + value
+    if global_counts:
+        objective.prepare_step(model, micro, local_sums)  # statistics over the whole step, as the trainer does
     metrics: dict[str, float] = {}
     scale = 1.0 if global_counts else 1.0 / len(micro)
     for piece in micro:
@@ -305,7 +314,8 @@ def rho1():
 @pytest.mark.parametrize("name", [*sorted(SETUPS), "rho1"])
 def test_every_objective_evaluates_the_whole_set_when_batches_share_its_counts(name):
     """Validation as the trainer runs it: counts over every batch, then each batch's shares, summed.
-    (Rho-1 selects tokens per batch, so only its unweighted cross-entropy and accuracy are exact.)"""
+    (Rho-1 selects tokens per batch, and validation z-scores critic weights per batch, so for those
+    only the unweighted cross-entropy and accuracy are exact.)"""
     model, _, objective = (rho1 if name == "rho1" else SETUPS[name])()
     batch = make_batch(17)
     whole = objective.evaluate(model, batch)
@@ -326,7 +336,7 @@ def test_every_objective_evaluates_the_whole_set_when_batches_share_its_counts(n
         key
         for key in whole
         if key.endswith(("/ce", "/accuracy"))
-        or (name != "rho1" and (key == "loss" or key.endswith("/loss") or key == "value/mean"))
+        or (name not in PER_BATCH_WEIGHTS and (key == "loss" or key.endswith("/loss") or key == "value/mean"))
     ]
     assert len(exact) > 1
     for key in exact:
@@ -362,3 +372,14 @@ def test_rho1_divides_each_heads_loss_by_the_global_count():
     ) / 1.5
     assert shared["loss"] == pytest.approx(expected_total, rel=1e-5)
     assert max_difference(shared_grads, own_grads) > 1e-4
+
+
+def test_per_micro_batch_critic_statistics_are_an_option_that_a_split_changes():
+    model, modules, objective = verifiable("zscore", "mean1")
+    objective.weighting.statistics = "micro_batch"
+    batch = make_batch(11)
+    objective.forward_backward(model, batch, loss_scale=1.0)
+    whole = grads(modules)
+    step(objective, model, pieces(batch), global_counts=True)
+    assert objective.step_statistics is None  # nothing prepared: each micro-batch z-scores itself
+    assert max_difference(grads(modules), whole) > 1e-4

@@ -222,6 +222,11 @@ class ValueWeightingConfig(Section):
         description="zscore: over the micro-batch's steps; ema: with running statistics (ema_momentum), "
         "the batch's own for the first ema_warmup training micro-batches; none.",
     )
+    statistics: Literal["step", "micro_batch"] = Field(
+        "step",
+        description="step: z-score and mean-1 over the whole optimizer step (every micro-batch and rank; one "
+        "extra forward of the trunk per micro-batch); micro_batch: over each micro-batch alone.",
+    )
     ema_momentum: float = Field(0.99, ge=0, lt=1)
     ema_warmup: int = Field(10, ge=0, description="Training micro-batches z-scored by their own statistics first.")
     transform: Literal["exp", "softmax"] = Field(

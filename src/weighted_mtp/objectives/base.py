@@ -14,6 +14,7 @@ and the shares add up to the loss of the global batch in one piece.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,7 +45,10 @@ class Objective:
         self, model: nn.Module, batch: Batch, *, loss_scale: float, global_counts: Counts | None = None
     ) -> dict[str, float]:
         """`step` with gradients on one micro-batch (the dry run, tests); without `global_counts`,
-        the micro-batch's own means. The trainer calls `step` itself with the step's counts."""
+        the micro-batch is the whole step (its own means and statistics). The trainer calls
+        `prepare_step` and `step` itself."""
+        if global_counts is None:
+            self.prepare_step(model, [batch], local_sums)
         return self.step(model, batch, global_counts or self.token_counts(model, batch), loss_scale=loss_scale)
 
     @torch.no_grad()
@@ -56,6 +60,13 @@ class Objective:
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Modules besides the model that the optimizer updates and checkpoints save (a value head)."""
         return {}
+
+    def prepare_step(
+        self, model: nn.Module, batches: list[Batch], reduce_sum: Callable[[dict[str, float]], dict[str, float]]
+    ) -> None:
+        """Called before a training step's micro-batches with all of them (this rank's) and a function
+        that sums a dict of floats over the ranks: statistics the objective needs over the whole step
+        (the critic weights' z-score and mean 1)."""
 
     def on_step_end(self, step: int) -> None:
         """Called after every optimizer step (`step` counts from 1)."""
@@ -75,6 +86,11 @@ class Objective:
 def head_counts(counts: Counts, n_heads: int) -> list[float]:
     """The heads' entries of `counts` in head order: the `target_counts` of the MTP loss."""
     return [counts[f"head{k + 1}"] for k in range(n_heads)]
+
+
+def local_sums(sums: dict[str, float]) -> dict[str, float]:
+    """`reduce_sum` for a single process: the sums are already the totals."""
+    return sums
 
 
 def target_counts(labels: Tensor, n_heads: int) -> Counts:

@@ -50,6 +50,7 @@ from weighted_mtp.weighting import (
     response_step_mask,
     value_loss,
 )
+from weighted_mtp.weighting.critic import StepStatistics
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ class VerifiableObjective(Objective):
         self.old_value_head = frozen_copy(value_head)
         self.weighting = weighting
         self.score_moments = weighting.new_moments()  # running score statistics (ema normalisation)
+        self.step_statistics: StepStatistics | None = None  # the current training step's (prepare_step)
         self.value_kind = value_kind
         self.value_loss_coefficient = value_loss_coefficient
         self.value_clip_range = value_clip_range
@@ -227,6 +229,20 @@ class VerifiableObjective(Objective):
 
     # ------------------------------------------------------------------ the loss
 
+    @torch.no_grad()
+    def prepare_step(self, model: nn.Module, batches: list[Batch], reduce_sum) -> None:
+        """The statistics of the whole step's scores (every micro-batch and rank): one forward of the
+        trunk and the old value head per micro-batch, without gradient, before the step's backward
+        passes, so that accumulation and the number of ranks do not change the weights."""
+        self.step_statistics = None
+        if not self.weighting.uses_step_statistics():
+            return
+        scores = []
+        for batch in batches:
+            hidden = model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)
+            scores.append(self.weighting.scores(self._old_values(hidden), batch.rewards, batch.labels))
+        self.step_statistics = self.weighting.step_statistics(scores, reduce_sum, moments=self.score_moments)
+
     def token_counts(self, model: nn.Module, batch: Batch) -> Counts:
         """Each head's targets, and "steps": the positions where values are trained."""
         steps = response_step_mask(batch.labels)
@@ -241,9 +257,10 @@ class VerifiableObjective(Objective):
         fractions = self._fractions(self.token_counts(model, batch), counts, n_heads)
         hidden = model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)
         old_values = self._old_values(hidden)
+        statistics = self.step_statistics if loss_scale is not None else None  # validation: per batch
         targets = self.weighting.targets(
             old_values, batch.rewards, batch.labels, n_heads=n_heads, moments=self.score_moments,
-            update_moments=loss_scale is not None,
+            update_moments=loss_scale is not None, statistics=statistics,
         )  # fmt: skip
         critic = CriticStep(old_values, targets)
         trunk_loss = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import random
@@ -395,6 +396,11 @@ class Trainer:
         sums: dict[str, float] = defaultdict(float)
         tokens = 0
         self.modules.train()
+        with self._autocast():  # statistics over the whole step (e.g. the critic weights' z-score)
+            self.objective.prepare_step(
+                self.model, [batch.to(self.env.device) for batch in micro], functools.partial(D.all_reduce_sum, env=self.env)
+            )
+        self._reshard()
         for i, batch in enumerate(micro):
             if self.strategy == "fsdp":
                 self._set_gradient_sync(i == len(micro) - 1)

@@ -25,6 +25,7 @@ weights and returns are targets, never a path for gradients.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -147,7 +148,9 @@ class ScoreMoments:
     def update(self, valid: Tensor) -> None:
         if valid.numel() == 0:
             return
-        batch_mean, batch_var = float(valid.double().mean()), float(valid.double().var(unbiased=False))
+        self.update_from(float(valid.double().mean()), float(valid.double().var(unbiased=False)))
+
+    def update_from(self, batch_mean: float, batch_var: float) -> None:
         if self.updates == 0:
             self.mean, self.var = batch_mean, batch_var
         else:
@@ -175,11 +178,16 @@ def transformed_scores(
     normalization: Literal["zscore", "none", "ema"],
     transform: Literal["exp", "softmax"],
     moments: ScoreMoments | None = None,
+    center: tuple[float, float] | None = None,
 ) -> Tensor:
-    """Steps 1-2 of `advantage_token_weights`: the weights before clipping, 0 off the steps."""
+    """Steps 1-2 of `advantage_token_weights`: the weights before clipping, 0 off the steps.
+    `center`: the (mean, std) to z-score with, computed over a whole step (`step_statistics`),
+    instead of this batch's own or the running moments."""
     mask = step_mask.bool()
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
-    if normalization == "zscore" and mask.any():
+    if center is not None and normalization != "none":
+        scores = (scores - center[0]) / (center[1] + ZSCORE_EPS)
+    elif normalization == "zscore" and mask.any():
         valid = scores[mask]
         scores = (scores - valid.mean()) / (valid.std(unbiased=False) + ZSCORE_EPS)
     elif normalization == "ema":
@@ -200,16 +208,34 @@ def transformed_scores(
 
 
 def clipped_weights(
-    raw: Tensor, step_mask: Tensor, *, clip_min: float, clip_max: float, weight_normalization: Literal["mean1", "none"]
+    raw: Tensor,
+    step_mask: Tensor,
+    *,
+    clip_min: float,
+    clip_max: float,
+    weight_normalization: Literal["mean1", "none"],
+    divisor: float | None = None,
 ) -> Tensor:
-    """Steps 3-4 of `advantage_token_weights`: clip, then rescale to mean 1 over the steps."""
+    """Steps 3-4 of `advantage_token_weights`: clip, then rescale to mean 1 over the steps (over the
+    whole step when `divisor`, the mean of the step's clipped weights, is given)."""
     mask = step_mask.bool()
     weights = torch.where(mask, raw.clamp(clip_min, clip_max), 0.0)
-    if weight_normalization == "mean1" and mask.any():
+    if weight_normalization == "mean1" and divisor is not None:
+        weights = weights / max(divisor, torch.finfo(weights.dtype).tiny)
+    elif weight_normalization == "mean1" and mask.any():
         weights = weights / weights[mask].mean().clamp_min(torch.finfo(weights.dtype).tiny)
     elif weight_normalization not in ("mean1", "none"):
         raise ValueError(f"unknown weight_normalization {weight_normalization!r} (expected mean1 or none)")
     return weights
+
+
+@dataclass(frozen=True)
+class StepStatistics:
+    """The statistics of a whole optimizer step's scores (every micro-batch and rank): the (mean,
+    std) they are z-scored with, and the mean of the clipped weights that `mean1` divides by."""
+
+    center: tuple[float, float] | None
+    weight_mean: float | None
 
 
 @dataclass
@@ -241,26 +267,29 @@ def critic_targets(
     weight_normalization: Literal["mean1", "none"],
     moments: ScoreMoments | None = None,
     update_moments: bool = False,
+    statistics: StepStatistics | None = None,
 ) -> CriticTargets:
     """From values [B,T] (an estimate of R, e.g. sigmoid of a BCE-trained head), rewards [B], labels.
     The value loss's returns are GAE's whatever the scorer (the value head keeps learning R). With
     `normalization="ema"`, `moments` are the running statistics, updated first when `update_moments`
-    (a training micro-batch)."""
+    (a training micro-batch). `statistics`: the whole step's (`CriticWeighting.step_statistics`),
+    used instead of this micro-batch's own."""
     step_mask = response_step_mask(labels)
     advantages, returns = gae_advantages(values, rewards, step_mask, gamma=gamma, lam=lam)
     if scorer == "critic_delta":
         advantages = critic_delta_scores(values, rewards, step_mask)
     elif scorer != "gae":
         raise ValueError(f"unknown scorer {scorer!r} (expected gae or critic_delta)")
-    if normalization == "ema" and update_moments and moments is not None:
+    if normalization == "ema" and update_moments and moments is not None and statistics is None:
         moments.update(advantages[step_mask.bool()])
     raw = transformed_scores(
         advantages, step_mask, temperature=temperature, normalization=normalization, transform=transform,
-        moments=moments,
+        moments=moments, center=None if statistics is None else statistics.center,
     )  # fmt: skip
     token_weights = clipped_weights(
-        raw, step_mask, clip_min=clip_min, clip_max=clip_max, weight_normalization=weight_normalization
-    )
+        raw, step_mask, clip_min=clip_min, clip_max=clip_max, weight_normalization=weight_normalization,
+        divisor=None if statistics is None else statistics.weight_mean,
+    )  # fmt: skip
     weights = spread_over_heads(token_weights, n_heads)
     return CriticTargets(advantages, returns, step_mask, token_weights, weights, raw)
 
@@ -380,11 +409,13 @@ class CriticWeighting:
         weight_normalization: Literal["mean1", "none"] = DEFAULTS.weight_normalization,
         ema_momentum: float = DEFAULTS.ema_momentum,
         ema_warmup: int = DEFAULTS.ema_warmup,
+        statistics: Literal["step", "micro_batch"] = DEFAULTS.statistics,
     ) -> None:
         self.scorer, self.gamma, self.lam, self.temperature = scorer, gamma, lam, temperature
         self.normalization, self.transform = normalization, transform
         self.clip_min, self.clip_max, self.weight_normalization = clip_min, clip_max, weight_normalization
         self.ema_momentum, self.ema_warmup = ema_momentum, ema_warmup
+        self.statistics = statistics
 
     def new_moments(self) -> ScoreMoments | None:
         """Fresh running statistics when the scores are normalised by them (`ema`), else None."""
@@ -405,6 +436,7 @@ class CriticWeighting:
             weight_normalization=section.weight_normalization,
             ema_momentum=section.ema_momentum,
             ema_warmup=section.ema_warmup,
+            statistics=section.statistics,
         )
 
     def targets(
@@ -416,6 +448,7 @@ class CriticWeighting:
         n_heads: int,
         moments: ScoreMoments | None = None,
         update_moments: bool = False,
+        statistics: StepStatistics | None = None,
     ) -> CriticTargets:
         return critic_targets(
             values,
@@ -433,7 +466,59 @@ class CriticWeighting:
             weight_normalization=self.weight_normalization,
             moments=moments,
             update_moments=update_moments,
+            statistics=statistics,
         )
+
+    def uses_step_statistics(self) -> bool:
+        """Whether the weights depend on statistics over the batch, to be taken over the whole step."""
+        return self.statistics == "step" and (self.normalization != "none" or self.weight_normalization == "mean1")
+
+    def scores(self, values: Tensor, rewards: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(scores [B,T], step mask [B,T]): what the weights are made from, before any statistics."""
+        step_mask = response_step_mask(labels)
+        if self.scorer == "critic_delta":
+            return critic_delta_scores(values, rewards, step_mask), step_mask
+        return gae_advantages(values, rewards, step_mask, gamma=self.gamma, lam=self.lam)[0], step_mask
+
+    def step_statistics(
+        self,
+        scores: list[tuple[Tensor, Tensor]],
+        reduce_sum: Callable[[dict[str, float]], dict[str, float]],
+        moments: ScoreMoments | None = None,
+    ) -> StepStatistics:
+        """The statistics of a step's scores ((scores, step mask) per micro-batch on this rank),
+        summed over the ranks with `reduce_sum`: two passes for the mean and the population std (in
+        float64), a third for the mean of the clipped weights. With `ema` the running moments are
+        updated once with the step's mean and variance."""
+        steps = [s[m.bool()].double() for s, m in scores]
+        totals = reduce_sum({"n": float(sum(v.numel() for v in steps)), "sum": float(sum(v.sum() for v in steps))})
+        n = max(totals["n"], 1.0)
+        mean = totals["sum"] / n
+        var = reduce_sum({"ss": float(sum(((v - mean) ** 2).sum() for v in steps))})["ss"] / n
+        center: tuple[float, float] | None = (mean, math.sqrt(var))
+        if self.normalization == "ema":
+            assert moments is not None
+            moments.update_from(mean, var)
+            if moments.updates > moments.warmup:
+                center = (moments.mean, math.sqrt(moments.var))
+        elif self.normalization == "none":
+            center = None
+        weight_mean = None
+        if self.weight_normalization == "mean1":
+            total, count = 0.0, 0.0
+            for s, m in scores:
+                raw = transformed_scores(
+                    s, m, temperature=self.temperature, normalization=self.normalization, transform=self.transform,
+                    moments=moments, center=center,
+                )  # fmt: skip
+                clipped = clipped_weights(
+                    raw, m, clip_min=self.clip_min, clip_max=self.clip_max, weight_normalization="none"
+                )
+                total += float(clipped[m.bool()].double().sum())
+                count += float(m.sum())
+            sums = reduce_sum({"weights": total, "n": count})
+            weight_mean = sums["weights"] / max(sums["n"], 1.0)
+        return StepStatistics(center, weight_mean)
 
     def stats(self, targets: CriticTargets, mask: Tensor) -> dict[str, float]:
         """Weight statistics over the valid targets (`mask` [B,T,n]) and the fraction of steps
