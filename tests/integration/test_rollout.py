@@ -81,6 +81,12 @@ def test_resuming_with_other_settings_is_refused(in_tmp_repo, shared_data):
         run_rollouts(config, limit=4, n_samples=2, out=out, workers=1, rows_per_piece=2, progress=KilledAfter(1))
     with pytest.raises(ConfigError, match=r"r\.jsonl\.partial: an unfinished rollout with other settings.*--fresh"):
         run_rollouts(config, limit=4, n_samples=3, out=out, workers=1, rows_per_piece=2)
+    from weighted_mtp.models.loading import generation_dtype, resolve_device
+
+    current = generation_dtype(config, resolve_device(config.device))
+    other = config.model_copy(update={"generation_dtype": "bfloat16" if current == "float32" else "float32"})
+    with pytest.raises(ConfigError, match="other settings"):  # sampled in another dtype: other tokens
+        run_rollouts(other, limit=4, n_samples=2, out=out, workers=1, rows_per_piece=2)
     summary = run_rollouts(config, limit=4, n_samples=3, out=out, workers=1, rows_per_piece=2, fresh=True)
     assert summary.n_samples == 4 * 4 and summary.resumed_problems == 0
 

@@ -53,6 +53,7 @@ class RolloutSettings:
     sampling: SamplingSettings
     include_gold: bool = True
     limit: int | None = None
+    dtype: str = "float32"  # the generation dtype: bf16 and fp32 sample different tokens
 
     @classmethod
     def from_config(
@@ -75,7 +76,10 @@ class RolloutSettings:
             template=config.data.prompt_template,
             seed=config.seed,
         )
-        return cls(str(model or config.model.name), benchmark, split, sampling, include_gold, limit)
+        from weighted_mtp.models.loading import generation_dtype, resolve_device
+
+        dtype = generation_dtype(config, resolve_device(config.device))
+        return cls(str(model or config.model.name), benchmark, split, sampling, include_gold, limit, dtype)
 
 
 @dataclass
