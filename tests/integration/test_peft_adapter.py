@@ -25,7 +25,7 @@ def test_the_peft_adapter_of_a_lora_run_loads_in_peft_with_the_runs_logits(in_tm
                  "training.eval_every=null"]) == 0  # fmt: skip
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri="sqlite:///storage/mlruns/mlflow.db")
+    client = MlflowClient(tracking_uri=f"sqlite:///{in_tmp_repo / 'storage' / 'mlruns' / 'mlflow.db'}")
     version = client.get_model_version("baseline-micro", "1")
     run = client.get_run(version.run_id)
     assert run.data.tags["model.kind"] == "peft_adapter" and run.data.tags["model.base"] == "micro"

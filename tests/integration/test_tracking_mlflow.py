@@ -80,7 +80,7 @@ def test_embedded_sqlite_store_is_the_default(in_tmp_repo):
 
     store = in_tmp_repo / "storage" / "mlruns"
     assert (store / "mlflow.db").is_file()
-    client = MlflowClient(tracking_uri=config.tracking.uri)
+    client = MlflowClient(tracking_uri=f"sqlite:///{in_tmp_repo / 'storage' / 'mlruns' / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.data.params["experiment.name"] == "embedded"
     assert [m.value for m in client.get_metric_history(run_id, "val/loss")] == pytest.approx(
@@ -218,7 +218,7 @@ def test_a_training_run_tells_its_story_and_its_evaluation_links_back(in_tmp_rep
     run_dir = in_tmp_repo / "storage" / "runs" / "baseline"
     manifest = json.loads((run_dir / "final" / "config.json").read_text())
     train_run = manifest["extra"]["tracking_run_id"]
-    client = MlflowClient(tracking_uri="sqlite:///storage/mlruns/mlflow.db")
+    client = MlflowClient(tracking_uri=f"sqlite:///{in_tmp_repo / 'storage' / 'mlruns' / 'mlflow.db'}")
     assert client.get_model_version("baseline-micro", "1").run_id == train_run
     artifacts = Path(client.get_run(train_run).info.artifact_uri.removeprefix("file://"))
     assert (artifacts / "plots" / "training-curves.png").stat().st_size > 1000
@@ -230,3 +230,16 @@ def test_a_training_run_tells_its_story_and_its_evaluation_links_back(in_tmp_rep
         [client.get_experiment_by_name("weighted-mtp").experiment_id], "attributes.run_name = 'eval-baseline-mbpp-test'"
     )
     assert eval_run.data.tags["source_run_id"] == train_run
+
+
+def test_a_relative_store_follows_the_working_directory(tmp_path, monkeypatch):
+    """MLflow keeps one database engine per URI string in a process: the default relative URI must
+    still write under each run's own working directory."""
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        config = Config(experiment={"name": name})
+        tracker = build_tracker(config)
+        tracker.start(config)
+        tracker.end()
+        assert (tmp_path / name / "storage" / "mlruns" / "mlflow.db").is_file(), name

@@ -212,10 +212,15 @@ class MlflowTracker:
         if scheme in ("http", "https"):
             check_server_reachable(self.uri)
         db = sqlite_path(self.uri)
+        store_uri = self.uri
         if db is not None:
+            db = db.resolve()
             db.parent.mkdir(parents=True, exist_ok=True)
+            # MLflow caches one database engine per URI string for the life of the process: a relative
+            # path would keep writing where the working directory was the first time
+            store_uri = f"sqlite:///{db}"
         try:
-            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            self._client = MlflowClient(tracking_uri=store_uri, registry_uri=store_uri)
             if run_id is not None and not self._run_exists(run_id):
                 log.warning("MLflow run %s is not in %s; starting a new run", run_id, redact_uri(self.uri))
                 run_id = None

@@ -73,7 +73,7 @@ def test_tracked_run_logs_to_mlflow_and_resumes_from_s3_on_a_fresh_machine(
         region=s3_bucket["region"],
     )
     assert tags["checkpoint.latest"] == store.uri("checkpoints", checkpoint_name(6))
-    registered = rest_get(uri, "registered-models/get", name=name)["registered_model"]
+    registered = rest_get(uri, "registered-models/get", name=f"{name}-micro")["registered_model"]  # <experiment>-<model>
     assert registered["latest_versions"][0]["run_id"] == run_id
 
     # S3 kept the last two checkpoints; on a fresh machine the newest left there (step 4) is resumed
