@@ -391,20 +391,19 @@ class Trainer:
         averaged (FSDP's reduce-scatter, `D.all_reduce_gradients`), so the shares are scaled by the
         world size: the average of world_size x share_r over ranks is the sum of the shares.
         """
-        micro = [piece for batch in batches for piece in split_batch(batch, self.state.micro_splits)]
+        micro = [  # on the device once: the step's statistics and its backward passes read the same copies
+            piece.to(self.env.device) for batch in batches for piece in split_batch(batch, self.state.micro_splits)
+        ]
         global_counts = self._global_counts(micro)
         sums: dict[str, float] = defaultdict(float)
         tokens = 0
         self.modules.train()
         with self._autocast():  # statistics over the whole step (e.g. the critic weights' z-score)
-            self.objective.prepare_step(
-                self.model, [batch.to(self.env.device) for batch in micro], functools.partial(D.all_reduce_sum, env=self.env)
-            )
+            self.objective.prepare_step(self.model, micro, functools.partial(D.all_reduce_sum, env=self.env))
         self._reshard()
         for i, batch in enumerate(micro):
             if self.strategy == "fsdp":
                 self._set_gradient_sync(i == len(micro) - 1)
-            batch = batch.to(self.env.device)
             with self._autocast():
                 metrics = self.objective.step(
                     self.model, batch, global_counts, loss_scale=float(self.env.world_size)
