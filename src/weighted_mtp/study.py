@@ -14,7 +14,8 @@ cells from their last finished problem). `wmtp study report` turns the cells int
 
 Arms: `base` (untouched), `ntp` (n = 1 fine-tuning, a control), `mtp` (n heads, uniform), `verifiable`
 (Verifiable Critic WMTP from a critic trained on the rollouts), `rho1_tokenskip` and `rho1_weighted`
-(Rho-1 with a reference tuned on the same correct solutions).
+(Rho-1 with the `ntp` arm as the reference: the `ref_tuning` recipe at this scale trains exactly the
+`ntp` configuration, one head on the same correct solutions, so the study trains it once).
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class Cell:
     split: str = ""
     benchmark: str = ""
     sampled: bool = False
+    needs: tuple[str, ...] = ()  # the cells whose outputs (rollouts, a trained model) this one reads
 
 
 class Study:
@@ -137,11 +139,10 @@ class Study:
                 f"model.n_future_tokens={scale.n_heads}", "data.sampler=all",
                 f"stage2.critic_checkpoint={self.root / 'runs' / 'critic' / 'final'}",
             ]),
-            "ref": ("ref_tuning", ["model.n_future_tokens=1", "data.sampler=correct_only"]),
             "rho1_tokenskip": ("rho1", [f"model.n_future_tokens={scale.n_heads}", "rho1.selection=top_k",
-                                        f"rho1.reference_model={self.root / 'runs' / 'ref' / 'final'}"]),
+                                        f"rho1.reference_model={self.root / 'runs' / 'ntp' / 'final'}"]),
             "rho1_weighted": ("rho1", [f"model.n_future_tokens={scale.n_heads}", "rho1.selection=soft",
-                                       f"rho1.reference_model={self.root / 'runs' / 'ref' / 'final'}"]),
+                                       f"rho1.reference_model={self.root / 'runs' / 'ntp' / 'final'}"]),
         }[arm]
         steps = [] if scale.max_steps is None else [f"training.max_steps={scale.max_steps}"]
         lr = [] if arm == "critic" else [f"training.lr={scale.lr}"]  # the critic's head keeps its recipe's
@@ -158,29 +159,32 @@ class Study:
     # ---- cells
 
     def cells(self) -> list[Cell]:
-        """In the order they run: the data, the base model's evaluations, the critic and the Rho-1
-        reference, then each arm's training followed by its evaluations."""
+        """In the order they run: the data, the base model's evaluations, the critic, then each arm's
+        training followed by its evaluations."""
+        rollouts = ("rollout-train", "rollout-validation")  # training data and held-out data
 
         def evaluations(arm: str) -> list[Cell]:
-            return [Cell(f"eval-{arm}-mbpp-greedy", "eval", arm=arm, benchmark="mbpp"),
-                    Cell(f"eval-{arm}-humaneval-greedy", "eval", arm=arm, benchmark="humaneval"),
-                    Cell(f"eval-{arm}-mbpp-sampled", "eval", arm=arm, benchmark="mbpp", sampled=True)]
+            model = () if arm == "base" else (f"train-{arm}",)
+            return [Cell(f"eval-{arm}-mbpp-greedy", "eval", arm=arm, benchmark="mbpp", needs=model),
+                    Cell(f"eval-{arm}-humaneval-greedy", "eval", arm=arm, benchmark="humaneval", needs=model),
+                    Cell(f"eval-{arm}-mbpp-sampled", "eval", arm=arm, benchmark="mbpp", sampled=True, needs=model)]
 
         cells = [Cell("rollout-train", "rollout", split="train"),
                  Cell("rollout-validation", "rollout", split="validation"),
                  *evaluations("base"),
-                 Cell("train-critic", "train", arm="critic"), Cell("critic-report", "critic_report"),
-                 Cell("train-ref", "train", arm="ref")]
+                 Cell("train-critic", "train", arm="critic", needs=rollouts),
+                 Cell("critic-report", "critic_report", needs=("rollout-validation", "train-critic"))]
+        teacher = {"verifiable": ("train-critic",), "rho1_tokenskip": ("train-ntp",), "rho1_weighted": ("train-ntp",)}
         for arm in ARMS[1:]:
-            cells += [Cell(f"train-{arm}", "train", arm=arm), *evaluations(arm)]
+            cells += [Cell(f"train-{arm}", "train", arm=arm, needs=rollouts + teacher.get(arm, ())),
+                      *evaluations(arm)]
             if arm in MULTI_HEAD_ARMS:
-                cells.append(Cell(f"speculative-{arm}", "speculative", arm=arm))
+                cells.append(Cell(f"speculative-{arm}", "speculative", arm=arm, needs=(f"train-{arm}",)))
         return cells
 
     def outputs_present(self, cell: Cell) -> bool:
         """Whether what later cells read from this one is on this machine: its result JSON is
-        committed, but rollouts and trained models live under `root` (a fresh clone has none, and
-        then the cell runs again: rollouts are seeded, so they come out the same)."""
+        committed, but rollouts and trained models live under `root` (a fresh clone has none)."""
         if cell.kind == "rollout":
             return (self.root / "rollouts" / f"{cell.split}.jsonl").is_file()
         if cell.kind == "train":
@@ -200,30 +204,50 @@ class Study:
 
     def run(self, only: str | None = None, max_hours: float | None = None) -> list[str]:
         """Run the unfinished cells (those whose name contains `only`), in order; stop starting new
-        ones once `max_hours` have passed. Returns the cells finished by this call."""
+        ones once `max_hours` have passed. A finished cell runs again only when an unfinished one
+        needs its outputs and this machine lacks them (rollouts are seeded, so they come out the
+        same). Returns the cells finished by this call, in the order they ran."""
         began = time.monotonic()
+        by_name = {cell.name: cell for cell in self.cells()}
         done: list[str] = []
-        for cell in self.cells():
-            if only and only not in cell.name:
-                continue
-            path = self.result_path(cell.name)
-            if path.is_file() and self.outputs_present(cell):
-                continue
+
+        def out_of_time(before: Cell) -> bool:
             if max_hours is not None and time.monotonic() - began > max_hours * 3600:
-                log.info("study: %.1f h passed; stopping before %s", max_hours, cell.name)
+                log.info("study: %.1f h passed; stopping before %s", max_hours, before.name)
+                return True
+            return False
+
+        def ready(cell: Cell) -> bool:
+            """Rebuilds the missing outputs `cell` reads, deepest first; False when time ran out."""
+            for name in cell.needs:
+                needed = by_name[name]
+                if not self.outputs_present(needed):
+                    if not ready(needed) or out_of_time(needed):
+                        return False
+                    self.run_one(needed)
+                    done.append(name)
+            return True
+
+        for cell in by_name.values():
+            if (only and only not in cell.name) or self.result_path(cell.name).is_file():
+                continue
+            if not ready(cell) or out_of_time(cell):
                 break
-            log.info("study: cell %s", cell.name)
-            started, cpu_started = time.monotonic(), cpu_seconds()
-            result = run_cell(self, cell)
-            result["cell"] = cell.name
-            result["wall_s"] = time.monotonic() - started
-            result["cpu_s"] = cpu_seconds() - cpu_started
-            result["load_average_1min"] = os.getloadavg()[0]  # above the core count: the machine was shared
-            result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-            result["machine"] = machine()
-            atomic_write_json(path, result)
+            self.run_one(cell)
             done.append(cell.name)
         return done
+
+    def run_one(self, cell: Cell) -> None:
+        log.info("study: cell %s", cell.name)
+        started, cpu_started = time.monotonic(), cpu_seconds()
+        result = run_cell(self, cell)
+        result["cell"] = cell.name
+        result["wall_s"] = time.monotonic() - started
+        result["cpu_s"] = cpu_seconds() - cpu_started
+        result["load_average_1min"] = os.getloadavg()[0]  # above the core count: the machine was shared
+        result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        result["machine"] = machine()
+        atomic_write_json(self.result_path(cell.name), result)
 
 
 def cpu_seconds() -> float:
@@ -518,7 +542,7 @@ def render_results(study: Study, plots: dict[str, Path] | None = None, relative_
               "Held-out: per-head cross-entropy and top-1 accuracy on the validation rollouts' correct samples "
               "(the critic: ROC AUC of its last-step value on validation pairs).", "",
               "| run | steps | wall | final loss | held-out |", "|---|---|---|---|---|"]
-    for arm in ("critic", "ref", *[a for a in ARMS if a != "base"]):
+    for arm in ("critic", *[a for a in ARMS if a != "base"]):
         r = done.get(f"train-{arm}")
         if r is None:
             lines.append(f"| {arm} | not run yet | | | |")

@@ -35,10 +35,22 @@ def test_a_killed_study_resumes_at_its_next_unfinished_cell(in_tmp_repo, shared_
     monkeypatch.setattr(study_module, "run_cell", real)
     assert study.run(only="rollout") == ["rollout-validation"]
     assert study.run(only="rollout") == []  # finished cells are never run again
-    (study.root / "rollouts" / "validation.jsonl").unlink()  # a fresh clone: results committed, rollouts not
-    assert study.run(only="rollout") == ["rollout-validation"]
     train = json.loads(study.result_path("rollout-train").read_text())
     assert train["n_problems"] == 4 and train["correct"]["gold"] == 4 and train["wall_s"] > 0
+
+
+def test_a_fresh_clone_rebuilds_only_the_outputs_its_next_cell_reads(in_tmp_repo, shared_data):
+    """Results are committed, rollouts and trained models are not: a finished cell runs again only
+    when an unfinished one reads what it made, and its seeded rollouts come out the same."""
+    study = smoke_study(in_tmp_repo, shared_data)
+    assert study.run(only="rollout") == ["rollout-train", "rollout-validation"]
+    first = (study.root / "rollouts" / "train.jsonl").read_text()
+    (study.root / "rollouts" / "train.jsonl").unlink()
+    (study.root / "rollouts" / "validation.jsonl").unlink()
+    assert study.run(only="rollout") == []  # nothing unfinished reads them
+    assert study.run(only="train-critic") == ["rollout-train", "rollout-validation", "train-critic"]
+    assert (study.root / "rollouts" / "train.jsonl").read_text() == first
+    assert study.run(only="critic-report") == ["critic-report"]  # the critic is still here
 
 
 def test_every_cell_of_the_smoke_study_runs_and_the_report_reads_them(in_tmp_repo, shared_data, capsys):
