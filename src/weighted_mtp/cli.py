@@ -14,7 +14,7 @@ import sys
 from weighted_mtp import __version__
 from weighted_mtp.errors import WMTPError
 
-COMMANDS = ("train", "config", "ls", "cp", "data", "model", "generate", "eval", "rollout", "demo", "study")
+COMMANDS = ("train", "config", "ls", "cp", "data", "model", "generate", "eval", "rollout", "inspect", "demo", "study")
 DEFAULT_COMMAND = "train"
 
 log = logging.getLogger("weighted_mtp")

@@ -103,7 +103,7 @@ def test_an_unknown_command_is_named_as_such(capsys):
 
     assert main(["frobnicate"]) == 2
     assert capsys.readouterr().err == (
-        "error: unknown command 'frobnicate' (commands: train, config, ls, cp, data, model, generate, eval, rollout, demo, study)\n"
+        "error: unknown command 'frobnicate' (commands: train, config, ls, cp, data, model, generate, eval, rollout, inspect, demo, study)\n"
     )
     assert main(["evla", "--model", "x"]) == 2
     assert capsys.readouterr().err.endswith("did you mean 'eval'?\n")

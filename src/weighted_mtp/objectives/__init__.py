@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from weighted_mtp.config.schema import Config
-from weighted_mtp.objectives.base import Counts, Objective
+from weighted_mtp.objectives.base import Counts, Objective, TokenWeights
 from weighted_mtp.objectives.baseline import BaselineObjective
 from weighted_mtp.objectives.critic import CriticObjective
 from weighted_mtp.objectives.rho1 import Rho1Objective
@@ -37,6 +37,7 @@ __all__ = [
     "CriticObjective",
     "Objective",
     "Rho1Objective",
+    "TokenWeights",
     "VerifiableObjective",
     "build_objective",
 ]

@@ -15,6 +15,7 @@ and the shares add up to the loss of the global batch in one piece.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,8 +23,17 @@ from torch import Tensor, nn
 
 from weighted_mtp.data import Batch
 from weighted_mtp.losses import MTPLossOutput, head_target_counts
+from weighted_mtp.weighting import head_target_mask
 
 Counts = dict[str, float]
+
+
+@dataclass
+class TokenWeights:
+    """What an objective makes of a batch's target tokens, shown by `wmtp inspect weights`."""
+
+    weights: Tensor | None  # [B,T,n] the loss weight of head k's target labels[p+k] at p; None: no LM loss
+    details: dict[str, Tensor] = field(default_factory=dict)  # [B,T] per position: a value, an advantage
 
 
 class Objective:
@@ -56,6 +66,12 @@ class Objective:
         """Validation: with the totals of `token_counts` over the whole validation pass, the sum of
         the returned shares over batches and ranks is each metric's term-weighted value."""
         return self.step(model, batch, global_counts or self.token_counts(model, batch), loss_scale=None)
+
+    @torch.no_grad()
+    def token_weights(self, model: nn.Module, batch: Batch) -> TokenWeights:
+        """Each target token's loss weight on this batch alone (no step statistics, no gradient):
+        1 on every target, the baseline's."""
+        return TokenWeights(head_target_mask(batch.labels, model.n_future_tokens).float())
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Modules besides the model that the optimizer updates and checkpoints save (a value head)."""

@@ -18,7 +18,7 @@ from weighted_mtp.config.schema import Config
 from weighted_mtp.data import Batch
 from weighted_mtp.errors import ConfigError
 from weighted_mtp.models.value_head import build_value_head
-from weighted_mtp.objectives.base import Counts, Objective, share
+from weighted_mtp.objectives.base import Counts, Objective, TokenWeights, share
 from weighted_mtp.weighting import critic_pretrain_loss, pair_margins, pairwise_value_loss, response_step_mask
 from weighted_mtp.weighting.critic import lambda_return_targets, last_true
 
@@ -183,6 +183,12 @@ class CriticObjective(Objective):
             "value/mean": float(estimates[step_mask].sum()) / max(counts["steps"], 1.0),
             **metrics,
         }
+
+    @torch.no_grad()
+    def token_weights(self, model: nn.Module, batch: Batch) -> TokenWeights:
+        """No language-model loss, so no weights: the value at each position instead."""
+        hidden = model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)
+        return TokenWeights(None, {"value": value_estimates(self.value_head(hidden), self.loss)})
 
     def evaluation_summary(self) -> dict[str, float]:
         return self.pass_fail.summary()

@@ -22,6 +22,7 @@ from weighted_mtp.models.loading import DTYPES, load_model
 from weighted_mtp.objectives.base import (
     Counts,
     Objective,
+    TokenWeights,
     head_counts,
     loss_metrics,
     prefixed,
@@ -103,6 +104,19 @@ class Rho1Objective(Objective):
 
     def token_counts(self, model: nn.Module, batch: Batch) -> Counts:
         return target_counts(batch.labels, model.n_future_tokens)
+
+    @torch.no_grad()
+    def token_weights(self, model: nn.Module, batch: Batch) -> TokenWeights:
+        """The selection on this batch, with head 1's excess loss over the reference."""
+        scored = self.weighting.scored_heads(model.n_future_tokens)
+        hidden = model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)
+        model_ce = head_token_ce(model, hidden, batch.labels, attention_mask=batch.attention_mask, n_heads=scored,
+                                 chunk_size=self.chunk_size)
+        reference_ce = reference_token_ce(self.reference, batch.input_ids, batch.labels,
+                                          attention_mask=batch.attention_mask, n_heads=scored,
+                                          chunk_size=self.chunk_size)
+        weights, excess = self.weighting.weights(model_ce, reference_ce, batch.labels, n_heads=model.n_future_tokens)
+        return TokenWeights(weights, {"excess": excess[..., 0]})
 
     def step(self, model: nn.Module, batch: Batch, counts: Counts, *, loss_scale: float | None) -> dict[str, float]:
         """Trunk -> both models' per-token CE (no gradient; every head, or head 1 without

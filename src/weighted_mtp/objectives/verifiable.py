@@ -34,6 +34,7 @@ from weighted_mtp.models.value_head import VALUE_HEAD_FILE, load_value_head
 from weighted_mtp.objectives.base import (
     Counts,
     Objective,
+    TokenWeights,
     head_counts,
     loss_metrics,
     prefixed,
@@ -318,6 +319,16 @@ class VerifiableObjective(Objective):
             "steps": share(local["steps"], total["steps"]),
             "targets": share(sum(local[h] for h in heads), sum(total[h] for h in heads)),
         }
+
+    @torch.no_grad()
+    def token_weights(self, model: nn.Module, batch: Batch) -> TokenWeights:
+        """The weights the current value head gives (its statistics over this batch), with its
+        values and the advantages (GAE, or value changes) the weights come from."""
+        hidden = model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)
+        values = self._values(hidden)
+        targets = self.weighting.targets(values, batch.rewards, batch.labels, n_heads=model.n_future_tokens,
+                                         moments=self.score_moments)
+        return TokenWeights(targets.weights, {"value": values, "advantage": targets.advantages})
 
     def evaluation_summary(self) -> dict[str, float]:
         return self.pass_fail.summary()
