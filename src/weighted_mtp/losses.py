@@ -442,6 +442,43 @@ def head_token_ce(
     return token_ce
 
 
+@torch.no_grad()
+def head_logit_grad_norms(
+    model: nn.Module,
+    h_trunk: Tensor,
+    labels: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    n_heads: int | None = None,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """[B, T, n] for each head's target token, the norm of the gradient of its cross-entropy with
+    respect to the hidden state the unembedding reads (after the head's block and the final norm):
+    || W^T (softmax(W h) - onehot(y)) || = || W^T p - W[y] ||, in closed form, in at least fp32;
+    0 where a head has no target. Only the targets are unembedded, `chunk_size` rows at a time, so
+    [B, T, V] never exists. What the grad_norm weighting scores tokens by."""
+    n = model.n_future_tokens if n_heads is None else n_heads
+    batch, seq = labels.shape
+    weight = _unembedding_weight(model)
+    dtype = _compute_dtype(h_trunk.dtype)
+    norms = torch.zeros((batch, seq, n), dtype=dtype, device=h_trunk.device)
+    w = weight.to(dtype)
+    for k0 in range(n):
+        targets = head_targets(labels, k0 + 1).reshape(-1)
+        index = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        hidden = model.norm(model.head_forward(k0, h_trunk, attention_mask=attention_mask))
+        hidden = hidden.reshape(batch * seq, -1).index_select(0, index).to(dtype)
+        wanted = targets.index_select(0, index)
+        column = torch.zeros(batch * seq, dtype=dtype, device=h_trunk.device)
+        for start in range(0, index.numel(), chunk_size):
+            rows = slice(start, start + chunk_size)
+            probs = torch.softmax(hidden[rows] @ w.T, dim=-1)
+            grads = probs @ w - w.index_select(0, wanted[rows])
+            column[index[rows]] = grads.norm(dim=-1)
+        norms[..., k0] = column.view(batch, seq)
+    return norms
+
+
 def mtp_forward_backward(
     model: nn.Module,
     input_ids: Tensor,

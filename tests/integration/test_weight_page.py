@@ -1,4 +1,5 @@
-"""`wmtp inspect weights` on every pipeline's micro-model run, rendered by a real headless Chromium:
+"""`wmtp inspect weights` on every pipeline's micro-model run (training each for 2 steps is every
+pipeline's smoke too), rendered by a real headless Chromium:
 one shaded span per response token, a screenshot with shading in it; and the token alignment of the
 page against a plain loop."""
 
@@ -74,6 +75,7 @@ def runs(in_tmp_repo: Path, shared_data: Path, tmp_path: Path) -> dict[str, Path
         ("verifiable", ["data.sampler=all"]),
         ("ref_tuning", ["data.sampler=correct_only"]),
         ("rho1", ["data.sampler=correct_only", "rho1.per_head=false"]),
+        ("grad_norm", ["data.sampler=correct_only"]),
     ):
         out[recipe] = train(pipeline_config(recipe, raw, models, *data, *extra)).run_dir
     return out
@@ -81,7 +83,7 @@ def runs(in_tmp_repo: Path, shared_data: Path, tmp_path: Path) -> dict[str, Path
 
 def test_every_pipelines_page_shows_one_shaded_token_per_response_token(runs, tmp_path, capsys):
     limit = 6
-    for recipe in ("baseline", "critic", "verifiable", "rho1"):
+    for recipe in ("baseline", "critic", "verifiable", "rho1", "grad_norm"):
         page = tmp_path / f"{recipe}.html"
         assert main(["inspect", "weights", "--run", str(runs[recipe]), "--limit", str(limit), "--out", str(page)]) == 0
         assert str(page) in capsys.readouterr().out
@@ -97,11 +99,12 @@ def test_every_pipelines_page_shows_one_shaded_token_per_response_token(runs, tm
             colours = {c.replace(" ", "") for c in shaded}
             assert "#cfcfcf" in colours and all(re.fullmatch(r"rgb\(255,(\d+),\1\)", c) for c in colours - {"#cfcfcf"})
             assert tinted_pixels(tmp_path / f"{recipe}.png") > 500
-        else:  # the critic's values and the verifiable weights vary from token to token
+        else:  # the critic's values, the verifiable and grad_norm weights vary from token to token
             assert len(set(shaded)) > 3 and tinted_pixels(tmp_path / f"{recipe}.png") > 500, recipe
     assert "head 2 weight" in (tmp_path / "verifiable.html").read_text()
     assert "advantage" in (tmp_path / "verifiable.html").read_text()
     assert "excess" in (tmp_path / "rho1.html").read_text()
+    assert "grad_norm" in (tmp_path / "grad_norm.html").read_text()
 
 
 def test_a_directory_that_is_not_a_finished_run_is_a_one_line_error(in_tmp_repo, tmp_path, capsys):

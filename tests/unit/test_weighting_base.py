@@ -12,6 +12,7 @@ import torch
 from weighted_mtp.config.schema import Config
 from weighted_mtp.weighting import (
     CriticWeighting,
+    GradNormWeighting,
     Rho1Weighting,
     discounted_head_weights,
     head_target_mask,
@@ -43,7 +44,7 @@ def test_unknown_scheme_names_the_choices():
     from weighted_mtp.config import load_config
     from weighted_mtp.errors import ConfigError
 
-    expected = r"weighting.scheme: Input should be 'uniform', 'critic' or 'rho1' \(got 'rho-1'\)"
+    expected = r"weighting.scheme: Input should be 'uniform', 'critic', 'rho1' or 'grad_norm' \(got 'rho-1'\)"
     with pytest.raises(ConfigError, match=expected):
         load_config(recipe="rho1", overrides=["weighting.scheme=rho-1"])
 
@@ -112,6 +113,7 @@ def all_scheme_weights(batch: Batch, n_heads: int) -> dict[str, torch.Tensor]:
             scheme = Rho1Weighting(selection=selection, per_head=per_head)
             weights, _ = scheme.weights(model_ce, reference_ce, batch.labels, n_heads=n_heads)
             out[f"rho1-{selection}-{per_head}"] = weights
+    out["grad_norm"] = GradNormWeighting().weights(torch.rand(*shape, n_heads, generator=generator) * 3, batch.labels)
     return out
 
 

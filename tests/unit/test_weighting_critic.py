@@ -501,3 +501,9 @@ def test_stage1_lambda_return_targets_match_the_plain_gae_loop(seed):
     loss = critic_pretrain_loss(values.clone().requires_grad_(), rewards, mask, "mse", targets=targets)
     by_hand = sum((float(values[b, t]) - float(targets[b, t])) ** 2 for b, t in mask.nonzero().tolist())
     assert float(loss.detach()) == pytest.approx(by_hand / max(int(mask.sum()), 1), rel=1e-6)
+
+
+def test_a_batch_without_response_steps_weighs_nothing_instead_of_failing():
+    labels = torch.full((2, 6), -100)
+    targets = CriticWeighting().targets(torch.rand(2, 6), torch.tensor([1.0, 0.0]), labels, n_heads=2)
+    assert targets.weights.shape == (2, 6, 2) and (targets.weights == 0).all()

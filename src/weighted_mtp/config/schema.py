@@ -73,7 +73,7 @@ class LoggingConfig(Section):
 
 class ExperimentConfig(Section):
     name: str = "baseline"
-    pipeline: Literal["baseline", "critic", "verifiable", "rho1", "ref_tuning"] = "baseline"
+    pipeline: Literal["baseline", "critic", "verifiable", "rho1", "ref_tuning", "grad_norm"] = "baseline"
     description: str = ""
 
 
@@ -169,9 +169,10 @@ class TrainingConfig(Section):
 
 
 class WeightingConfig(Section):
-    """Token weighting: `uniform` (baseline), `critic` (TD/GAE advantages), `rho1` (excess loss)."""
+    """Token weighting: `uniform` (baseline), `critic` (TD/GAE advantages), `rho1` (excess loss),
+    `grad_norm` (the norm of each token's loss gradient)."""
 
-    scheme: Literal["uniform", "critic", "rho1"] = "uniform"
+    scheme: Literal["uniform", "critic", "rho1", "grad_norm"] = "uniform"
     head_discount: float = Field(
         1.0, gt=0, le=1, description="Weight of head k is head_discount**(k-1), as MTP papers weight far heads less."
     )
@@ -267,6 +268,28 @@ class Rho1Config(Section):
     per_head: bool = Field(True, description="Select per head rather than by head-1 excess loss.")
 
 
+class GradNormConfig(Section):
+    """grad_norm weighting: a token's score is the norm of its cross-entropy's gradient at the
+    unembedding's input; scores are normalised and transformed over each micro-batch, head by head."""
+
+    normalization: Literal["zscore", "none"] = Field("zscore", description="zscore: over the head's targets in the micro-batch.")
+    transform: Literal["exp", "softmax"] = Field(
+        "exp", description="exp: exp(s / temperature); softmax: L * softmax(s / temperature) over each row's L targets."
+    )
+    temperature: float = Field(1.0, gt=0)
+    clip_min: float = Field(0.1, ge=0)
+    clip_max: float = Field(3.0, gt=0)
+    weight_normalization: Literal["mean1", "none"] = Field(
+        "mean1", description="mean1: after clipping, rescale each head's weights to mean 1 over its targets."
+    )
+
+    @model_validator(mode="after")
+    def _clip_order(self) -> GradNormConfig:
+        if self.clip_min > self.clip_max:
+            raise ValueError(f"grad_norm.clip_min ({self.clip_min}) is above clip_max ({self.clip_max})")
+        return self
+
+
 class RolloutConfig(Section):
     """Verifiable rollouts: sample solutions, execute them, label them by their tests."""
 
@@ -292,7 +315,7 @@ class EvaluationConfig(Section):
 
 
 SCHEME_OF_PIPELINE = {"baseline": "uniform", "ref_tuning": "uniform", "critic": "uniform", "verifiable": "critic",
-                      "rho1": "rho1"}
+                      "rho1": "rho1", "grad_norm": "grad_norm"}
 
 
 class Config(Section):
@@ -318,6 +341,7 @@ class Config(Section):
     stage1: Stage1Config = Field(default_factory=Stage1Config)
     stage2: Stage2Config = Field(default_factory=Stage2Config)
     rho1: Rho1Config = Field(default_factory=Rho1Config)
+    grad_norm: GradNormConfig = Field(default_factory=GradNormConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 

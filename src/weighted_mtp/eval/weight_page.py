@@ -27,7 +27,7 @@ from weighted_mtp.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-SHADINGS = ("weight", "value", "advantage", "excess")
+SHADINGS = ("weight", "value", "advantage", "excess", "grad_norm")
 
 
 @dataclass
@@ -187,6 +187,7 @@ def render_weight_page(config: Config, solutions: list[ShadedSolution], *, run_d
         "value": "the critic's value before the token: white 0.5, red towards 1 (pass), blue towards 0 (fail)",
         "advantage": "the advantage of emitting the token: red positive, blue negative",
         "excess": "the model's loss minus the reference's: red above, blue below",
+        "grad_norm": "head 1's loss-gradient norm: red above the page's typical size",
     }[shading]
     out = [
         "<!DOCTYPE html>", "<html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",

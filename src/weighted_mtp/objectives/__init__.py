@@ -13,6 +13,7 @@ from weighted_mtp.config.schema import Config
 from weighted_mtp.objectives.base import Counts, Objective, TokenWeights
 from weighted_mtp.objectives.baseline import BaselineObjective
 from weighted_mtp.objectives.critic import CriticObjective
+from weighted_mtp.objectives.grad_norm import GradNormObjective
 from weighted_mtp.objectives.rho1 import Rho1Objective
 from weighted_mtp.objectives.verifiable import VerifiableObjective
 
@@ -22,6 +23,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "critic": CriticObjective,
     "verifiable": VerifiableObjective,
     "rho1": Rho1Objective,
+    "grad_norm": GradNormObjective,
 }
 
 
@@ -35,6 +37,7 @@ __all__ = [
     "BaselineObjective",
     "Counts",
     "CriticObjective",
+    "GradNormObjective",
     "Objective",
     "Rho1Objective",
     "TokenWeights",

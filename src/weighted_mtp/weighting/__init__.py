@@ -1,5 +1,5 @@
-"""Token weights as plain tensor functions: the critic's (TD/GAE advantages) and Rho-1's (excess
-loss). Which one a run uses follows from its pipeline (`weighting.scheme` names it and is checked
+"""Token weights as plain tensor functions: the critic's (TD/GAE advantages), Rho-1's (excess
+loss) and grad_norm's (each token's loss-gradient norm). Which one a run uses follows from its pipeline (`weighting.scheme` names it and is checked
 against the pipeline); the baseline weighs every token 1."""
 
 from weighted_mtp.weighting.base import (
@@ -19,11 +19,13 @@ from weighted_mtp.weighting.critic import (
     pairwise_value_loss,
     value_loss,
 )
+from weighted_mtp.weighting.grad_norm import GradNormWeighting
 from weighted_mtp.weighting.rho1 import Rho1Weighting, reference_token_ce
 
 __all__ = [
     "CriticTargets",
     "CriticWeighting",
+    "GradNormWeighting",
     "Rho1Weighting",
     "critic_pretrain_loss",
     "critic_targets",

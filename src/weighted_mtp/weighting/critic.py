@@ -18,8 +18,10 @@ prompt-only state (the last prompt position) gets a value and is trained; the st
 token is terminal and is not. For a contiguous response, p_{i+1} = p_i + 1; if a row has gaps (tokens
 without loss inside the response) they are skipped: the next state is the next decision state.
 
-Everything is computed per micro-batch on each rank (z-scoring included) and is detached: the
-weights and returns are targets, never a path for gradients.
+The z-score and the mean-1 rescaling take the statistics of the whole optimizer step by default
+(`CriticWeighting.step_statistics`, every micro-batch and rank), or each micro-batch's own with
+`statistics: micro_batch`. Everything is detached: the weights and returns are targets, never a path
+for gradients.
 """
 
 from __future__ import annotations
@@ -187,9 +189,10 @@ def transformed_scores(
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
     if center is not None and normalization != "none":
         scores = (scores - center[0]) / (center[1] + ZSCORE_EPS)
-    elif normalization == "zscore" and mask.any():
-        valid = scores[mask]
-        scores = (scores - valid.mean()) / (valid.std(unbiased=False) + ZSCORE_EPS)
+    elif normalization == "zscore":
+        if mask.any():
+            valid = scores[mask]
+            scores = (scores - valid.mean()) / (valid.std(unbiased=False) + ZSCORE_EPS)
     elif normalization == "ema":
         if moments is None:
             raise ValueError("td_error_normalization ema needs the running moments (ScoreMoments)")
