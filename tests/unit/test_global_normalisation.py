@@ -21,7 +21,7 @@ from weighted_mtp.models.transformer import ModelArgs, MTPTransformer, build_mic
 from weighted_mtp.models.value_head import MLPValueHead
 from weighted_mtp.objectives import BaselineObjective, CriticObjective, Rho1Objective, VerifiableObjective
 from weighted_mtp.objectives.base import local_sums
-from weighted_mtp.weighting import CriticWeighting, Rho1Weighting
+from weighted_mtp.weighting import CriticWeighting, Rho1Weighting, head_target_mask
 
 VOCAB, ROWS, SEQ = 61, 6, 15
 SPLIT = (1, 3, 2)  # uneven pieces of the six rows
@@ -242,6 +242,12 @@ def verifiable(normalization: str = "none", weight_normalization: str = "none", 
     return model, [model, head], objective
 
 
+def rho1_over_the_step(weighting: Rho1Weighting):
+    model = tiny_model(2)
+    reference = build_micro_model(VOCAB, n_future_tokens=2, seed=7).requires_grad_(False)
+    return model, [model], Rho1Objective(reference, weighting, head_weights=[1.0, 0.5], chunk_size=5)
+
+
 SETUPS = {
     "baseline": baseline,
     "critic_every_token": lambda: critic("every_token"),
@@ -251,10 +257,13 @@ SETUPS = {
     "verifiable": verifiable,
     "verifiable_step_statistics": lambda: verifiable("zscore", "mean1"),
     "verifiable_step_statistics_delta": lambda: verifiable("zscore", "mean1", scorer="critic_delta"),
+    "rho1_step_top_k": lambda: rho1_over_the_step(Rho1Weighting(ratio=0.5, per_head=True)),
+    "rho1_step_soft_head1": lambda: rho1_over_the_step(Rho1Weighting(selection="soft", temperature=0.7, per_head=False)),
 }
 
 
-PER_BATCH_WEIGHTS = {"rho1", "verifiable_step_statistics", "verifiable_step_statistics_delta"}  # in validation
+PER_BATCH_WEIGHTS = {"rho1", "verifiable_step_statistics", "verifiable_step_statistics_delta", "rho1_step_top_k",
+                     "rho1_step_soft_head1"}  # in validation
 
 
 def step(objective, model: nn.Module, micro: list[Batch], *, global_counts: bool) -> dict[str, float]:
@@ -383,3 +392,20 @@ def test_per_micro_batch_critic_statistics_are_an_option_that_a_split_changes():
     step(objective, model, pieces(batch), global_counts=True)
     assert objective.step_statistics is None  # nothing prepared: each micro-batch z-scores itself
     assert max_difference(grads(modules), whole) > 1e-4
+
+
+def test_rho1_per_micro_batch_selects_in_each_piece_alone():
+    """`rho1.statistics: micro_batch`, the documented option: a split changes the selection, and each
+    piece's weights are its own top-k (mean 1 over the piece)."""
+    model, modules, objective = rho1_over_the_step(Rho1Weighting(ratio=0.5, per_head=True, statistics="micro_batch"))
+    batch = make_batch(11)
+    objective.forward_backward(model, batch, loss_scale=1.0)
+    expected = grads(modules)
+    step(objective, model, pieces(batch), global_counts=True)
+    assert objective.step_statistics is None and max_difference(grads(modules), expected) > 1e-4
+    for piece in pieces(batch):
+        weights = objective.token_weights(model, piece).weights
+        mask = head_target_mask(piece.labels, 2)
+        for k0 in range(2):
+            if mask[..., k0].any():
+                assert float(weights[..., k0][mask[..., k0]].mean()) == pytest.approx(1.0)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from weighted_mtp.losses import head_token_ce, mtp_forward_backward, mtp_loss_naive
 from weighted_mtp.models.transformer import build_micro_model
 from weighted_mtp.weighting import Rho1Weighting, head_target_mask, reference_token_ce
-from weighted_mtp.weighting.rho1 import soft_weights, top_k_weights
+from weighted_mtp.weighting.rho1 import largest_at_rank, ordered_keys, soft_weights, top_k_weights, value_of_key
 
 
 def random_labels(rng: random.Random, batch: int, length: int, vocab: int = 100) -> torch.Tensor:
@@ -227,3 +227,78 @@ def test_weights_keep_float64(selection):
             expected = torch.zeros_like(scores)
             expected[mask[..., k0]] = len(valid) * torch.exp(valid - valid.max()) / torch.exp(valid - valid.max()).sum()
         torch.testing.assert_close(weights[..., k0], expected, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- over the whole step
+
+
+def test_ordered_keys_sort_like_the_floats():
+    values = torch.tensor([-math.inf, -3.5, -1e-300, -0.0, 0.0, 1e-300, 2.0, 2.0000000000000004, math.inf],
+                          dtype=torch.float64)
+    keys = ordered_keys(values)
+    assert (keys[1:] >= keys[:-1]).all() and (keys[2:] > keys[1:-1])[torch.arange(7) != 2].all()
+    shuffled = torch.randn(1000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1e3
+    order = torch.argsort(ordered_keys(shuffled))
+    assert torch.equal(shuffled[order], torch.sort(shuffled).values)
+    for v in shuffled[:20].tolist():
+        assert value_of_key(int(ordered_keys(torch.tensor([v], dtype=torch.float64)))) == v
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_search_finds_the_kth_largest_over_pieces_like_a_sorted_list(seed):
+    rng = random.Random(seed)
+    groups = []
+    for _ in range(rng.randint(1, 3)):
+        pieces = [torch.tensor([rng.choice([-2.5, -1.0, 0.0, 0.5, 3.0, rng.uniform(-5, 5)])
+                                for _ in range(rng.randint(0, 6))], dtype=torch.float64) for _ in range(3)]
+        groups.append(pieces)
+    totals = [sum(len(p) for p in group) for group in groups]
+    ranks = [rng.randint(1, max(1, n)) for n in totals]
+    got = largest_at_rank(groups, ranks, lambda sums: sums)
+    for group, rank, n, value in zip(groups, ranks, totals, got):
+        if n == 0:
+            continue
+        assert value == sorted((x for p in group for x in p.tolist()), reverse=True)[rank - 1]
+
+
+def loop_step_weights(excess_pieces, mask_pieces, scheme: Rho1Weighting):
+    """The step's selection by hand: every valid target of every piece in one list per head."""
+    out = [torch.zeros(e.shape, dtype=torch.float64) for e in excess_pieces]
+    for k0 in range(excess_pieces[0].shape[-1]):
+        cells = [(i, b, t) for i, m in enumerate(mask_pieces) for b in range(m.shape[0]) for t in range(m.shape[1])
+                 if m[b, t, k0]]
+        values = [float(excess_pieces[i][b, t, k0]) for i, b, t in cells]
+        n = len(values)
+        if scheme.selection == "top_k":
+            keep = min(n, max(1, math.floor(scheme.ratio * n + 0.5)))
+            threshold = sorted(values, reverse=True)[keep - 1]
+            chosen = [v >= threshold for v in values]
+            weights = [n / sum(chosen) if c else 0.0 for c in chosen]
+        else:
+            top = max(values)
+            exps = [math.exp((v - top) / scheme.temperature) for v in values]
+            weights = [n * x / sum(exps) for x in exps]
+        for (i, b, t), w in zip(cells, weights):
+            out[i][b, t, k0] = w
+    return out
+
+
+@pytest.mark.parametrize("selection", ["top_k", "soft"])
+@pytest.mark.parametrize("seed", range(4))
+def test_step_statistics_weigh_every_piece_as_one_list_does(selection, seed):
+    rng = random.Random(seed)
+    scheme = Rho1Weighting(selection=selection, ratio=rng.choice([0.3, 0.6]), temperature=rng.choice([0.5, 2.0]))
+    labels = [random_labels(rng, rng.randint(1, 3), rng.randint(4, 12)) for _ in range(3)]
+    gen = torch.Generator().manual_seed(seed)
+    model_ce = [torch.rand(*l.shape, 2, generator=gen, dtype=torch.float64) * 4 for l in labels]
+    reference_ce = [torch.rand(*l.shape, 2, generator=gen, dtype=torch.float64) * 4 for l in labels]
+    scored = [scheme.excess(m, r, l, n_heads=2) for m, r, l in zip(model_ce, reference_ce, labels)]
+    statistics = scheme.step_statistics(scored, lambda sums: sums)
+    expected = loop_step_weights([e for e, _ in scored], [m for _, m in scored], scheme)
+    for l, (e, m), want in zip(labels, scored, expected):
+        got = scheme.weights_from_excess(e, m, l, n_heads=2, statistics=statistics)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    every = torch.cat([w[m] for (_, m), w in zip(scored, expected)])
+    if every.numel():
+        assert float(every.mean()) == pytest.approx(1.0)

@@ -266,6 +266,11 @@ class Rho1Config(Section):
     top_k_ratio: float = Field(0.6, gt=0, le=1)
     temperature: float = Field(1.0, gt=0)
     per_head: bool = Field(True, description="Select per head rather than by head-1 excess loss.")
+    statistics: Literal["step", "micro_batch"] = Field(
+        "step",
+        description="step: select over every micro-batch and rank of the optimizer step (the reference runs once "
+        "per micro-batch, before the backward passes); micro_batch: over each micro-batch alone.",
+    )
 
 
 class GradNormConfig(Section):

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from weighted_mtp.config.schema import Config
 from weighted_mtp.data import Batch
@@ -31,6 +31,7 @@ from weighted_mtp.objectives.base import (
     target_counts,
 )
 from weighted_mtp.weighting import (
+    Rho1StepStatistics,
     Rho1Weighting,
     discounted_head_weights,
     head_target_mask,
@@ -88,6 +89,8 @@ class Rho1Objective(Objective):
         self.weighting = weighting
         self.head_weights = list(head_weights) if head_weights is not None else None
         self.chunk_size = chunk_size
+        self.step_statistics: Rho1StepStatistics | None = None  # the current training step's (prepare_step)
+        self.step_excess: list[tuple[Batch, Tensor, Tensor]] = []  # its micro-batches with their (excess, mask)
 
     @classmethod
     def from_config(cls, config: Config, model: nn.Module, device: torch.device) -> Rho1Objective:
@@ -106,26 +109,10 @@ class Rho1Objective(Objective):
         return target_counts(batch.labels, model.n_future_tokens)
 
     @torch.no_grad()
-    def token_weights(self, model: nn.Module, batch: Batch) -> TokenWeights:
-        """The selection on this batch, with head 1's excess loss over the reference."""
+    def _excess(self, model: nn.Module, hidden: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Both models' per-token CE of the scored heads (no gradient) -> (excess, mask) [B,T,h].
+        The model's CE runs each scored head's block once more (with dropout, under masks of its own)."""
         scored = self.weighting.scored_heads(model.n_future_tokens)
-        hidden = model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)
-        model_ce = head_token_ce(model, hidden, batch.labels, attention_mask=batch.attention_mask, n_heads=scored,
-                                 chunk_size=self.chunk_size)
-        reference_ce = reference_token_ce(self.reference, batch.input_ids, batch.labels,
-                                          attention_mask=batch.attention_mask, n_heads=scored,
-                                          chunk_size=self.chunk_size)
-        weights, excess = self.weighting.weights(model_ce, reference_ce, batch.labels, n_heads=model.n_future_tokens)
-        return TokenWeights(weights, {"excess": excess[..., 0]})
-
-    def step(self, model: nn.Module, batch: Batch, counts: Counts, *, loss_scale: float | None) -> dict[str, float]:
-        """Trunk -> both models' per-token CE (no gradient; every head, or head 1 without
-        `per_head`) -> the weights of the selected tokens -> the heads' weighted loss and backward ->
-        the trunk's backward. The model's CE pass runs each scored head's block once more without
-        gradient (with dropout, under masks of its own)."""
-        n_heads = model.n_future_tokens
-        scored = self.weighting.scored_heads(n_heads)
-        hidden = model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)
         model_ce = head_token_ce(
             model, hidden.detach(), batch.labels, attention_mask=batch.attention_mask, n_heads=scored,
             chunk_size=self.chunk_size,
@@ -134,7 +121,48 @@ class Rho1Objective(Objective):
             self.reference, batch.input_ids, batch.labels, attention_mask=batch.attention_mask, n_heads=scored,
             chunk_size=self.chunk_size,
         )  # fmt: skip
-        weights, excess = self.weighting.weights(model_ce, reference_ce, batch.labels, n_heads=n_heads)
+        return self.weighting.excess(model_ce, reference_ce, batch.labels, n_heads=model.n_future_tokens)
+
+    @torch.no_grad()
+    def prepare_step(self, model: nn.Module, batches: list[Batch], reduce_sum) -> None:
+        """The selection over the whole step (every micro-batch and rank): each micro-batch's excess
+        loss, kept for its backward pass (the reference runs once per micro-batch), then the step's
+        threshold or softmax denominator, so accumulation and the number of ranks do not change it."""
+        self.on_step_end(0)
+        if self.weighting.statistics != "step":
+            return
+        for batch in batches:
+            hidden = model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)
+            self.step_excess.append((batch, *self._excess(model, hidden, batch)))
+        self.step_statistics = self.weighting.step_statistics([(e, m) for _, e, m in self.step_excess], reduce_sum)
+
+    def on_step_end(self, step: int) -> None:
+        """The step's selection and excess losses are spent."""
+        self.step_statistics, self.step_excess = None, []
+
+    def _prepared(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        for prepared, excess, mask in self.step_excess:
+            if prepared is batch:
+                return excess, mask
+        raise RuntimeError("Rho-1 with statistics over the step: prepare_step was not given this micro-batch")
+
+    @torch.no_grad()
+    def token_weights(self, model: nn.Module, batch: Batch) -> TokenWeights:
+        """The selection on this batch, with head 1's excess loss over the reference."""
+        hidden = model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)
+        excess, mask = self._excess(model, hidden, batch)
+        weights = self.weighting.weights_from_excess(excess, mask, batch.labels, n_heads=model.n_future_tokens)
+        return TokenWeights(weights, {"excess": excess[..., 0]})
+
+    def step(self, model: nn.Module, batch: Batch, counts: Counts, *, loss_scale: float | None) -> dict[str, float]:
+        """Trunk -> the excess loss over the reference (prepared with the step's, or computed here for
+        validation and `statistics: micro_batch`) -> the weights of the selected tokens -> the heads'
+        weighted loss and backward -> the trunk's backward."""
+        n_heads = model.n_future_tokens
+        hidden = model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)
+        statistics = self.step_statistics if loss_scale is not None else None  # validation: per batch
+        excess, mask = self._prepared(batch) if statistics is not None else self._excess(model, hidden, batch)
+        weights = self.weighting.weights_from_excess(excess, mask, batch.labels, n_heads=n_heads, statistics=statistics)
         out = mtp_forward_backward(
             model,
             batch.input_ids,

@@ -20,12 +20,13 @@ from weighted_mtp.weighting.critic import (
     value_loss,
 )
 from weighted_mtp.weighting.grad_norm import GradNormWeighting
-from weighted_mtp.weighting.rho1 import Rho1Weighting, reference_token_ce
+from weighted_mtp.weighting.rho1 import Rho1StepStatistics, Rho1Weighting, reference_token_ce
 
 __all__ = [
     "CriticTargets",
     "CriticWeighting",
     "GradNormWeighting",
+    "Rho1StepStatistics",
     "Rho1Weighting",
     "critic_pretrain_loss",
     "critic_targets",
