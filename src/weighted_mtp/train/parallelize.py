@@ -93,3 +93,10 @@ def shard_model(
         register_fsdp_forward_method(model, method)
     for module in extra_modules:
         fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # Gather and free every unit once. The loss runs the heads one backward at a time, and after the
+    # first backward FSDP's post-backward without gradient sync (accumulation) touches every unit's
+    # unsharded parameters, which torch 2.13 creates only at a unit's first all-gather: a head that
+    # has not run yet would fail with "'FSDPParam' object has no attribute '_unsharded_param'".
+    for module in [*model.blocks(), model, *extra_modules]:
+        module.unshard()
+        module.reshard()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import math
 import random
@@ -39,6 +40,7 @@ from torch import nn
 from weighted_mtp.config import save_resolved_config
 from weighted_mtp.config.schema import Config
 from weighted_mtp.errors import CheckpointError, ConfigError, DataError, WMTPError
+from weighted_mtp.io import atomic_write_json
 from weighted_mtp.objectives.base import Objective
 from weighted_mtp.train import distributed as D
 from weighted_mtp.train.checkpoint import (
@@ -53,6 +55,8 @@ from weighted_mtp.train.optim import build_optimizer, build_scheduler
 from weighted_mtp.train.parallelize import parallelize
 
 log = logging.getLogger(__name__)
+
+MICRO_SPLITS_FILE = "micro_splits.json"  # written when FSDP runs out of memory: the split to resume with
 
 _AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -236,6 +240,7 @@ class Trainer:
             resumed_from = None
         else:
             resumed_from = self._restore(required=resume)  # before any write: a failed --resume leaves no trace
+        self._agree_on_micro_splits()
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved_config(self.config, self.run_dir)
@@ -322,10 +327,7 @@ class Trainer:
                 out_of_memory = False
             except torch.OutOfMemoryError:
                 if self.strategy == "fsdp":
-                    raise WMTPError(
-                        "out of GPU memory under FSDP (the other ranks cannot retry in step); "
-                        "lower training.batch_size and raise training.grad_accum_steps"
-                    ) from None
+                    self._stop_for_smaller_micro_batches(batches)
                 out_of_memory = True
             if self.strategy == "ddp":
                 out_of_memory = D.all_reduce_max(float(out_of_memory), self.env) > 0
@@ -423,6 +425,33 @@ class Trainer:
             for key, value in self.objective.token_counts(self.model, batch).items():
                 counts[key] += float(value)
         return D.all_reduce_sum(dict(counts), self.env)
+
+    def _stop_for_smaller_micro_batches(self, batches: list[Any]) -> None:
+        """Out of memory under FSDP: the other ranks wait inside the step's collectives, so no rank can
+        retry in step. This rank records the halved micro-batch in the run directory and the job stops;
+        relaunched (torchrun --max-restarts, a SLURM requeue, by hand), every rank resumes from the
+        last checkpoint and agrees on the smallest micro-batch any rank recorded (`_agree_on_micro_splits`)."""
+        self._halve_micro_batch(batches)
+        atomic_write_json(self.run_dir / MICRO_SPLITS_FILE,
+                          {"step": self.state.step + 1, "micro_splits": self.state.micro_splits})
+        raise WMTPError(
+            f"out of GPU memory under FSDP at step {self.state.step + 1}: the other ranks are inside collectives, "
+            f"so the job stops; relaunched (torchrun --max-restarts, a SLURM requeue or by hand) it resumes from the "
+            f"last checkpoint with {self.state.micro_splits} micro-batches per batch on every rank "
+            f"({self.run_dir / MICRO_SPLITS_FILE})"
+        )
+
+    def _agree_on_micro_splits(self) -> None:
+        """Every rank takes the largest split recorded after an out-of-memory stop (the run directory
+        may be on one node only: one all-reduce shares it) or restored from the checkpoint."""
+        recorded = self.run_dir / MICRO_SPLITS_FILE
+        splits = self.state.micro_splits
+        if recorded.is_file():
+            splits = max(splits, int(json.loads(recorded.read_text(encoding="utf-8"))["micro_splits"]))
+        agreed = int(D.all_reduce_max(float(splits), self.env))
+        if agreed != self.state.micro_splits:
+            log.warning("each batch is cut into %d micro-batches, as recorded after running out of memory", agreed)
+            self.state.micro_splits = agreed
 
     def _halve_micro_batch(self, batches: list[Any]) -> None:
         rows = len(batches[0].input_ids)
@@ -614,7 +643,7 @@ class Trainer:
         if self.env.is_main:
             for name in ("checkpoints", "final"):
                 shutil.rmtree(self.run_dir / name, ignore_errors=True)
-            for name in ("metrics.jsonl", "config.yaml"):
+            for name in ("metrics.jsonl", "config.yaml", MICRO_SPLITS_FILE):
                 (self.run_dir / name).unlink(missing_ok=True)
             log.info("%s: starting over (--fresh)", self.run_dir)
         D.barrier(self.env)

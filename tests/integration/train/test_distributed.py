@@ -7,6 +7,7 @@ resumes from its sharded checkpoint with the same losses.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +25,9 @@ RANKS_OF_ONE = (*REFERENCE, "training.grad_accum_steps=1")
 
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+# restarted workers would otherwise read the previous attempt's addresses from the store torchrun
+# shares with them (pytorch/pytorch#135712); docs/training.md gives the same setting
+RESTARTABLE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def torchrun(ws, name: str, *extra: str, log_name: str = "run") -> subprocess.Popen:
@@ -89,3 +93,28 @@ def test_fsdp_dead_rank_fails_fast_then_resumes_from_sharded_checkpoint(
     assert proc.wait(timeout=300) == 0, ws.log_tail("fsdp", "resumed")
     assert "resuming from" in ws.log_tail("fsdp", "resumed")
     assert_same_losses(ws.losses("fsdp"), reference_losses, 1e-4)
+
+
+def test_fsdp_out_of_memory_on_one_rank_stops_the_job_and_the_restart_halves_the_micro_batch_on_every_rank(
+    micro_workspace,
+) -> None:
+    """Rank 1 runs out of memory at step 3 (injected); torchrun restarts the job once; every rank
+    resumes from the step-2 checkpoint with the batch cut in two micro-batches (accumulation under
+    FSDP), and each step's loss is the uninterrupted run's (a step's loss does not depend on how its
+    batch is split)."""
+    ws = micro_workspace
+    fsdp = ("training.max_steps=6", "training.save_every=2", "data.n_samples=16", "training.batch_size=2",
+            "training.grad_accum_steps=1", "distributed.timeout_s=60", "distributed.strategy=fsdp",
+            "distributed.checkpoint_format=sharded")
+    proc = torchrun(ws, "fsdp-whole", *fsdp, log_name="run")
+    assert proc.wait(timeout=300) == 0, ws.log_tail("fsdp-whole")
+    script = Path(__file__).resolve().parents[2] / "fixtures" / "oom_on_one_rank.py"
+    command = [*TORCHRUN, "--max-restarts=1", str(script), *ws.cli_args("fsdp-oom", *fsdp)]
+    with open(ws.runs.parent / "fsdp-oom.run.log", "wb") as log:
+        status = subprocess.run(command, cwd=ws.root, stdout=log, stderr=subprocess.STDOUT, env=ws.env() | RESTARTABLE,
+                                timeout=300).returncode
+    output = (ws.runs.parent / "fsdp-oom.run.log").read_text(errors="replace")
+    assert status == 0, output[-4000:]
+    assert "out of GPU memory under FSDP at step 3" in output and "resuming from" in output
+    assert json.loads((ws.runs / "fsdp-oom" / "micro_splits.json").read_text()) == {"step": 3, "micro_splits": 2}
+    assert_same_losses(ws.losses("fsdp-oom"), ws.losses("fsdp-whole"), 1e-5)
