@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from weighted_mtp.models.checkpoints import (
+    add_heads,
     TensorSource,
     build_model,
     hf,
@@ -128,12 +129,12 @@ def test_new_heads_on_a_loaded_bfloat16_model_are_allocated_and_seeded(tmp_path)
     directory = write("native", written_model(), tmp_path / "native")
     a = build_model(read_checkpoint(directory), dtype=torch.bfloat16)
     b = build_model(read_checkpoint(directory), dtype=torch.bfloat16)
-    a.add_heads(4, init="random", seed=3)
-    b.add_heads(4, init="random", seed=3)
+    a = add_heads(a, 4, init="random", seed=3)
+    b = add_heads(b, 4, init="random", seed=3)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert not pa.is_meta and pa.dtype == torch.bfloat16 and torch.equal(pa, pb)
     copied = build_model(read_checkpoint(directory), dtype=torch.bfloat16)
-    copied.add_heads(3, init="copy")
+    copied = add_heads(copied, 3, init="copy")
     for new, old in zip(copied.extra_heads[-1].parameters(), copied.extra_heads[0].parameters()):
         assert torch.equal(new, old) and new.data_ptr() != old.data_ptr()
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fixtures.checkpoints import write_meta_checkpoint
+
 from weighted_mtp.errors import CheckpointError
 from weighted_mtp.models.checkpoints import build_model, hf, native, read_checkpoint
 from weighted_mtp.models.loading import load_model
@@ -48,49 +50,6 @@ def assert_same_weights(a: MTPTransformer, b: MTPTransformer) -> None:
 
 
 # ----------------------------------------------------------------------------- Meta format
-
-
-# Meta's fairscale model parallelism, written out independently of the loader's own table.
-META_SPLIT_DIM = {
-    "wq": 0,
-    "wk": 0,
-    "wv": 0,
-    "w1": 0,
-    "w3": 0,
-    "output": 0,
-    "wo": 1,
-    "w2": 1,
-    "tok_embeddings": 1,
-}
-
-
-def write_meta_checkpoint(model: MTPTransformer, directory: Path, n_shards: int) -> None:
-    directory.mkdir(parents=True)
-    args = model.args
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    state["rope.freqs"] = torch.zeros(args.head_dim // 2)  # present in Meta's releases; must be ignored
-    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n_shards)]
-    for name, tensor in state.items():
-        module = name.split(".")[-2]
-        dim = META_SPLIT_DIM.get(module)
-        pieces = tensor.chunk(n_shards, dim=dim) if dim is not None else [tensor] * n_shards
-        for shard, piece in zip(shards, pieces):
-            shard[name] = piece.clone()
-    for i, shard in enumerate(shards):
-        torch.save(shard, directory / f"consolidated.{i:02d}.pth")
-    params = {
-        "dim": args.dim,
-        "n_layers": args.n_layers,
-        "n_heads": args.n_heads,
-        "n_kv_heads": args.n_kv_heads,
-        "vocab_size": args.vocab_size,
-        "multiple_of": 64,
-        "ffn_dim_multiplier": None,
-        "norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta,
-        "n_future_tokens": args.n_future_tokens,
-    }
-    (directory / "params.json").write_text(json.dumps(params))
 
 
 def test_two_shard_meta_checkpoint_matches_the_same_weights_from_safetensors(tmp_path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from weighted_mtp.models.checkpoints import add_heads
 from weighted_mtp.models.transformer import (
     ModelArgs,
     MTPTransformer,
@@ -138,16 +139,16 @@ def test_head_forward_matches_forward_and_heads_differ() -> None:
 def test_add_heads_copies_the_last_block_and_tied_embeddings() -> None:
     model = build_micro_model(vocab_size=101, n_future_tokens=1, seed=3)
     assert model.output.weight is model.tok_embeddings.weight
-    model.add_heads(3, init="copy")
+    model = add_heads(model, 3, init="copy")
     assert model.args.n_layers == 6 and len(model.extra_heads) == 2 and len(model.layers) == 4
     for block in model.extra_heads:
         for new, old in zip(block.parameters(), model.layers[-1].parameters()):
             assert torch.equal(new, old) and new is not old
     out = model(torch.randint(0, 101, (1, 5)), return_all_heads=True).logits
     torch.testing.assert_close(out[:, :, 1], out[:, :, 0])
-    model.add_heads(4, init="random", seed=1)
+    model = add_heads(model, 4, init="random", seed=1)
     assert not torch.equal(model.extra_heads[2].attention.wq.weight, model.layers[-1].attention.wq.weight)
-    model.add_heads(2)
+    model = add_heads(model, 2)
     assert len(model.extra_heads) == 1 and model.args.n_layers == 5
 
 

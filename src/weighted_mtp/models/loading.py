@@ -28,7 +28,14 @@ from pathlib import Path
 import torch
 
 from weighted_mtp.errors import CheckpointError, ConfigError
-from weighted_mtp.models.checkpoints import RawCheckpoint, TensorSource, build_model, read_checkpoint
+from weighted_mtp.models.checkpoints import (
+    RawCheckpoint,
+    TensorSource,
+    build_model,
+    model_skeleton,
+    read_checkpoint,
+    with_heads,
+)
 from weighted_mtp.models.tokenizer import Tokenizer
 from weighted_mtp.models.transformer import MTPTransformer, build_micro_model
 
@@ -219,6 +226,20 @@ def load_model(
     tokenizer: str | Path | None = None,
 ) -> tuple[MTPTransformer, Tokenizer]:
     """Build a model from a name or path, with `n_future_tokens` heads (as stored when None)."""
+    raw, text_tokenizer = _checkpoint_with_heads(name_or_path, n_future_tokens, extra_heads_init, models_dir, seed,
+                                                 tokenizer)
+    model = build_model(raw, device=device, dtype=dtype)
+    log.info(
+        "loaded %s (%s): %.1fM parameters, %d head(s)",
+        name_or_path,
+        raw.format,
+        model.num_parameters() / 1e6,
+        model.n_future_tokens,
+    )
+    return model, text_tokenizer
+
+
+def _checkpoint_with_heads(name_or_path, n_future_tokens, extra_heads_init, models_dir, seed, tokenizer):
     if extra_heads_init not in ("copy", "random"):
         raise CheckpointError(f"extra_heads_init {extra_heads_init!r}: expected copy or random")
     raw = read_named_or_path(name_or_path, models_dir, seed)
@@ -228,17 +249,23 @@ def load_model(
             f"{text_tokenizer.source}: tokenizer has {text_tokenizer.vocab_size} tokens but the model at "
             f"{raw.source} embeds only {raw.args.vocab_size}"
         )
-    model = build_model(raw, device=device, dtype=dtype)
-    if n_future_tokens is not None and n_future_tokens != model.n_future_tokens:
-        model.add_heads(n_future_tokens, init=extra_heads_init, seed=seed)
-    log.info(
-        "loaded %s (%s): %.1fM parameters, %d head(s)",
-        name_or_path,
-        raw.format,
-        model.num_parameters() / 1e6,
-        model.n_future_tokens,
-    )
-    return model, text_tokenizer
+    if n_future_tokens is not None:
+        raw = with_heads(raw, n_future_tokens, init=extra_heads_init, seed=seed)
+    return raw, text_tokenizer
+
+
+def load_model_skeleton(config) -> tuple[MTPTransformer, Tokenizer, dict[str, TensorSource]]:
+    """For a sharded start-up: the run's model on the meta device (nothing allocated) and the tensor
+    that fills each of its parameters. Every rank builds this, shards it, then reads only its shards
+    (`train.parallelize.shard_model`), so no rank ever holds the whole model."""
+    model_cfg = config.model
+    raw, tokenizer = _checkpoint_with_heads(model_cfg.name, model_cfg.n_future_tokens, model_cfg.extra_heads_init,
+                                            config.paths.models, config.seed, model_cfg.tokenizer)
+    model, sources = model_skeleton(raw)
+    model.to(weights_dtype(config))
+    log.info("%s (%s): %.1fM parameters, %d head(s), on the meta device until sharded", model_cfg.name, raw.format,
+             model.num_parameters() / 1e6, model.n_future_tokens)
+    return model, tokenizer, sources
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -284,19 +311,22 @@ def load_model_from_config(config) -> tuple[MTPTransformer, Tokenizer]:
     FSDP casts parameters itself); on CPU they take `dtype` directly, since there is no autocast.
     """
     model_cfg = config.model
-    dtype = DTYPES[config.dtype]
-    if resolve_device(config.device).type == "cuda":
-        dtype = torch.float32
     model, tokenizer = load_model(
         model_cfg.name,
         n_future_tokens=model_cfg.n_future_tokens,
         extra_heads_init=model_cfg.extra_heads_init,
         models_dir=config.paths.models,
-        dtype=dtype,
+        dtype=weights_dtype(config),
         seed=config.seed,
         tokenizer=model_cfg.tokenizer,
     )
     return model, tokenizer
+
+
+def weights_dtype(config) -> torch.dtype:
+    """The dtype a run keeps its weights in: float32 on CUDA (autocast computes in `dtype`), `dtype`
+    on CPU (no autocast there)."""
+    return torch.float32 if resolve_device(config.device).type == "cuda" else DTYPES[config.dtype]
 
 
 def load_model_for_generation(config, name: str | Path, *, tokenizer: str | None = None):

@@ -338,37 +338,6 @@ class MTPTransformer(nn.Module):
                     values = torch.randn(param.shape, generator=generator, dtype=torch.float32) * std
                     param.copy_(values.to(param.dtype))
 
-    def add_heads(self, n_future_tokens: int, *, init: str = "copy", seed: int = 0) -> None:
-        """Grow or shrink to `n_future_tokens` heads.
-
-        New heads copy the current last head block ("copy") or are drawn at random ("random");
-        dropping heads keeps the first ones.
-        """
-        current = self.n_future_tokens
-        if n_future_tokens < 1:
-            raise ValueError("n_future_tokens must be at least 1")
-        if n_future_tokens < current:
-            self.extra_heads = nn.ModuleList(list(self.extra_heads)[: n_future_tokens - 1])
-        elif n_future_tokens > current:
-            template = self.heads()[-1]
-            reference = template.attention.wq.weight
-            generator = torch.Generator().manual_seed(seed)
-            for _ in range(n_future_tokens - current):
-                with torch.device("meta"):  # every value is written below: allocate once, no default init
-                    block = TransformerBlock(self.args)
-                block = block.to(dtype=reference.dtype).to_empty(device=reference.device)
-                with torch.no_grad():
-                    for (name, new), (_, old) in zip(block.named_parameters(), template.named_parameters()):
-                        if init == "copy" or name.endswith("norm.weight"):
-                            new.copy_(old)
-                        elif init == "random":
-                            new.copy_((torch.randn(new.shape, generator=generator) * 0.02).to(new.dtype))
-                        else:
-                            raise ValueError(f"unknown extra_heads_init {init!r} (copy, random)")
-                self.extra_heads.append(block)
-        self.args.n_layers += n_future_tokens - current
-        self.args.n_future_tokens = self.n_future_tokens = n_future_tokens
-
     def new_cache(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> KVCache:
         reference = self.tok_embeddings.weight
         return KVCache(

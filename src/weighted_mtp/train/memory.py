@@ -19,6 +19,7 @@ An estimate from the model's shapes, not a measurement:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from weighted_mtp.models.transformer import ModelArgs
 
@@ -109,3 +110,28 @@ def estimate_memory(
         activations = blocks_alive * per_block
     loss = 2 * min(loss_chunk_size, tokens) * args.vocab_size * 4
     return MemoryEstimate(parameters / GIB, gradients / GIB, optimizer / GIB, activations / GIB, loss / GIB)
+
+
+def reset_resident_peak() -> int:
+    """Start measuring this process's resident high-water mark afresh (Linux: VmHWM, reset through
+    /proc/self/clear_refs); returns the resident bytes now, or 0 where that cannot be read."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_bytes("VmRSS")
+    except OSError:
+        return 0
+
+
+def resident_peak() -> int:
+    """The resident high-water mark since the last `reset_resident_peak`, in bytes (0: unknown)."""
+    try:
+        return _status_bytes("VmHWM")
+    except OSError:
+        return 0
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field}")

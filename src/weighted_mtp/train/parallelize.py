@@ -7,18 +7,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from weighted_mtp.config.schema import Config
+from weighted_mtp.models.checkpoints import TensorSource
 from weighted_mtp.models.loading import DTYPES
 from weighted_mtp.models.lora import configure_training_modes
 from weighted_mtp.train import distributed as D
 
 
-def parallelize(model: nn.Module, extra_modules: dict[str, nn.Module], config: Config, env: D.DistEnv) -> str:
+def parallelize(
+    model: nn.Module, extra_modules: dict[str, nn.Module], config: Config, env: D.DistEnv, *,
+    pending_weights: dict[str, TensorSource] | None = None,
+) -> str:
     """Set what trains (LoRA adapters injected where asked), move everything to the device, checkpoint
     activations, and shard (fsdp) or synchronise (ddp) across ranks. Returns the strategy in use:
-    "fsdp", "ddp" or "none" (one process)."""
+    "fsdp", "ddp" or "none" (one process). `pending_weights`: the model is still on the meta device
+    (a sharded start-up); it is sharded first and each rank then reads only its shards."""
     freeze, lora = config.training.freeze, config.training.lora
     configure_training_modes(
         model,
@@ -31,7 +37,8 @@ def parallelize(model: nn.Module, extra_modules: dict[str, nn.Module], config: C
         value_head=extra_modules.get("value_head"),
         value_head_mode=freeze.value_head,
     )
-    model.to(env.device)
+    if pending_weights is None:
+        model.to(env.device)
     for module in extra_modules.values():
         module.to(env.device)
     if config.model.activation_checkpointing:
@@ -46,10 +53,37 @@ def parallelize(model: nn.Module, extra_modules: dict[str, nn.Module], config: C
             param_dtype=dist_cfg.param_dtype,
             reduce_dtype=dist_cfg.reduce_dtype,
             reshard_after_forward=dist_cfg.reshard_after_forward,
+            pending_weights=pending_weights,
         )
+    elif pending_weights is not None:
+        raise ValueError("a model on the meta device is filled shard by shard: only under FSDP")
     elif strategy == "ddp":
         D.broadcast_parameters([model, *extra_modules.values()], env)
     return strategy
+
+
+@torch.no_grad()
+def fill_shards(model: nn.Module, sources: dict[str, TensorSource]) -> None:
+    """Each rank copies its own part of every parameter out of the full tensor read from the
+    checkpoint, one tensor at a time: a rank holds its shards plus the tensor being read."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    for name, param in model.named_parameters():
+        source = sources[name]
+        if not isinstance(param, DTensor):
+            param.copy_(source.read(param.dtype))
+            continue
+        if tuple(param.placements) != (Shard(0),):
+            raise ValueError(f"{name}: sharded as {param.placements}; only FSDP's Shard(0) is filled by rows")
+        local = param.to_local()
+        rows, ranks = param.shape[0], param.device_mesh.size()
+        per_rank = -(-rows // ranks)  # torch.chunk's split, as FSDP2 shards dim 0
+        start = min(param.device_mesh.get_local_rank() * per_rank, rows)
+        stop = min(start + per_rank, rows)
+        if stop - start != local.shape[0]:
+            raise RuntimeError(f"{name}: rank holds {local.shape[0]} rows, expected rows {start}..{stop}")
+        if stop > start:
+            local.copy_(source.rows(param.dtype, start, stop).to(local.device))
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -69,12 +103,14 @@ def shard_model(
     param_dtype: str = "auto",
     reduce_dtype: str = "float32",
     reshard_after_forward: bool = True,
+    pending_weights: dict[str, TensorSource] | None = None,
 ) -> None:
     """FSDP2: one shard unit per transformer block, then the root (embeddings, norm, unembedding).
 
     The loss drives the model through `trunk_forward` and `head_forward` rather than `forward`,
     so both are registered as FSDP forward methods: the root's parameters are gathered for them.
-    Extra trainable modules (a value head) become their own units.
+    Extra trainable modules (a value head) become their own units. A model on the meta device
+    (`pending_weights`) is sharded as it is, then each rank allocates its shards and fills them.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -93,10 +129,7 @@ def shard_model(
         register_fsdp_forward_method(model, method)
     for module in extra_modules:
         fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    # Gather and free every unit once. The loss runs the heads one backward at a time, and after the
-    # first backward FSDP's post-backward without gradient sync (accumulation) touches every unit's
-    # unsharded parameters, which torch 2.13 creates only at a unit's first all-gather: a head that
-    # has not run yet would fail with "'FSDPParam' object has no attribute '_unsharded_param'".
-    for module in [*model.blocks(), model, *extra_modules]:
-        module.unshard()
-        module.reshard()
+    if pending_weights is not None:
+        model.to_empty(device=env.device)
+        fill_shards(model, pending_weights)
+

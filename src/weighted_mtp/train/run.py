@@ -17,6 +17,7 @@ from torch import nn
 from weighted_mtp.config.schema import Config
 from weighted_mtp.objectives import Objective, build_objective
 from weighted_mtp.train import distributed as D
+from weighted_mtp.train.memory import reset_resident_peak, resident_peak
 from weighted_mtp.train.trainer import Trainer, TrainResult, seed_everything
 
 log = logging.getLogger(__name__)
@@ -31,16 +32,21 @@ class Run:
     objective: Objective
     train_loader: Any
     val_loader: Any | None
+    pending_weights: dict[str, Any] | None = None  # a model still on the meta device: what fills it
 
 
 def build_run(config: Config, env: D.DistEnv, *, validation: bool = True) -> Run:
     """Model and tokenizer, this rank's loaders (validation when `data.val_split` and
     `training.eval_every` are set and `validation`), and the objective of `experiment.pipeline`."""
     from weighted_mtp.data import build_loader
-    from weighted_mtp.models.loading import load_model_from_config
+    from weighted_mtp.models.loading import load_model_from_config, load_model_skeleton
 
     seed_everything(config.seed)
-    model, tokenizer = load_model_from_config(config)
+    pending = None
+    if sharded_start_up(config, env):
+        model, tokenizer, pending = load_model_skeleton(config)
+    else:
+        model, tokenizer = load_model_from_config(config)
     train_loader = build_loader(config, tokenizer, split=config.data.split, rank=env.rank, world_size=env.world_size)
     val_loader = None
     if validation and config.data.val_split and config.training.eval_every:
@@ -48,7 +54,18 @@ def build_run(config: Config, env: D.DistEnv, *, validation: bool = True) -> Run
             config, tokenizer, split=config.data.val_split, rank=env.rank, world_size=env.world_size, shuffle=False
         )
     objective = build_objective(config, model, env.device)
-    return Run(model, tokenizer, objective, train_loader, val_loader)
+    return Run(model, tokenizer, objective, train_loader, val_loader, pending)
+
+
+def sharded_start_up(config: Config, env: D.DistEnv) -> bool:
+    """Whether every rank builds the model on the meta device, shards it and reads only its shards:
+    FSDP over several ranks, full or frozen parts (LoRA adapters and tied embeddings are set up on a
+    whole model, so those runs load it whole on each rank first)."""
+    if not (env.is_distributed and env.strategy == "fsdp") or config.training.lora.enabled:
+        return False
+    from weighted_mtp.models.loading import read_named_or_path
+
+    return not read_named_or_path(config.model.name, config.paths.models, config.seed).args.tie_embeddings
 
 
 def run_s3_store(config: Config):
@@ -70,6 +87,7 @@ def train(config: Config, *, resume: bool = False, fresh: bool = False) -> Train
         device=config.device, backend=dist_cfg.backend, strategy=dist_cfg.strategy, timeout_s=dist_cfg.timeout_s
     )
     try:
+        before = reset_resident_peak()
         run = build_run(config, env)
         trainer = Trainer(
             config,
@@ -81,7 +99,11 @@ def train(config: Config, *, resume: bool = False, fresh: bool = False) -> Train
             env=env,
             s3_store=run_s3_store(config) if env.is_main else None,
             tokenizer=run.tokenizer,
+            pending_weights=run.pending_weights,
         )
+        if before:
+            log.info("rank %d: start-up peak resident memory %.2f GiB, %.2f GiB above the process before loading",
+                     env.rank, resident_peak() / 2**30, (resident_peak() - before) / 2**30)
         result = trainer.fit(resume=resume, fresh=fresh)
     finally:
         D.shutdown()

@@ -157,6 +157,7 @@ class Trainer:
         s3_store: Any | None = None,
         tokenizer: Any | None = None,
         export_model: bool = True,
+        pending_weights: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
         self.training = config.training
@@ -179,7 +180,7 @@ class Trainer:
 
         seed_everything(config.seed)
         extra = dict(objective.trainable_modules())
-        self.strategy = parallelize(model, extra, config, self.env)
+        self.strategy = parallelize(model, extra, config, self.env, pending_weights=pending_weights)
         self.model = model
         self.modules = nn.ModuleDict({"model": model, **extra})
         self.trainable = [p for p in self.modules.parameters() if p.requires_grad]
@@ -403,9 +404,7 @@ class Trainer:
         with self._autocast():  # statistics over the whole step (e.g. the critic weights' z-score)
             self.objective.prepare_step(self.model, micro, functools.partial(D.all_reduce_sum, env=self.env))
         self._reshard()
-        for i, batch in enumerate(micro):
-            if self.strategy == "fsdp":
-                self._set_gradient_sync(i == len(micro) - 1)
+        for batch in micro:  # under FSDP every micro-batch reduce-scatters its gradients (see docs/training.md)
             with self._autocast():
                 metrics = self.objective.step(
                     self.model, batch, global_counts, loss_scale=float(self.env.world_size)
@@ -471,13 +470,6 @@ class Trainer:
             -(-rows // self.state.micro_splits),
             self.training.grad_accum_steps * self.state.micro_splits,
         )
-
-    def _set_gradient_sync(self, enabled: bool) -> None:
-        from torch.distributed.fsdp import FSDPModule
-
-        for module in self.modules.values():
-            if isinstance(module, FSDPModule):
-                module.set_requires_gradient_sync(enabled)
 
     def _clip_gradients(self) -> float:
         """Global gradient norm (over every rank's shards), clipped to training.grad_clip if set."""

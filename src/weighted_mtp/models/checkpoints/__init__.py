@@ -12,6 +12,7 @@ being read (see docs/models.md, "What loading costs in memory").
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 
 from weighted_mtp.errors import CheckpointError
-from weighted_mtp.models.transformer import ModelArgs, MTPTransformer
+from weighted_mtp.models.transformer import ModelArgs, MTPTransformer, TransformerBlock
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,14 @@ class TensorSource:
 
     shape: tuple[int, ...]
     read: Callable[[torch.dtype], Tensor]
+    read_rows: Callable[[torch.dtype, int, int], Tensor] | None = None  # rows [start, stop) alone, if it can
+
+    def rows(self, dtype: torch.dtype, start: int, stop: int) -> Tensor:
+        """Rows [start, stop) of the tensor in `dtype` (a rank's shard): read alone where the reader
+        can, else cut from the whole tensor."""
+        if self.read_rows is not None:
+            return self.read_rows(dtype, start, stop)
+        return self.read(dtype)[start:stop].clone()
 
     @classmethod
     def in_memory(cls, tensor: Tensor) -> TensorSource:
@@ -99,7 +108,16 @@ def safetensors_sources(path: Path) -> dict[str, TensorSource]:
 
         return read
 
-    return {name: TensorSource(shapes[name], reader(name)) for name in names}
+    def row_reader(name: str) -> Callable[[torch.dtype, int, int], Tensor]:
+        def read_rows(dtype: torch.dtype, start: int, stop: int) -> Tensor:
+            try:
+                return handle.get_slice(name)[start:stop].to(dtype)
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise CheckpointError(f"{path}: cannot read tensor {name} ({exc})") from None
+
+        return read_rows
+
+    return {name: TensorSource(shapes[name], reader(name), row_reader(name)) for name in names}
 
 
 @dataclass
@@ -144,14 +162,68 @@ def read_checkpoint(path: Path) -> RawCheckpoint:
     )
 
 
-def build_model(
-    raw: RawCheckpoint, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> MTPTransformer:
-    """Build on the meta device (nothing allocated), then read each tensor straight into its parameter.
+def head_prefixes(args: ModelArgs) -> list[str]:
+    """The parameter-name prefix of each head, head 1 (the trunk's last block) first."""
+    trunk_blocks = args.n_layers - args.n_future_tokens + 1
+    return [f"layers.{trunk_blocks - 1}.", *(f"extra_heads.{i}." for i in range(args.n_future_tokens - 1))]
 
-    Every tensor is read, cast to `dtype` and moved to `device` before the next one is read, so the
-    weights exist once, in `dtype`; `assign=True` makes the read tensors the parameters themselves.
-    """
+
+def random_source(shape: tuple[int, ...], generator: torch.Generator, std: float) -> TensorSource:
+    """N(0, std^2) values drawn from `generator` as it is now (it is advanced past them), drawn again
+    from the same state whenever read."""
+    state = generator.get_state()
+    torch.randn(shape, generator=generator)  # what the next tensor draws comes after these
+
+    def read(dtype: torch.dtype) -> Tensor:
+        return (torch.randn(shape, generator=torch.Generator().set_state(state)) * std).to(dtype)
+
+    return TensorSource(shape, read)
+
+
+def with_heads(
+    raw: RawCheckpoint, n_future_tokens: int, *, init: str = "copy", seed: int = 0
+) -> RawCheckpoint:
+    """The checkpoint grown or shrunk to `n_future_tokens` heads, still unread. A new head's tensors are
+    the last head's ("copy"), or its matrices are drawn from N(0, 0.02^2) by a generator seeded with
+    `seed`, head after head in parameter order, and its norms copied ("random"); fewer heads keep the
+    first ones. Both the whole and the sharded start-up read heads from here, so they agree."""
+    if n_future_tokens < 1:
+        raise ValueError("n_future_tokens must be at least 1")
+    if init not in ("copy", "random"):
+        raise ValueError(f"unknown extra_heads_init {init!r} (copy, random)")
+    args, current = raw.args, raw.args.n_future_tokens
+    if n_future_tokens == current:
+        return raw
+    grown = dataclasses.replace(args, n_layers=args.n_layers + n_future_tokens - current, n_future_tokens=n_future_tokens)
+    state = {name: source for name, source in raw.state_dict.items()
+             if not name.startswith(tuple(f"extra_heads.{i}." for i in range(n_future_tokens - 1, current - 1)))}
+    template = head_prefixes(args)[-1]
+    with torch.device("meta"):
+        names = [name for name, _ in TransformerBlock(args).named_parameters()]
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(current - 1, n_future_tokens - 1):
+        for name in names:
+            copied = raw.state_dict[template + name]
+            if init == "copy" or name.endswith("norm.weight"):
+                state[f"extra_heads.{i}.{name}"] = copied
+            else:
+                state[f"extra_heads.{i}.{name}"] = random_source(copied.shape, generator, 0.02)
+    return dataclasses.replace(raw, args=grown, state_dict=state)
+
+
+def add_heads(model: MTPTransformer, n_future_tokens: int, *, init: str = "copy", seed: int = 0) -> MTPTransformer:
+    """A model in memory with `n_future_tokens` heads (see `with_heads`), in its dtype and device."""
+    reference = model.tok_embeddings.weight
+    state = {name: TensorSource(tuple(t.shape), lambda dtype, t=t: t.detach().to(dtype).clone())
+             for name, t in model.state_dict().items()}  # the new model shares nothing with the old
+    raw = RawCheckpoint(dataclasses.replace(model.args), state, None, Path("<in memory>"), "memory")
+    return build_model(with_heads(raw, n_future_tokens, init=init, seed=seed), device=reference.device,
+                       dtype=reference.dtype)
+
+
+def model_skeleton(raw: RawCheckpoint) -> tuple[MTPTransformer, dict[str, TensorSource]]:
+    """The model on the meta device (nothing allocated) and, for each of its parameters, the tensor
+    that fills it (a tied unembedding reads the embedding's); checked against each other first."""
     with torch.device("meta"):
         model = MTPTransformer(raw.args)
     expected = model.state_dict()
@@ -177,9 +249,26 @@ def build_model(
             raise CheckpointError(
                 f"{raw.source}: tensor {name} has shape {tuple(source.shape)}, expected {want}"
             )
-    weights = {}
+    return model, state
+
+
+def build_model(
+    raw: RawCheckpoint, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> MTPTransformer:
+    """Build on the meta device (nothing allocated), then read each tensor straight into its parameter.
+
+    Every tensor is read, cast to `dtype` and moved to `device` before the next one is read, so the
+    weights exist once, in `dtype`; `assign=True` makes the read tensors the parameters themselves.
+    """
+    model, state = model_skeleton(raw)
+    weights: dict[str, Tensor] = {}
+    storages = set()
     for name, source in state.items():  # the readers' order: the order of the bytes in the files
-        weights[name] = source.read(dtype).to(device)
+        tensor = source.read(dtype).to(device)
+        if tensor.untyped_storage().data_ptr() in storages:  # a copied head read from memory: its own copy
+            tensor = tensor.clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        weights[name] = tensor
     model.load_state_dict(weights, strict=False, assign=True)
     if raw.args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight

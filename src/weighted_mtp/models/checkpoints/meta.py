@@ -71,11 +71,25 @@ def read_merged(parts: list[Tensor], dim: int | None, dtype: torch.dtype) -> Ten
     return merged
 
 
+def read_merged_rows(parts: list[Tensor], dim: int | None, dtype: torch.dtype, start: int, stop: int) -> Tensor:
+    """Rows [start, stop) of the merged tensor, touching only the pieces' pages that hold them."""
+    if dim == 0:  # the pieces are consecutive row blocks
+        pieces, offset = [], 0
+        for part in parts:
+            lo, hi = max(start - offset, 0), min(stop - offset, part.shape[0])
+            if lo < hi:
+                pieces.append(part[lo:hi])
+            offset += part.shape[0]
+        return read_merged(pieces or [parts[0][:0]], 0, dtype)
+    return read_merged([part[start:stop] for part in parts], dim, dtype)
+
+
 def merged_source(parts: list[Tensor], dim: int | None) -> TensorSource:
     shape = list(parts[0].shape)
     if dim is not None:
         shape[dim] = sum(part.shape[dim] for part in parts)
-    return TensorSource(tuple(shape), lambda dtype: read_merged(parts, dim, dtype))
+    return TensorSource(tuple(shape), lambda dtype: read_merged(parts, dim, dtype),
+                        lambda dtype, start, stop: read_merged_rows(parts, dim, dtype, start, stop))
 
 
 def merge_shards(shards: list[dict[str, Tensor]], paths: list[Path]) -> dict[str, TensorSource]:
