@@ -84,6 +84,7 @@ class TrainLoader:
         }
         self.epoch = 0
         self._batches_done = 0
+        self._skipped = 0  # units of this epoch consumed before a resume on another number of ranks
         self._plan: tuple[int, np.ndarray] | None = None
 
     # ---- the epoch plan
@@ -94,6 +95,7 @@ class TrainLoader:
             selection = select(self.index, self.sampler, seed=self.seed, epoch=self.epoch, **self._sampler_args)
             if not self.shuffle:
                 selection = selection[np.lexsort(selection.T[::-1])]
+            selection = selection[self._skipped :]
             if self.world_size > 1:
                 selection = selection[: len(selection) - len(selection) % self.world_size]
                 if len(selection) == 0:
@@ -113,7 +115,7 @@ class TrainLoader:
             self._batches_done += 1
             yield batch
         self.epoch += 1
-        self._batches_done = 0
+        self._batches_done = self._skipped = 0
 
     def _prefetched(self, chunks: Iterator[np.ndarray]) -> Iterator[Batch]:
         """Build up to 2 * num_workers batches ahead in threads (reading and tokenising release the GIL)."""
@@ -148,26 +150,40 @@ class TrainLoader:
         """Start `epoch` from its beginning, unless a restored state is partway through that epoch."""
         if epoch != self.epoch:
             self.epoch = epoch
-            self._batches_done = 0
+            self._batches_done = self._skipped = 0
 
     def state_dict(self) -> dict[str, Any]:
+        """The position in the epoch: this rank's batches, and the units every rank together consumed
+        (ranks take every world_size-th unit in lockstep, so those are the selection's first ones)."""
         return {
             "epoch": self.epoch,
             "batches_done": self._batches_done,
+            "units_done": self._skipped + self._batches_done * self.units_per_batch * self.world_size,
             "seed": self.seed,
             "sampler": self.sampler,
             "world_size": self.world_size,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "sampler", "world_size"):
+        """Continue where `state` stopped; saved with another number of ranks, continue after the units
+        all of them consumed, the rest shared among this run's ranks."""
+        for key in ("seed", "sampler"):
             if state.get(key) != getattr(self, key):
                 raise DataError(
                     f"loader state: {key} was {state.get(key)!r} when saved but is {getattr(self, key)!r} now; "
                     "resuming would not continue the same data order"
                 )
         self.epoch = int(state["epoch"])
-        self._batches_done = int(state["batches_done"])
+        self._plan = None
+        if state.get("world_size") == self.world_size:
+            self._batches_done = int(state["batches_done"])
+            mine = self._batches_done * self.units_per_batch * self.world_size
+            self._skipped = int(state.get("units_done", mine)) - mine  # a resharded resume earlier in the epoch
+            return
+        if "units_done" not in state:
+            raise DataError(f"loader state: saved by {state.get('world_size')} rank(s) by an older version, "
+                            f"without the global position; resume with {state.get('world_size')} rank(s)")
+        self._batches_done, self._skipped = 0, int(state["units_done"])
 
 
 def open_or_prepare(

@@ -213,11 +213,6 @@ def load_checkpoint(
     if not marker.is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
     meta = json.loads(marker.read_text())
-    if meta["world_size"] != env.world_size:
-        raise CheckpointError(
-            f"{path}: saved by {meta['world_size']} process(es), resumed with {env.world_size}; "
-            "the data position of each rank cannot be carried over"
-        )
     if (path / "sharded").is_dir():
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -235,7 +230,12 @@ def load_checkpoint(
         set_model_state_dict(modules, model_state, options=_options(True, strict=False))
         if optimizer is not None:
             set_optimizer_state_dict(modules, optimizer, _read(path / "optimizer.pt"), options=_options(True))
-    return _read(path / "trainer.pt"), _read(path / f"rank_{env.rank}.pt")
+    if meta["world_size"] == env.world_size:
+        return _read(path / "trainer.pt"), _read(path / f"rank_{env.rank}.pt")
+    # saved by another number of ranks: the weights and optimizer were resharded above; every rank
+    # continues from the global data position (rank 0's loader state holds it) with rank 0's RNG
+    log.info("%s: saved by %d rank(s), resumed on %d: resharded", path, meta["world_size"], env.world_size)
+    return _read(path / "trainer.pt"), _read(path / "rank_0.pt")
 
 
 def _read(file: Path) -> Any:

@@ -118,3 +118,35 @@ def test_fsdp_out_of_memory_on_one_rank_stops_the_job_and_the_restart_halves_the
     assert "out of GPU memory under FSDP at step 3" in output and "resuming from" in output
     assert json.loads((ws.runs / "fsdp-oom" / "micro_splits.json").read_text()) == {"step": 3, "micro_splits": 2}
     assert_same_losses(ws.losses("fsdp-oom"), ws.losses("fsdp-whole"), 1e-5)
+
+
+def keep_only_the_first_checkpoint(ws, name: str) -> None:
+    """As if the run had stopped right after its step-2 checkpoint."""
+    import shutil
+
+    for step in (4, 6):
+        shutil.rmtree(ws.runs / name / "checkpoints" / checkpoint_name(step))
+    shutil.rmtree(ws.runs / name / "final")
+
+
+@pytest.mark.parametrize("saved_by,resumed_by", [(2, 1), (1, 2)])
+def test_a_sharded_checkpoint_resumes_on_another_number_of_ranks(micro_workspace, reference_losses, saved_by,
+                                                                  resumed_by) -> None:
+    """Weights and optimizer are resharded by torch.distributed.checkpoint, and the data continues from
+    the global position; the global batch stays two sequences (one per rank, or two accumulated), so
+    every step's loss is the uninterrupted run's."""
+    ws = micro_workspace
+    name = f"reshard-{saved_by}to{resumed_by}"
+    runs = {1: (*REFERENCE, "distributed.checkpoint_format=sharded"),
+            2: (*RANKS_OF_ONE, "distributed.strategy=fsdp", "distributed.checkpoint_format=sharded")}
+
+    def run(ranks: int, log_name: str) -> None:
+        proc = torchrun(ws, name, *runs[ranks], log_name=log_name) if ranks == 2 else ws.popen(name, *runs[1],
+                                                                                                log_name=log_name)
+        assert proc.wait(timeout=300) == 0, ws.log_tail(name, log_name)
+
+    run(saved_by, "saved")
+    keep_only_the_first_checkpoint(ws, name)
+    run(resumed_by, "resumed")
+    assert f"saved by {saved_by} rank(s), resumed on {resumed_by}: resharded" in ws.log_tail(name, "resumed")
+    assert_same_losses(ws.losses(name), reference_losses, 1e-4)

@@ -220,3 +220,34 @@ def test_loader_selection_is_rank_independent(synthetic_index, tokenizer):
     loader = TrainLoader(synthetic_index, tokenizer, batch_size=2, max_length=64, seed=3, rank=1, world_size=2)
     truncated = plan[: len(plan) - len(plan) % 2]
     assert np.array_equal(loader._units(), truncated[1::2])
+
+
+def test_a_position_saved_by_two_ranks_continues_on_one_or_three(config, tokenizer):
+    """Two ranks that took two batches of four each consumed the selection's first 16 units (every
+    second one each); one rank resumed from their state continues with the 17th, exactly as one
+    process would; three ranks share the rest (less what does not divide by three) without repeats."""
+    single = [row for batch in build_loader(config, tokenizer, split="validation") for row in _rows([batch])[0]]
+    assert len(single) == 24
+    ranks = [build_loader(config, tokenizer, split="validation", rank=r, world_size=2) for r in range(2)]
+    taken = []
+    for loader in ranks:
+        iterator = iter(loader)
+        taken += [row for _ in range(2) for row in _rows([next(iterator)])[0]]
+    state = ranks[0].state_dict()
+    assert state["units_done"] == 16 and sorted(taken) == sorted(single[:16])
+
+    one = build_loader(config, tokenizer, split="validation")
+    one.load_state_dict(state)
+    one.set_epoch(0)
+    rest = [row for batch in one for row in _rows([batch])[0]]
+    assert rest == single[16:]
+
+    three = [build_loader(config, tokenizer, split="validation", rank=r, world_size=3) for r in range(3)]
+    for loader in three:
+        loader.load_state_dict(state)
+        loader.set_epoch(0)
+    parts = [[row for batch in loader for row in _rows([batch])[0]] for loader in three]
+    flat = [row for part in parts for row in part]
+    assert len(flat) == 6 and len(set(flat)) == 6 and set(flat) <= set(single[16:])
+    resumed_state = three[0].state_dict()  # the epoch ended: the next one starts from its beginning
+    assert resumed_state["epoch"] == 1 and resumed_state["units_done"] == 0
