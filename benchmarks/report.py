@@ -73,7 +73,36 @@ def training_section(record: dict) -> list[str]:
     return lines
 
 
-SECTIONS = {"generation_vs_transformers": generation_section, "training_vs_transformers": training_section}
+MFU_TARGET = 0.45  # of the datasheet's dense bf16 rate, H100/H200
+
+
+def gpu_section(record: dict) -> list[str]:
+    lines = [
+        "## One GPU: bf16 FSDP2 training of a 1B-class MTP model",
+        "",
+        f"{record['device']}, torch {record['torch']}; {record['date']}. Measured ceilings: bf16 matrix product "
+        f"{record['matmul_tflops']:.0f} TFLOP/s, device copy {record['copy_gb_s']:.0f} GB/s"
+        + (f"; datasheet dense bf16 {record['datasheet_bf16_tflops']:.0f} TFLOP/s" if record["datasheet_bf16_tflops"] else "")
+        + f". Target: model FLOPs utilisation at least {MFU_TARGET:.0%} of the datasheet rate.",
+        "",
+        "| torch.compile | parameters | batch x seq | step (s) | tokens/s | model TFLOP/s | MFU (measured peak) | MFU (datasheet) | peak GiB | target |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in record["training"]:
+        mfu = row["mfu_of_datasheet"]
+        verdict = "-" if mfu is None else ("met" if mfu >= MFU_TARGET else f"missed by {MFU_TARGET - mfu:.1%}")
+        lines.append(
+            f"| {'yes' if row['compiled'] else 'no'} | {row['parameters'] / 1e9:.2f}B | {row['batch']} x {row['seq']} "
+            f"| {row['step_s']:.3f} | {row['tokens_per_s']:.0f} | {row['model_tflops']:.1f} | {row['mfu_of_measured']:.1%} "
+            f"| {'-' if mfu is None else f'{mfu:.1%}'} | {row['peak_memory_gib'] or '-'} | {verdict} |"
+        )
+    lines += ["", "The MTP loss at LLaMA-7B shape, bf16 (`benchmarks/mtp_loss_memory.py`):", "", "```",
+              record["loss_benchmark"].strip(), "```"]
+    return lines
+
+
+SECTIONS = {"generation_vs_transformers": generation_section, "training_vs_transformers": training_section,
+            "gpu_training": gpu_section}
 
 
 def render(results: Path) -> str:
@@ -93,6 +122,10 @@ def render(results: Path) -> str:
             lines += section(record) + [""]
     if not found:
         lines.append("No results yet: run `make bench`.")
+    if not (results / "gpu_training.json").is_file():
+        lines += ["## One GPU: bf16 FSDP2 training of a 1B-class MTP model", "",
+                  "Not run yet: no GPU has been lent to this project's sessions. `benchmarks/gpu_training.py` is "
+                  "ready (about five minutes on one H100/H200); `--quick` runs it on the CPU in the tests."]
     return "\n".join(lines).rstrip() + "\n"
 
 
