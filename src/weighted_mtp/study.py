@@ -475,6 +475,9 @@ def render_results(study: Study, plots: dict[str, Path] | None = None, relative_
         "```",
         "",
     ]
+    notes = study.cells_dir / "NOTES.md"  # what the cells cannot say themselves, written by whoever ran them
+    if notes.is_file():
+        lines += ["## Notes on how the cells were run", "", notes.read_text(encoding="utf-8").strip(), ""]
     machines = {json.dumps(r.get("machine"), sort_keys=True) for r in done.values()}
     for text in sorted(machines):
         lines.append(f"- machine: `{text}`")

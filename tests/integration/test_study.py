@@ -77,5 +77,9 @@ def test_every_cell_of_the_smoke_study_runs_and_the_report_reads_them(in_tmp_rep
 
 
 def test_the_report_of_an_unstarted_study_says_what_is_missing(in_tmp_repo, shared_data):
-    text = render_results(smoke_study(in_tmp_repo, shared_data))
-    assert "Cells finished: 0 of" in text and "not run yet" in text
+    study = smoke_study(in_tmp_repo, shared_data)
+    text = render_results(study)
+    assert "Cells finished: 0 of" in text and "not run yet" in text and "## Notes" not in text
+    study.cells_dir.mkdir(parents=True)
+    (study.cells_dir / "NOTES.md").write_text("The rollouts were made twice.\n")
+    assert "## Notes on how the cells were run\n\nThe rollouts were made twice." in render_results(study)
