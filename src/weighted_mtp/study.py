@@ -205,8 +205,9 @@ class Study:
     def run(self, only: str | None = None, max_hours: float | None = None) -> list[str]:
         """Run the unfinished cells (those whose name contains `only`), in order; stop starting new
         ones once `max_hours` have passed. A finished cell runs again only when an unfinished one
-        needs its outputs and this machine lacks them (rollouts are seeded, so they come out the
-        same). Returns the cells finished by this call, in the order they ran."""
+        needs its outputs and this machine lacks them (rollouts are seeded: the same code makes the
+        same samples; NOTES.md beside the results records a rebuild that did not). Returns the cells
+        finished by this call, in the order they ran."""
         began = time.monotonic()
         by_name = {cell.name: cell for cell in self.cells()}
         done: list[str] = []
