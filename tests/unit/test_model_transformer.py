@@ -7,6 +7,7 @@ import torch
 
 from weighted_mtp.models.checkpoints import add_heads
 from weighted_mtp.models.transformer import (
+    Linear,
     ModelArgs,
     MTPTransformer,
     attention_bias,
@@ -224,3 +225,14 @@ def test_last_position_only_unembeds_just_the_last_position() -> None:
     last = model(tokens, return_all_heads=True, last_position_only=True).logits
     assert last.shape == (2, 1, 3, 97)
     torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 64), (1, 64), (64,), (2, 1, 64), (1, 3, 64)])
+def test_the_one_row_bf16_projection_equals_nn_linear(shape):
+    layer = Linear(64, 96, bias=False).bfloat16()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.no_grad():
+        got, want = layer(x), torch.nn.functional.linear(x, layer.weight)
+    assert got.shape == want.shape and torch.equal(got, want)
+    out = layer(x)  # with gradients: nn.Linear's path
+    assert out.requires_grad and torch.equal(out.detach(), want)
