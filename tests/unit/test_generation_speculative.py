@@ -7,7 +7,13 @@ from itertools import pairwise
 import pytest
 import torch
 
-from weighted_mtp.eval.generation import SpeculativeStats, generate_ids, speculative_generate_ids
+from weighted_mtp.eval.generation import (
+    SpeculativeStats,
+    generate_ids,
+    sampling_distribution,
+    speculative_generate_ids,
+    speculative_sample_ids,
+)
 from weighted_mtp.losses import mtp_forward_backward
 from weighted_mtp.models.transformer import ModelArgs, MTPTransformer
 
@@ -164,3 +170,89 @@ def test_drafts_and_acceptances_match_a_decoder_without_cache(trained_model: MTP
         for n_drafts, n_accepted in verifications:
             expected.record(n_drafts, n_accepted)
         assert (stats.drafted, stats.accepted) == (expected.drafted, expected.accepted)
+
+
+# ----------------------------------------------------------------------------- speculative sampling
+
+
+def tiny_peaked_model() -> MTPTransformer:
+    """Four tokens, three heads, weights large enough that the distributions are far from uniform and
+    the draft heads disagree with head 1 (so drafts are both accepted and rejected)."""
+    args = ModelArgs(dim=16, n_layers=4, n_heads=2, n_kv_heads=1, vocab_size=4, ffn_hidden_dim=32,
+                     n_future_tokens=3, tie_embeddings=False)
+    model = MTPTransformer(args)
+    model.init_weights(seed=11, std=0.6)
+    return model.double().eval()
+
+
+def exact_sequence_probabilities(model, prompt: list[int], length: int, temperature: float, top_p: float) -> dict:
+    """P(continuation) for every continuation of `length` tokens, from head 1 alone, by enumeration."""
+    out = {(): 1.0}
+    for _ in range(length):
+        grown = {}
+        for prefix, mass in out.items():
+            logits = model(torch.tensor([prompt + list(prefix)])).logits[0, -1, 0]
+            probs = sampling_distribution(logits, temperature=temperature, top_p=top_p)
+            for token, p in enumerate(probs.tolist()):
+                grown[prefix + (token,)] = mass * p
+        out = grown
+    return out
+
+
+def chi_square_p_value(counts: dict, probabilities: dict, n: int) -> float:
+    """Pearson's goodness of fit over the outcomes with expected count >= 5 (the rest pooled)."""
+    big = [k for k, p in probabilities.items() if p * n >= 5]
+    observed = [counts.get(k, 0) for k in big] + [n - sum(counts.get(k, 0) for k in big)]
+    expected = [probabilities[k] * n for k in big] + [n * (1 - sum(probabilities[k] for k in big))]
+    if expected[-1] < 5:  # nothing worth a pooled cell
+        observed, expected = observed[:-1], expected[:-1]
+    statistic = sum((o - e) ** 2 / e for o, e in zip(observed, expected))
+    dof = len(expected) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(statistic / 2, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_speculative_sampling_keeps_the_models_distribution(temperature, top_p):
+    """4000 four-token continuations drawn speculatively (up to two drafts per verification) fit the exact
+    distribution of plain sampling (chi-square p > 0.001, seeded, so the test is deterministic); the
+    draft heads' own distribution, which accepting every draft would give, is rejected by the same test."""
+    model, prompt, n = tiny_peaked_model(), [1, 2], 4000
+    exact = exact_sequence_probabilities(model, prompt, 4, temperature, top_p)
+    counts: dict = {}
+    stats = SpeculativeStats(3)
+    for seed in range(n):
+        result, one = speculative_sample_ids(model, prompt, temperature=temperature, top_p=top_p, max_new_tokens=4,
+                                             seed=seed)
+        counts[tuple(result.token_ids)] = counts.get(tuple(result.token_ids), 0) + 1
+        stats.add(one)
+    assert chi_square_p_value(counts, exact, n) > 1e-3
+    assert all(0.05 < rate < 0.95 for rate in stats.acceptance_rates)  # drafts of both heads accepted and rejected
+    assert stats.tokens_per_forward > 1.1  # plain sampling makes one forward per token
+
+    with torch.inference_mode():  # what accepting every draft would sample: heads 2 and 3 at the prompt
+        logits = model(torch.tensor([prompt]), return_all_heads=True).logits[0, -1]
+        heads = sampling_distribution(logits, temperature=temperature, top_p=top_p)
+    drafted = {(a, b, c, d): float(heads[0, a] * heads[1, b] * heads[2, c]) * exact_next(model, prompt, (a, b, c), d, temperature, top_p)
+               for (a, b, c, d) in exact}
+    assert chi_square_p_value(counts, drafted, n) < 1e-6
+
+
+def exact_next(model, prompt: list[int], prefix: tuple, token: int, temperature: float, top_p: float) -> float:
+    logits = model(torch.tensor([prompt + list(prefix)])).logits[0, -1, 0]
+    return float(sampling_distribution(logits, temperature=temperature, top_p=top_p)[token])
+
+
+def test_plain_sampling_passes_the_same_test():
+    model, prompt, n = tiny_peaked_model(), [1, 2], 4000
+    exact = exact_sequence_probabilities(model, prompt, 4, 1.0, 1.0)
+    counts: dict = {}
+    for seed in range(n):
+        (result,) = generate_ids(model, [prompt], max_new_tokens=4, temperature=1.0, seeds=[seed])
+        counts[tuple(result.token_ids)] = counts.get(tuple(result.token_ids), 0) + 1
+    assert chi_square_p_value(counts, exact, n) > 1e-3
+
+
+def test_speculative_sampling_refuses_greedy():
+    with pytest.raises(ValueError, match="temperature > 0"):
+        speculative_sample_ids(tiny_peaked_model(), [1], temperature=0.0)

@@ -339,6 +339,113 @@ def speculative_generate_ids(
         position += n_accepted + 1
 
 
+def sampling_distribution(logits: Tensor, *, temperature: float, top_p: float = 1.0) -> Tensor:
+    """The distribution `sample_next` draws from: softmax(logits / temperature) restricted to the
+    nucleus (the smallest most likely set whose mass reaches top_p) and renormalised, in float32."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        ordered, order = probs.sort(dim=-1, descending=True)
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, nucleus_mask(ordered, top_p))
+        probs = probs * keep
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def _distributions_per_head(model, tokens: Tensor, n_heads: int, start_pos: int, cache, *, temperature: float,
+                            top_p: float) -> Tensor:
+    """One forward of the trunk and heads 1..n_heads over tokens [1, T]: [n_heads, T, V] sampling
+    distributions (head k at position t: the token t+k)."""
+    h_trunk = model.trunk_forward(tokens, start_pos=start_pos, cache=cache)
+    hidden = torch.cat([model.head_forward(k, h_trunk, start_pos=start_pos, cache=cache) for k in range(n_heads)])
+    return sampling_distribution(model.logits(hidden), temperature=temperature, top_p=top_p)
+
+
+def _draw(probs: Tensor, generator: torch.Generator) -> int:
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+@torch.inference_mode()
+def speculative_sample_ids(
+    model,
+    prompt: Sequence[int],
+    *,
+    temperature: float,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    stop_ids: Collection[int] = (),
+    stop_when: StopFn | None = None,
+    n_heads: int | None = None,
+    seed: int = 0,
+) -> tuple[GeneratedIds, SpeculativeStats]:
+    """Sampling at `temperature` (and `top_p`) that drafts with heads 2..n and keeps the model's own
+    distribution exactly (Leviathan et al. 2023; Chen et al. 2023): head k at the last accepted
+    position proposes token d_k ~ q_k; one forward of the block gives head 1's distribution p at each
+    position; d_k is accepted with probability min(1, p(d_k) / q_k(d_k)), and the first rejected one
+    is replaced by a draw from max(0, p - q_k) renormalised; when every draft is accepted, head 1 at
+    the last position gives one more token. Every token is thus distributed as plain sampling's
+    (`generate_ids` with the same temperature and top_p), though the draws differ.
+    """
+    if temperature <= 0:
+        raise ValueError("speculative sampling needs temperature > 0 (greedy: speculative_generate_ids)")
+    n_heads = n_heads or model.n_future_tokens
+    if not 1 <= n_heads <= model.n_future_tokens:
+        raise ValueError(f"n_heads must be in [1, {model.n_future_tokens}], got {n_heads}")
+    if not prompt:
+        raise ValueError("the prompt needs at least one token (e.g. BOS)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    stop_ids = set(stop_ids)
+    device = model.tok_embeddings.weight.device
+    generator = torch.Generator().manual_seed(seed)
+    stats = SpeculativeStats(n_heads)
+    cache = model.new_cache(1, len(prompt) + max_new_tokens + n_heads)
+    sample = dict(temperature=temperature, top_p=top_p)
+
+    heads = _distributions_per_head(model, torch.tensor([list(prompt)], device=device), n_heads, 0, cache,
+                                    **sample)[:, -1]  # [n_heads, V] at the prompt's last position
+    stats.forwards += 1
+    next_token = _draw(heads[0], generator)
+    position = len(prompt)  # where next_token goes
+    generated: list[int] = []
+
+    def finished(token: int) -> GeneratedIds | None:
+        generated.append(token)
+        stats.new_tokens += 1
+        if token in stop_ids:
+            return GeneratedIds(generated, "eos")
+        if stop_when is not None and stop_when(0, generated):
+            return GeneratedIds(generated, "stop")
+        if len(generated) == max_new_tokens:
+            return GeneratedIds(generated, "length")
+        return None
+
+    while True:
+        if (result := finished(next_token)) is not None:
+            return result, stats
+        proposals = heads[1 : 1 + max(0, min(n_heads - 1, max_new_tokens - len(generated) - 1))]
+        drafts = [_draw(q, generator) for q in proposals]
+        block = torch.tensor([[next_token, *drafts]], device=device)
+        verified = _distributions_per_head(model, block, n_heads, position, cache, **sample)  # [n, 1+d, V]
+        stats.forwards += 1
+        n_accepted, replacement = 0, None
+        for i, (draft, q) in enumerate(zip(drafts, proposals)):
+            p = verified[0, i]
+            if float(torch.rand(1, generator=generator, dtype=torch.float64)) * float(q[draft]) < float(p[draft]):
+                n_accepted += 1
+                continue
+            residual = (p - q).clamp_min(0)
+            replacement = _draw(residual / residual.sum(), generator)
+            break
+        stats.record(len(drafts), n_accepted)
+        for token in drafts[:n_accepted]:
+            if (result := finished(token)) is not None:
+                return result, stats
+        # the next token: the rejected draft's replacement, or head 1's own draw after the last draft
+        next_token = replacement if replacement is not None else _draw(verified[0, n_accepted], generator)
+        heads = verified[:, n_accepted]
+        position += n_accepted + 1
+
+
 # ----------------------------------------------------------------------------- text in, text out
 
 
