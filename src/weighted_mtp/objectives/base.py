@@ -77,6 +77,11 @@ class Objective:
         """Modules besides the model that the optimizer updates and checkpoints save (a value head)."""
         return {}
 
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Models the objective only runs forward (Rho-1's reference): the trainer shards them like the
+        model under FSDP, so no rank holds a whole copy on its device."""
+        return {}
+
     def prepare_step(
         self, model: nn.Module, batches: list[Batch], reduce_sum: Callable[[dict[str, float]], dict[str, float]]
     ) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 from weighted_mtp.config.schema import Config
 from weighted_mtp.data import Batch
@@ -71,7 +72,7 @@ def load_reference(config: Config, model: nn.Module, device) -> nn.Module:
         )
     reference.requires_grad_(False)
     log.info("rho1 reference: %s (%d head(s))", location, reference.n_future_tokens)
-    return reference.to(device).eval()
+    return reference.eval()  # on the CPU: the trainer moves it to the device, or shards it there
 
 
 class Rho1Objective(Objective):
@@ -121,6 +122,8 @@ class Rho1Objective(Objective):
             self.reference, batch.input_ids, batch.labels, attention_mask=batch.attention_mask, n_heads=scored,
             chunk_size=self.chunk_size,
         )  # fmt: skip
+        if isinstance(self.reference, FSDPModule):  # its root stays gathered after a forward: free it
+            self.reference.reshard()
         return self.weighting.excess(model_ce, reference_ce, batch.labels, n_heads=model.n_future_tokens)
 
     @torch.no_grad()
@@ -153,6 +156,9 @@ class Rho1Objective(Objective):
         excess, mask = self._excess(model, hidden, batch)
         weights = self.weighting.weights_from_excess(excess, mask, batch.labels, n_heads=model.n_future_tokens)
         return TokenWeights(weights, {"excess": excess[..., 0]})
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {"reference": self.reference}
 
     def step(self, model: nn.Module, batch: Batch, counts: Counts, *, loss_scale: float | None) -> dict[str, float]:
         """Trunk -> the excess loss over the reference (prepared with the step's, or computed here for

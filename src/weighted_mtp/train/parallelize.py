@@ -5,6 +5,7 @@ then FSDP2 sharding or replicated data parallelism. The model's own code knows n
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import torch
@@ -16,15 +17,18 @@ from weighted_mtp.models.loading import DTYPES
 from weighted_mtp.models.lora import configure_training_modes
 from weighted_mtp.train import distributed as D
 
+log = logging.getLogger(__name__)
+
 
 def parallelize(
     model: nn.Module, extra_modules: dict[str, nn.Module], config: Config, env: D.DistEnv, *,
-    pending_weights: dict[str, TensorSource] | None = None,
+    pending_weights: dict[str, TensorSource] | None = None, frozen_models: dict[str, nn.Module] | None = None,
 ) -> str:
     """Set what trains (LoRA adapters injected where asked), move everything to the device, checkpoint
     activations, and shard (fsdp) or synchronise (ddp) across ranks. Returns the strategy in use:
     "fsdp", "ddp" or "none" (one process). `pending_weights`: the model is still on the meta device
-    (a sharded start-up); it is sharded first and each rank then reads only its shards."""
+    (a sharded start-up); it is sharded first and each rank then reads only its shards. `frozen_models`:
+    models only run forward (Rho-1's reference), sharded the same way under FSDP, else moved."""
     freeze, lora = config.training.freeze, config.training.lora
     configure_training_modes(
         model,
@@ -44,6 +48,13 @@ def parallelize(
     if config.model.activation_checkpointing:
         apply_activation_checkpointing(model)
     strategy = env.strategy if env.is_distributed else "none"
+    for name, frozen in (frozen_models or {}).items():
+        if strategy == "fsdp":
+            shard_model(frozen, [], env, param_dtype=config.distributed.param_dtype,
+                        reduce_dtype=config.distributed.reduce_dtype, reshard_after_forward=True)
+            log.info("%s: sharded over %d ranks", name, env.world_size)
+        else:
+            frozen.to(env.device)
     if strategy == "fsdp":
         dist_cfg = config.distributed
         shard_model(

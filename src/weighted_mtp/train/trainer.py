@@ -180,7 +180,8 @@ class Trainer:
 
         seed_everything(config.seed)
         extra = dict(objective.trainable_modules())
-        self.strategy = parallelize(model, extra, config, self.env, pending_weights=pending_weights)
+        self.strategy = parallelize(model, extra, config, self.env, pending_weights=pending_weights,
+                                    frozen_models=objective.frozen_modules())
         self.model = model
         self.modules = nn.ModuleDict({"model": model, **extra})
         self.trainable = [p for p in self.modules.parameters() if p.requires_grad]

@@ -150,3 +150,17 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_ranks(micro_workspace
     run(resumed_by, "resumed")
     assert f"saved by {saved_by} rank(s), resumed on {resumed_by}: resharded" in ws.log_tail(name, "resumed")
     assert_same_losses(ws.losses(name), reference_losses, 1e-4)
+
+
+def test_rho1_with_its_reference_sharded_trains_like_one_process(micro_workspace) -> None:
+    """Under FSDP the Rho-1 reference is sharded like the model (frozen, forward only): two ranks of one
+    sequence give one process's losses with the two sequences accumulated (the selection is the step's)."""
+    ws = micro_workspace
+    rho1 = ("experiment.pipeline=rho1", "weighting.scheme=rho1", "rho1.reference_model=micro", "rho1.per_head=false",
+            "training.max_steps=3", "training.save_every=null", "data.n_samples=8", "distributed.timeout_s=60")
+    ws.run("rho1-one", *rho1, "training.batch_size=1", "training.grad_accum_steps=2")
+    proc = torchrun(ws, "rho1-two", *rho1, "training.batch_size=1", "training.grad_accum_steps=1",
+                    "distributed.strategy=fsdp")
+    assert proc.wait(timeout=300) == 0, ws.log_tail("rho1-two")
+    assert "reference: sharded over 2 ranks" in ws.log_tail("rho1-two")
+    assert_same_losses(ws.losses("rho1-two"), ws.losses("rho1-one"), 1e-4)
