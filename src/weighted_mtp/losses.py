@@ -412,6 +412,17 @@ def _head_loss(
     return _HeadStats(loss=loss, ce=ce.sum() / denom, accuracy=correct.sum().to(acc_dtype) / denom, tokens=tokens)
 
 
+def _head_target_rows(
+    model: nn.Module, h_trunk: Tensor, labels: Tensor, k0: int, attention_mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Head k0+1's normed output at the positions where it has a target, those targets, and where
+    the positions are in the flattened [B*T] batch (what a per-token score is written back to)."""
+    targets = head_targets(labels, k0 + 1).reshape(-1)
+    index = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    hidden = model.norm(model.head_forward(k0, h_trunk, attention_mask=attention_mask))
+    return hidden.reshape(targets.numel(), -1).index_select(0, index), targets.index_select(0, index), index
+
+
 @torch.no_grad()
 def head_token_ce(
     model: nn.Module,
@@ -432,11 +443,8 @@ def head_token_ce(
     weight = _unembedding_weight(model)
     token_ce = torch.zeros((batch, seq, n), dtype=_compute_dtype(h_trunk.dtype), device=h_trunk.device)
     for k0 in range(n):
-        targets = head_targets(labels, k0 + 1).reshape(-1)
-        index = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-        hidden = model.norm(model.head_forward(k0, h_trunk, attention_mask=attention_mask))
-        hidden = hidden.reshape(batch * seq, -1).index_select(0, index)
-        ce, _ = _ChunkedCrossEntropy.apply(hidden, weight, targets.index_select(0, index), chunk_size)
+        hidden, wanted, index = _head_target_rows(model, h_trunk, labels, k0, attention_mask)
+        ce, _ = _ChunkedCrossEntropy.apply(hidden, weight, wanted, chunk_size)
         column = torch.zeros(batch * seq, dtype=token_ce.dtype, device=token_ce.device)
         token_ce[..., k0] = column.index_put_((index,), ce.to(column.dtype)).view(batch, seq)
     return token_ce
@@ -464,11 +472,8 @@ def head_logit_grad_norms(
     norms = torch.zeros((batch, seq, n), dtype=dtype, device=h_trunk.device)
     w = weight.to(dtype)
     for k0 in range(n):
-        targets = head_targets(labels, k0 + 1).reshape(-1)
-        index = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-        hidden = model.norm(model.head_forward(k0, h_trunk, attention_mask=attention_mask))
-        hidden = hidden.reshape(batch * seq, -1).index_select(0, index).to(dtype)
-        wanted = targets.index_select(0, index)
+        hidden, wanted, index = _head_target_rows(model, h_trunk, labels, k0, attention_mask)
+        hidden = hidden.to(dtype)
         column = torch.zeros(batch * seq, dtype=dtype, device=h_trunk.device)
         for start in range(0, index.numel(), chunk_size):
             rows = slice(start, start + chunk_size)

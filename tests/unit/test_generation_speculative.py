@@ -185,6 +185,7 @@ def tiny_peaked_model() -> MTPTransformer:
     return model.double().eval()
 
 
+@torch.no_grad()
 def exact_sequence_probabilities(model, prompt: list[int], length: int, temperature: float, top_p: float) -> dict:
     """P(continuation) for every continuation of `length` tokens, from head 1 alone, by enumeration."""
     out = {(): 1.0}
@@ -238,6 +239,7 @@ def test_speculative_sampling_keeps_the_models_distribution(temperature, top_p):
     assert chi_square_p_value(counts, drafted, n) < 1e-6
 
 
+@torch.no_grad()
 def exact_next(model, prompt: list[int], prefix: tuple, token: int, temperature: float, top_p: float) -> float:
     logits = model(torch.tensor([prompt + list(prefix)])).logits[0, -1, 0]
     return float(sampling_distribution(logits, temperature=temperature, top_p=top_p)[token])

@@ -274,6 +274,45 @@ def _greedy_per_head(model, tokens: Tensor, n_heads: int, start_pos: int, cache,
     return model.logits(hidden).argmax(dim=-1).tolist()
 
 
+class _Continuation:
+    """The tokens a speculative decode has accepted so far, ending like `generate_ids`: at a token in
+    `stop_ids` ("eos"), when `stop_when(0, ids)` says so ("stop"), or at `max_new_tokens` ("length")."""
+
+    def __init__(self, max_new_tokens: int, stop_ids: Collection[int], stop_when: StopFn | None,
+                 stats: SpeculativeStats) -> None:
+        self.max_new_tokens, self.stop_ids, self.stop_when, self.stats = max_new_tokens, set(stop_ids), stop_when, stats
+        self.tokens: list[int] = []
+
+    def add(self, token: int) -> GeneratedIds | None:
+        """Accept `token`; the result when that ends the decode."""
+        self.tokens.append(token)
+        self.stats.new_tokens += 1
+        if token in self.stop_ids:
+            return GeneratedIds(self.tokens, "eos")
+        if self.stop_when is not None and self.stop_when(0, self.tokens):
+            return GeneratedIds(self.tokens, "stop")
+        if len(self.tokens) == self.max_new_tokens:
+            return GeneratedIds(self.tokens, "length")
+        return None
+
+    @property
+    def budget(self) -> int:
+        """How many more tokens may come after the next one."""
+        return self.max_new_tokens - len(self.tokens) - 1
+
+
+def _check_speculative(model, prompt: Sequence[int], max_new_tokens: int, n_heads: int | None) -> int:
+    """The number of heads to use (default: all the model has), after checking the arguments."""
+    n_heads = n_heads or model.n_future_tokens
+    if not 1 <= n_heads <= model.n_future_tokens:
+        raise ValueError(f"n_heads must be in [1, {model.n_future_tokens}], got {n_heads}")
+    if not prompt:
+        raise ValueError("the prompt needs at least one token (e.g. BOS)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    return n_heads
+
+
 @torch.inference_mode()
 def speculative_generate_ids(
     model,
@@ -289,39 +328,21 @@ def speculative_generate_ids(
     Ends like `generate_ids`: a token in `stop_ids` ("eos"), `stop_when(0, ids)` ("stop"), or
     `max_new_tokens` ("length"); returns the new tokens and the decode's counters.
     """
-    n_heads = n_heads or model.n_future_tokens
-    if not 1 <= n_heads <= model.n_future_tokens:
-        raise ValueError(f"n_heads must be in [1, {model.n_future_tokens}], got {n_heads}")
-    if not prompt:
-        raise ValueError("the prompt needs at least one token (e.g. BOS)")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    stop_ids = set(stop_ids)
+    n_heads = _check_speculative(model, prompt, max_new_tokens, n_heads)
     device = model.tok_embeddings.weight.device
     stats = SpeculativeStats(n_heads)
+    out = _Continuation(max_new_tokens, stop_ids, stop_when, stats)
     cache = model.new_cache(1, len(prompt) + max_new_tokens + n_heads)
 
     prompt_tokens = torch.tensor([list(prompt)], device=device)
     next_token, *drafts = _greedy_per_head(model, prompt_tokens, n_heads, 0, cache, last_only=True)
     stats.forwards += 1
     position = len(prompt)  # where next_token goes
-    generated: list[int] = []
-
-    def finished(token: int) -> GeneratedIds | None:
-        generated.append(token)
-        stats.new_tokens += 1
-        if token in stop_ids:
-            return GeneratedIds(generated, "eos")
-        if stop_when is not None and stop_when(0, generated):
-            return GeneratedIds(generated, "stop")
-        if len(generated) == max_new_tokens:
-            return GeneratedIds(generated, "length")
-        return None
 
     while True:
-        if (result := finished(next_token)) is not None:
+        if (result := out.add(next_token)) is not None:
             return result, stats
-        drafts = drafts[: max_new_tokens - len(generated) - 1]  # no point verifying past the budget
+        drafts = drafts[: out.budget]  # no point verifying past the budget
         block = torch.tensor([[next_token, *drafts]], device=device)
         verified, *drafted = _greedy_per_head(model, block, n_heads, position, cache, last_only=False)
         stats.forwards += 1
@@ -330,7 +351,7 @@ def speculative_generate_ids(
             n_accepted += 1
         stats.record(len(drafts), n_accepted)
         for token in drafts[:n_accepted]:
-            if (result := finished(token)) is not None:
+            if (result := out.add(token)) is not None:
                 return result, stats
         # Every head saw the whole block; at the last accepted position head 1 gives the next token
         # and heads 2..n its drafts. Their cache entries past that position are rewritten next step.
@@ -387,17 +408,11 @@ def speculative_sample_ids(
     """
     if temperature <= 0:
         raise ValueError("speculative sampling needs temperature > 0 (greedy: speculative_generate_ids)")
-    n_heads = n_heads or model.n_future_tokens
-    if not 1 <= n_heads <= model.n_future_tokens:
-        raise ValueError(f"n_heads must be in [1, {model.n_future_tokens}], got {n_heads}")
-    if not prompt:
-        raise ValueError("the prompt needs at least one token (e.g. BOS)")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    stop_ids = set(stop_ids)
+    n_heads = _check_speculative(model, prompt, max_new_tokens, n_heads)
     device = model.tok_embeddings.weight.device
     generator = torch.Generator().manual_seed(seed)
     stats = SpeculativeStats(n_heads)
+    out = _Continuation(max_new_tokens, stop_ids, stop_when, stats)
     cache = model.new_cache(1, len(prompt) + max_new_tokens + n_heads)
     sample = dict(temperature=temperature, top_p=top_p)
 
@@ -406,23 +421,11 @@ def speculative_sample_ids(
     stats.forwards += 1
     next_token = _draw(heads[0], generator)
     position = len(prompt)  # where next_token goes
-    generated: list[int] = []
-
-    def finished(token: int) -> GeneratedIds | None:
-        generated.append(token)
-        stats.new_tokens += 1
-        if token in stop_ids:
-            return GeneratedIds(generated, "eos")
-        if stop_when is not None and stop_when(0, generated):
-            return GeneratedIds(generated, "stop")
-        if len(generated) == max_new_tokens:
-            return GeneratedIds(generated, "length")
-        return None
 
     while True:
-        if (result := finished(next_token)) is not None:
+        if (result := out.add(next_token)) is not None:
             return result, stats
-        proposals = heads[1 : 1 + max(0, min(n_heads - 1, max_new_tokens - len(generated) - 1))]
+        proposals = heads[1 : 1 + max(0, min(n_heads - 1, out.budget))]
         drafts = [_draw(q, generator) for q in proposals]
         block = torch.tensor([[next_token, *drafts]], device=device)
         verified = _distributions_per_head(model, block, n_heads, position, cache, **sample)  # [n, 1+d, V]
@@ -438,7 +441,7 @@ def speculative_sample_ids(
             break
         stats.record(len(drafts), n_accepted)
         for token in drafts[:n_accepted]:
-            if (result := finished(token)) is not None:
+            if (result := out.add(token)) is not None:
                 return result, stats
         # the next token: the rejected draft's replacement, or head 1's own draw after the last draft
         next_token = replacement if replacement is not None else _draw(verified[0, n_accepted], generator)
