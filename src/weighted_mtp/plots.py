@@ -65,3 +65,19 @@ def pass_at_k_chart(rows: Mapping[str, Mapping[str, float]], title: str, path: P
     ax.tick_params(axis="x", labelrotation=30)
     ax.grid(axis="y", alpha=0.3)
     return _save(plt, fig, path)
+
+
+def weight_histogram(counts: Mapping[str, Sequence[float]], edges: Sequence[float], title: str, path: Path) -> Path:
+    """Bars of token counts per weight bin (`edges`: the bins' bounds, log-spaced), one series per
+    label (passing and failing solutions), and the tokens of weight 0 apart, at the left."""
+    plt, fig, (ax, *_) = _figure(1)
+    for label, row in counts.items():
+        zero, bins = row[0], row[1:]
+        ax.stairs(bins, edges, label=f"{label} ({int(sum(row))} tokens, {int(zero)} at 0)", linewidth=1.4)
+    ax.set_xscale("log")
+    ax.set_xlabel("head 1's loss weight")
+    ax.set_ylabel("tokens")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, path)

@@ -215,3 +215,15 @@ def test_a_pairwise_critic_without_pairs_names_the_sampler(raw_data, models_dir)
                              "stage1.loss=pairwise")  # fmt: skip
     with pytest.raises(ConfigError, match="set data.sampler=pairs"):
         CriticObjective.from_config(config, None, CPU)
+
+
+def test_each_validation_draws_the_weights_of_a_weighted_run_but_not_of_the_baseline(raw_data, models_dir):
+    validated = ("data.dataset=rollouts", "data.val_split=validation", "training.eval_every=2", "training.max_steps=2")
+    critic = train(pipeline_config("critic", raw_data, models_dir, "data.sampler=pairs", *validated))
+    assert not (critic.run_dir / "plots").exists()  # no LM weights to draw
+    verifiable = train(pipeline_config("verifiable", raw_data, models_dir, "data.sampler=all",
+                                       f"stage2.critic_checkpoint={critic.model_dir}", *validated))
+    (plot,) = sorted((verifiable.run_dir / "plots").glob("weights-step_*.png"))
+    assert plot.name == "weights-step_000002.png" and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    baseline = train(pipeline_config("baseline", raw_data, models_dir, "data.sampler=correct_only", *validated))
+    assert not (baseline.run_dir / "plots").exists()  # every weight is 1

@@ -126,3 +126,21 @@ def test_every_scheme_is_zero_on_masked_targets(seed):
         assert (weights[~masks] == 0).all(), name
         assert torch.isfinite(weights).all(), name
         assert (weights[masks] >= 0).all(), name
+
+
+def test_the_weight_histogram_counts_head_one_targets_by_label_and_bin():
+    from weighted_mtp.objectives.base import WEIGHT_BIN_EDGES, weight_histogram_counts
+
+    batch = random_batch(3)
+    generator = torch.Generator().manual_seed(1)
+    weights = torch.rand(*batch.labels.shape, 2, generator=generator, dtype=torch.float64) * 6
+    weights[..., 0][weights[..., 0] < 0.5] = 0.0  # some weights of exactly 0
+    counts = weight_histogram_counts(weights, batch.labels, batch.rewards)
+    edges = np.array(WEIGHT_BIN_EDGES)
+    for label, wanted in (("passing", True), ("failing", False)):
+        values = [float(weights[b, t, 0]) for b in range(batch.labels.shape[0]) for t in range(batch.labels.shape[1] - 1)
+                  if batch.labels[b, t + 1] != -100 and (float(batch.rewards[b]) > 0.5) == wanted]
+        assert counts[f"{label}/0"] == sum(v == 0 for v in values)
+        positive = np.clip([v for v in values if v > 0], edges[0], edges[-1] * 0.999999)
+        expected, _ = np.histogram(positive, bins=edges)
+        assert [counts[f"{label}/{i}"] for i in range(1, len(edges))] == list(expected)

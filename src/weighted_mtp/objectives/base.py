@@ -104,6 +104,28 @@ class Objective:
         """Restores `state_dict()` when a run resumes."""
 
 
+WEIGHT_BIN_EDGES = [2.0 ** (e / 4) for e in range(-16, 17)]  # 1/16 .. 16, four bins per doubling
+
+
+def weight_histogram_counts(weights: Tensor, labels: Tensor, rewards: Tensor) -> dict[str, float]:
+    """Counts of head 1's weights over its targets, by label ("passing" reward > 0.5, else "failing")
+    and bin: "<label>/0" for weight 0, "<label>/<i>" for bin i of `WEIGHT_BIN_EDGES` (below the
+    first edge in bin 1, above the last in the last bin). Plain sums, so ranks can add them up."""
+    mask = head_target_mask(labels, 1)[..., 0]
+    head1 = weights[..., 0].detach().double()
+    passing = (rewards > 0.5)[:, None].expand_as(mask).to(mask.device)
+    edges = torch.tensor(WEIGHT_BIN_EDGES, dtype=torch.float64, device=head1.device)
+    bins = torch.bucketize(head1, edges[1:-1]) + 1  # 1 .. len(edges) - 1
+    out: dict[str, float] = {}
+    for label, rows in (("passing", passing), ("failing", ~passing)):
+        chosen = mask & rows
+        out[f"{label}/0"] = float((chosen & (head1 == 0)).sum())
+        positive = chosen & (head1 > 0)
+        counts = torch.bincount(bins[positive], minlength=len(WEIGHT_BIN_EDGES))
+        out.update({f"{label}/{i}": float(counts[i]) for i in range(1, len(WEIGHT_BIN_EDGES))})
+    return out
+
+
 def head_counts(counts: Counts, n_heads: int) -> list[float]:
     """The heads' entries of `counts` in head order: the `target_counts` of the MTP loss."""
     return [counts[f"head{k + 1}"] for k in range(n_heads)]

@@ -41,7 +41,7 @@ from weighted_mtp.config import save_resolved_config
 from weighted_mtp.config.schema import Config
 from weighted_mtp.errors import CheckpointError, ConfigError, DataError, WMTPError
 from weighted_mtp.io import atomic_write_json
-from weighted_mtp.objectives.base import Objective
+from weighted_mtp.objectives.base import WEIGHT_BIN_EDGES, Objective, weight_histogram_counts
 from weighted_mtp.train import distributed as D
 from weighted_mtp.train.checkpoint import (
     latest_checkpoint,
@@ -56,6 +56,7 @@ from weighted_mtp.train.parallelize import parallelize
 
 log = logging.getLogger(__name__)
 
+HISTOGRAM_BATCHES = 8  # validation batches whose token weights each validation draws
 MICRO_SPLITS_FILE = "micro_splits.json"  # written when FSDP runs out of memory: the split to resume with
 
 _AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -504,11 +505,17 @@ class Trainer:
             self._val_counts = self._global_counts(self.val_loader)
         self.val_loader.set_epoch(0)
         sums: dict[str, float] = defaultdict(float)
-        for batch in self.val_loader:
+        histogram: dict[str, float] = defaultdict(float)  # head 1's weights on the first batches
+        for i, batch in enumerate(self.val_loader):
+            batch = batch.to(self.env.device)
             with torch.no_grad(), self._autocast():
-                metrics = self.objective.step(self.model, batch.to(self.env.device), self._val_counts, loss_scale=None)
+                metrics = self.objective.step(self.model, batch, self._val_counts, loss_scale=None)
+                shaded = self.objective.token_weights(self.model, batch) if i < HISTOGRAM_BATCHES else None
             for key, value in metrics.items():
                 sums[key] += float(value)
+            if shaded is not None and shaded.weights is not None:
+                for key, value in weight_histogram_counts(shaded.weights, batch.labels, batch.rewards).items():
+                    histogram[key] += value
         self.modules.train()
         self._reshard()
         metrics = D.all_reduce_sum({f"val/{key}": value for key, value in sums.items()}, self.env)
@@ -517,12 +524,32 @@ class Trainer:
             metrics.update(D.all_reduce_mean({f"val/{key}": value for key, value in summary.items()}, self.env))
         self._val_metrics = metrics
         self._last_eval_step = self.state.step
+        if histogram:
+            self._weight_histogram(D.all_reduce_sum(dict(histogram), self.env))
         if self.env.is_main:
             self.tracker.log_metrics(metrics, self.state.step)
             self.metrics_file.append({"step": self.state.step, **metrics})
             log.info("step %d validation: %s", self.state.step, _format(metrics))
         self._update_early_stopping(metrics)
         return metrics
+
+    def _weight_histogram(self, counts: dict[str, float]) -> None:
+        """plots/weights-step_<N>.png in the run directory (and the tracker's run): how head 1's weights
+        spread over the first validation batches' tokens, passing and failing solutions apart. Not
+        drawn when every weight is 1 (the baseline)."""
+        from weighted_mtp.plots import weight_histogram
+
+        n_bins = len(WEIGHT_BIN_EDGES)
+        rows = {label: [counts[f"{label}/{i}"] for i in range(n_bins)] for label in ("passing", "failing")}
+        one = int(torch.bucketize(torch.tensor(1.0, dtype=torch.float64),
+                                  torch.tensor(WEIGHT_BIN_EDGES[1:-1], dtype=torch.float64))) + 1
+        if not self.env.is_main or all(v == 0 for row in rows.values() for i, v in enumerate(row) if i != one):
+            return
+        rows = {label: row for label, row in rows.items() if sum(row) > 0}
+        path = weight_histogram(rows, WEIGHT_BIN_EDGES, f"{self.config.experiment.name}, step {self.state.step}: "
+                                "validation token weights",
+                                self.run_dir / "plots" / f"weights-step_{self.state.step:06d}.png")
+        self.tracker.log_artifact(path, artifact_path="plots")
 
     def _reshard(self) -> None:
         """Free parameters a no-grad forward left gathered (the root is not resharded after forward)."""
