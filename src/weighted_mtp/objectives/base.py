@@ -112,7 +112,7 @@ def weight_histogram_counts(weights: Tensor, labels: Tensor, rewards: Tensor) ->
     and bin: "<label>/0" for weight 0, "<label>/<i>" for bin i of `WEIGHT_BIN_EDGES` (below the
     first edge in bin 1, above the last in the last bin). Plain sums, so ranks can add them up."""
     mask = head_target_mask(labels, 1)[..., 0]
-    head1 = weights[..., 0].detach().double()
+    head1 = weights[..., 0].detach().double().contiguous()
     passing = (rewards > 0.5)[:, None].expand_as(mask).to(mask.device)
     edges = torch.tensor(WEIGHT_BIN_EDGES, dtype=torch.float64, device=head1.device)
     bins = torch.bucketize(head1, edges[1:-1]) + 1  # 1 .. len(edges) - 1
