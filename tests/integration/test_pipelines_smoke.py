@@ -227,3 +227,23 @@ def test_each_validation_draws_the_weights_of_a_weighted_run_but_not_of_the_base
     assert plot.name == "weights-step_000002.png" and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     baseline = train(pipeline_config("baseline", raw_data, models_dir, "data.sampler=correct_only", *validated))
     assert not (baseline.run_dir / "plots").exists()  # every weight is 1
+
+
+def test_the_trunk_waits_for_the_heads_for_trunk_steps_then_trains(raw_data, models_dir):
+    """`training.freeze.trunk_steps: 2`: after 2 steps the trunk blocks are the initial ones and the heads
+    moved; a run resumed to 4 steps trains the trunk too (the phase follows the step)."""
+    from safetensors.torch import load_file
+
+    from weighted_mtp.models.loading import load_model
+
+    overrides = ("training.freeze.trunk_steps=2", "training.save_every=2")
+    config = pipeline_config("baseline", raw_data, models_dir, "training.max_steps=2", *overrides)
+    initial = load_model("micro", n_future_tokens=2, models_dir=models_dir, seed=config.seed)[0].state_dict()
+    first = train(config)
+    after_two = load_file(first.model_dir / "model.safetensors")
+    trunk_block, head_block = "layers.0.attention.wq.weight", "extra_heads.0.attention.wq.weight"
+    assert torch.equal(after_two[trunk_block], initial[trunk_block])
+    assert not torch.equal(after_two[head_block], initial[head_block])
+    later = train(pipeline_config("baseline", raw_data, models_dir, "training.max_steps=4", *overrides))
+    assert later.resumed_from is not None
+    assert not torch.equal(load_file(later.model_dir / "model.safetensors")[trunk_block], initial[trunk_block])

@@ -139,6 +139,11 @@ class FreezeConfig(Section):
     trunk: TrainMode = "train"
     heads: TrainMode = "train"
     value_head: TrainMode = "train"
+    trunk_steps: int | None = Field(
+        None, ge=1,
+        description="Keep the trunk frozen for the first N optimizer steps, then train it as `trunk` says: new heads "
+        "learn first (Medusa-1's recipe) instead of pulling the shared trunk towards their early errors.",
+    )
 
 
 class EarlyStoppingConfig(Section):

@@ -204,8 +204,11 @@ def load_checkpoint(
     modules: nn.Module,
     optimizer: torch.optim.Optimizer | None,
     env: DistEnv,
+    untrained_allowed: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore weights and optimizer in place; return (trainer state, this rank's state)."""
+    """Restore weights and optimizer in place; return (trainer state, this rank's state).
+    `untrained_allowed`: parameters may lack optimizer state (they had not trained yet when saved:
+    a trunk still frozen while the heads warmed up); AdamW then starts them afresh, as it would have."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     path = Path(path)
@@ -223,13 +226,14 @@ def load_checkpoint(
         dcp.load(state, checkpoint_id=path / "sharded")
         set_model_state_dict(modules, state["model"], options=_options(False, strict=False))
         if optimizer is not None:
-            set_optimizer_state_dict(modules, optimizer, state["optim"], options=_options(False))
+            set_optimizer_state_dict(modules, optimizer, state["optim"], options=_options(False, strict=not untrained_allowed))
     else:
         model_state = _read(path / "model.safetensors")
         _check_keys(path, model_state, trainable_state_dict(modules, full=False))
         set_model_state_dict(modules, model_state, options=_options(True, strict=False))
         if optimizer is not None:
-            set_optimizer_state_dict(modules, optimizer, _read(path / "optimizer.pt"), options=_options(True))
+            set_optimizer_state_dict(modules, optimizer, _read(path / "optimizer.pt"),
+                                     options=_options(True, strict=not untrained_allowed))
     if meta["world_size"] == env.world_size:
         return _read(path / "trainer.pt"), _read(path / f"rank_{env.rank}.pt")
     # saved by another number of ranks: the weights and optimizer were resharded above; every rank

@@ -125,6 +125,15 @@ def check_same_run(saved_config: Path, config: Config) -> None:
             )
 
 
+def trunk_only_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trunk's trainable parameters that no head shares (a tied embedding is the unembedding too)."""
+    from weighted_mtp.models.lora import model_parts
+
+    parts = model_parts(model)
+    heads = {id(p) for _, module in parts["heads"] for p in module.parameters()}
+    return [p for _, module in parts["trunk"] for p in module.parameters() if p.requires_grad and id(p) not in heads]
+
+
 def split_batch(batch: Any, parts: int) -> list[Any]:
     """Cut a batch into `parts` smaller ones by rows; pairs (rows 2i, 2i+1) stay together."""
     if parts == 1:
@@ -186,6 +195,10 @@ class Trainer:
         self.model = model
         self.modules = nn.ModuleDict({"model": model, **extra})
         self.trainable = [p for p in self.modules.parameters() if p.requires_grad]
+        self.trunk_warmup = trunk_only_parameters(model) if config.training.freeze.trunk_steps else []
+        if self.trunk_warmup and self.strategy == "fsdp":
+            raise ConfigError("training.freeze.trunk_steps: not with FSDP (its units fix which parameters train); "
+                              "use distributed.strategy=ddp or one process")
         self.optimizer = build_optimizer(
             self.modules.named_parameters(),
             lr=self.training.lr,
@@ -244,6 +257,7 @@ class Trainer:
         else:
             resumed_from = self._restore(required=resume)  # before any write: a failed --resume leaves no trace
         self._agree_on_micro_splits()
+        self._freeze_trunk_while_warming_up()
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved_config(self.config, self.run_dir)
@@ -371,6 +385,7 @@ class Trainer:
             self.scheduler.step()
         self.state.step += 1
         self.objective.on_step_end(self.state.step)  # e.g. refresh a value snapshot
+        self._freeze_trunk_while_warming_up()
 
         elapsed = time.perf_counter() - started
         metrics.update(
@@ -426,6 +441,17 @@ class Trainer:
             for key, value in self.objective.token_counts(self.model, batch).items():
                 counts[key] += float(value)
         return D.all_reduce_sum(dict(counts), self.env)
+
+    def _freeze_trunk_while_warming_up(self) -> None:
+        """The trunk's trainable parameters take no gradient before `freeze.trunk_steps` steps (AdamW
+        skips a parameter without one), and train from then on; a resumed run picks up the phase."""
+        if not self.trunk_warmup:
+            return
+        frozen = self.state.step < self.training.freeze.trunk_steps
+        if self.trunk_warmup[0].requires_grad == frozen:
+            for param in self.trunk_warmup:
+                param.requires_grad_(not frozen)
+            log.info("step %d: trunk %s", self.state.step, "frozen while the heads warm up" if frozen else "training")
 
     def _stop_for_smaller_micro_batches(self, batches: list[Any]) -> None:
         """Out of memory under FSDP: the other ranks wait inside the step's collectives, so no rank can
@@ -691,7 +717,8 @@ class Trainer:
         check_same_run(self.run_dir / "config.yaml", self.config)
         log.info("resuming from %s", path)
         trainer_state, rank_state = load_checkpoint(
-            path, modules=self.modules, optimizer=self.optimizer, env=self.env
+            path, modules=self.modules, optimizer=self.optimizer, env=self.env,
+            untrained_allowed=bool(self.trunk_warmup),
         )
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         self.state = LoopState(**{f.name: trainer_state[f.name] for f in dataclasses.fields(LoopState)})
