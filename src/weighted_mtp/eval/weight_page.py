@@ -87,8 +87,8 @@ def shaded_solutions(run_dir: Path, *, split: str = "validation", limit: int = 1
         if path.is_file():
             module.load_state_dict(load_file(path))
         module.to(device).eval()
-    for module in objective.frozen_modules().values():  # Rho-1's reference
-        module.to(device)
+    for frozen in objective.frozen_modules().values():  # Rho-1's reference
+        frozen.module.to(device)
     loader = build_loader(config, tokenizer, split=split, shuffle=False)
     solutions: list[ShadedSolution] = []
     for batch in loader:

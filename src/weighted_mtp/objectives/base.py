@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from weighted_mtp.data import Batch
 from weighted_mtp.losses import MTPLossOutput, head_target_counts
+from weighted_mtp.models.checkpoints import TensorSource
 from weighted_mtp.weighting import head_target_mask
 
 Counts = dict[str, float]
@@ -34,6 +35,15 @@ class TokenWeights:
 
     weights: Tensor | None  # [B,T,n] the loss weight of head k's target labels[p+k] at p; None: no LM loss
     details: dict[str, Tensor] = field(default_factory=dict)  # [B,T] per position: a value, an advantage
+
+
+@dataclass
+class FrozenModel:
+    """A model an objective only runs forward (Rho-1's reference). With `pending_weights` it is still
+    on the meta device (a sharded start-up): once sharded, each rank fills its shards from them."""
+
+    module: nn.Module
+    pending_weights: dict[str, TensorSource] | None = None
 
 
 class Objective:
@@ -77,7 +87,7 @@ class Objective:
         """Modules besides the model that the optimizer updates and checkpoints save (a value head)."""
         return {}
 
-    def frozen_modules(self) -> dict[str, nn.Module]:
+    def frozen_modules(self) -> dict[str, FrozenModel]:
         """Models the objective only runs forward (Rho-1's reference): the trainer shards them like the
         model under FSDP, so no rank holds a whole copy on its device."""
         return {}

@@ -19,9 +19,11 @@ from weighted_mtp.config.schema import Config
 from weighted_mtp.data import Batch
 from weighted_mtp.errors import CheckpointError, ConfigError
 from weighted_mtp.losses import head_token_ce, mtp_forward_backward
-from weighted_mtp.models.loading import DTYPES, load_model
+from weighted_mtp.models.checkpoints import TensorSource, build_model, model_skeleton
+from weighted_mtp.models.loading import DTYPES, read_named_or_path
 from weighted_mtp.objectives.base import (
     Counts,
+    FrozenModel,
     Objective,
     TokenWeights,
     head_counts,
@@ -55,11 +57,20 @@ def reference_location(config: Config) -> str:
     return str(path)
 
 
-def load_reference(config: Config, model: nn.Module, device) -> nn.Module:
-    """The reference model, frozen, in eval mode, on the training device."""
+def load_reference(config: Config, model: nn.Module, device) -> FrozenModel:
+    """The reference model, frozen, in eval mode, on the CPU (the trainer moves it to the device or
+    shards it there). Beside a model still on the meta device (a sharded start-up) it stays on the meta
+    device too, with the tensors that fill its shards, unless its unembedding is tied to the embedding
+    (a tied pair is set up on a whole model)."""
     location = reference_location(config)
     dtype = DTYPES[config.dtype] if device.type == "cpu" else DTYPES["float32"]  # autocast on GPU
-    reference, _ = load_model(location, models_dir=config.paths.models, dtype=dtype, seed=config.seed)
+    raw = read_named_or_path(location, config.paths.models, config.seed)
+    pending: dict[str, TensorSource] | None = None
+    if next(model.parameters()).is_meta and not raw.args.tie_embeddings:
+        reference, pending = model_skeleton(raw)
+        reference.to(dtype)
+    else:
+        reference = build_model(raw, dtype=dtype)
     if reference.args.vocab_size != model.args.vocab_size:
         raise ConfigError(
             f"rho1.reference_model {location} has a vocabulary of {reference.args.vocab_size} tokens but the "
@@ -71,8 +82,9 @@ def load_reference(config: Config, model: nn.Module, device) -> nn.Module:
             f"{model.n_future_tokens} trained heads; set rho1.per_head: false (select by head 1's excess loss)"
         )
     reference.requires_grad_(False)
-    log.info("rho1 reference: %s (%d head(s))", location, reference.n_future_tokens)
-    return reference.eval()  # on the CPU: the trainer moves it to the device, or shards it there
+    log.info("rho1 reference: %s (%d head(s))%s", location, reference.n_future_tokens,
+             ", on the meta device until sharded" if pending is not None else "")
+    return FrozenModel(reference.eval(), pending)
 
 
 class Rho1Objective(Objective):
@@ -85,8 +97,10 @@ class Rho1Objective(Objective):
         *,
         head_weights: Sequence[float] | None = None,
         chunk_size: int = 1024,
+        reference_weights: dict[str, TensorSource] | None = None,
     ) -> None:
         self.reference = reference
+        self.reference_weights = reference_weights  # a reference on the meta device: what fills its shards
         self.weighting = weighting
         self.head_weights = list(head_weights) if head_weights is not None else None
         self.chunk_size = chunk_size
@@ -99,11 +113,13 @@ class Rho1Objective(Objective):
             raise ConfigError(
                 f"weighting.scheme is {config.weighting.scheme!r}: the rho1 pipeline weighs by excess loss"
             )
+        reference = load_reference(config, model, device)
         return cls(
-            load_reference(config, model, device),
+            reference.module,
             Rho1Weighting.from_config(config),
             head_weights=discounted_head_weights(model.n_future_tokens, config.weighting.head_discount),
             chunk_size=config.training.loss_chunk_size,
+            reference_weights=reference.pending_weights,
         )
 
     def token_counts(self, model: nn.Module, batch: Batch) -> Counts:
@@ -157,8 +173,8 @@ class Rho1Objective(Objective):
         weights = self.weighting.weights_from_excess(excess, mask, batch.labels, n_heads=model.n_future_tokens)
         return TokenWeights(weights, {"excess": excess[..., 0]})
 
-    def frozen_modules(self) -> dict[str, nn.Module]:
-        return {"reference": self.reference}
+    def frozen_modules(self) -> dict[str, FrozenModel]:
+        return {"reference": FrozenModel(self.reference, self.reference_weights)}
 
     def step(self, model: nn.Module, batch: Batch, counts: Counts, *, loss_scale: float | None) -> dict[str, float]:
         """Trunk -> the excess loss over the reference (prepared with the step's, or computed here for

@@ -15,6 +15,7 @@ from weighted_mtp.config.schema import Config
 from weighted_mtp.models.checkpoints import TensorSource
 from weighted_mtp.models.loading import DTYPES
 from weighted_mtp.models.lora import configure_training_modes
+from weighted_mtp.objectives.base import FrozenModel
 from weighted_mtp.train import distributed as D
 
 log = logging.getLogger(__name__)
@@ -22,13 +23,14 @@ log = logging.getLogger(__name__)
 
 def parallelize(
     model: nn.Module, extra_modules: dict[str, nn.Module], config: Config, env: D.DistEnv, *,
-    pending_weights: dict[str, TensorSource] | None = None, frozen_models: dict[str, nn.Module] | None = None,
+    pending_weights: dict[str, TensorSource] | None = None, frozen_models: dict[str, FrozenModel] | None = None,
 ) -> str:
     """Set what trains (LoRA adapters injected where asked), move everything to the device, checkpoint
     activations, and shard (fsdp) or synchronise (ddp) across ranks. Returns the strategy in use:
     "fsdp", "ddp" or "none" (one process). `pending_weights`: the model is still on the meta device
     (a sharded start-up); it is sharded first and each rank then reads only its shards. `frozen_models`:
-    models only run forward (Rho-1's reference), sharded the same way under FSDP, else moved."""
+    models only run forward (Rho-1's reference), sharded the same way under FSDP (filled from their own
+    pending weights when on the meta device), else moved."""
     freeze, lora = config.training.freeze, config.training.lora
     configure_training_modes(
         model,
@@ -50,11 +52,14 @@ def parallelize(
     strategy = env.strategy if env.is_distributed else "none"
     for name, frozen in (frozen_models or {}).items():
         if strategy == "fsdp":
-            shard_model(frozen, [], env, param_dtype=config.distributed.param_dtype,
-                        reduce_dtype=config.distributed.reduce_dtype, reshard_after_forward=True)
+            shard_model(frozen.module, [], env, param_dtype=config.distributed.param_dtype,
+                        reduce_dtype=config.distributed.reduce_dtype, reshard_after_forward=True,
+                        pending_weights=frozen.pending_weights)
             log.info("%s: sharded over %d ranks", name, env.world_size)
+        elif frozen.pending_weights is not None:
+            raise ValueError(f"{name}: a model on the meta device is filled shard by shard: only under FSDP")
         else:
-            frozen.to(env.device)
+            frozen.module.to(env.device)
     if strategy == "fsdp":
         dist_cfg = config.distributed
         shard_model(
