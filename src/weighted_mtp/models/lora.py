@@ -7,18 +7,23 @@ A tied unembedding is the embedding matrix itself: it trains when either part tr
 
 LoRA adapters are injected with peft's `inject_adapter_in_model`, which works on any nn.Module:
 the model keeps its class and methods, and each targeted nn.Linear becomes a peft LoRA layer
-(`<name>.base_layer`, `<name>.lora_A.default`, `<name>.lora_B.default`).
+(`<name>.base_layer`, `<name>.lora_A.default`, `<name>.lora_B.default`). The adapters' initial values
+are drawn here, per parameter name (`lora_init_sources`), not by peft from the global generator, so a
+model adapted whole and one adapted on the meta device and filled shard by shard start the same.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
+import zlib
 
 import torch
 from torch import nn
 
 from weighted_mtp.errors import ConfigError
+from weighted_mtp.models.checkpoints import TensorSource
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,44 @@ def inject_lora(module: nn.Module, target_names: list[str], *, r: int, alpha: fl
     inject_adapter_in_model(config, module, adapter_name=_ADAPTER)
 
 
+def lora_init_sources(module: nn.Module, seed: int, prefix: str = "") -> dict[str, TensorSource]:
+    """Each adapter's initial value by parameter name: A uniform in +-1/sqrt(in_features) (peft's
+    default, Kaiming-uniform with a = sqrt 5) from a generator seeded by `seed` and the name (with
+    `prefix`), B zero, so the function is unchanged at first. Independent of device and build order."""
+    sources = {}
+    for name, param in module.named_parameters():
+        shape = tuple(param.shape)
+        if ".lora_A." in f".{name}":
+            key = zlib.crc32(f"{seed}:{prefix}{name}".encode())  # the CPU generator keeps 32 bits of a seed
+            bound = 1 / math.sqrt(shape[1])
+
+            def read(dtype: torch.dtype, shape=shape, key=key, bound=bound) -> torch.Tensor:
+                draw = torch.rand(shape, generator=torch.Generator().manual_seed(key), dtype=torch.float64)
+                return ((2 * draw - 1) * bound).to(dtype)
+
+            sources[name] = TensorSource(shape, read)
+        elif ".lora_B." in f".{name}":
+            sources[name] = TensorSource(shape, lambda dtype, shape=shape: torch.zeros(shape, dtype=dtype))
+    return sources
+
+
+@torch.no_grad()
+def init_lora_(module: nn.Module, seed: int, prefix: str = "") -> None:
+    """Set every adapter of a model in memory to its initial value (`lora_init_sources`)."""
+    sources = lora_init_sources(module, seed, prefix)
+    for name, param in module.named_parameters():
+        if name in sources:
+            param.copy_(sources[name].read(param.dtype))
+
+
+def adapted_sources(model: nn.Module, sources: dict[str, TensorSource], seed: int) -> dict[str, TensorSource]:
+    """What fills each parameter of a model adapted on the meta device: a base layer's weight is the
+    checkpoint tensor of the layer it wraps, an adapter its initial value."""
+    adapters = lora_init_sources(model, seed)
+    return {name: adapters[name] if name in adapters else sources[name.replace(".base_layer.", ".")]
+            for name, _ in model.named_parameters()}
+
+
 def configure_training_modes(
     model: nn.Module,
     *,
@@ -70,8 +113,10 @@ def configure_training_modes(
     lora_dropout: float,
     value_head: nn.Module | None = None,
     value_head_mode: str = "train",
+    seed: int = 0,
 ) -> dict[str, int]:
-    """Freeze, adapt or train each part in place; return trainable parameter counts per part."""
+    """Freeze, adapt or train each part in place; return trainable parameter counts per part. New
+    adapters start from `lora_init_sources(..., seed)` (on the meta device: when filled)."""
     modes = {"trunk": trunk, "heads": heads}
     if value_head is not None:
         modes["value_head"] = value_head_mode
@@ -93,11 +138,14 @@ def configure_training_modes(
     if lora_names:
         inject_lora(model, lora_names, **lora)
         parts = model_parts(model)  # the LoRA layers replaced some modules
+        if not next(model.parameters()).is_meta:
+            init_lora_(model, seed)
     if value_head is not None and value_head_mode == "lora":
         names = [name for name, sub in value_head.named_modules() if isinstance(sub, nn.Linear)]
         if not names:
             raise ConfigError("training.freeze.value_head: lora, but the value head has no nn.Linear layer")
         inject_lora(value_head, names, **lora)
+        init_lora_(value_head, seed, prefix="value_head.")
 
     # Decide every parameter explicitly: frozen first, then LoRA adapters, then fully trained parts,
     # so that a tied embedding shared by a frozen and a trained part ends up trained.

@@ -14,7 +14,7 @@ from torch import nn
 from weighted_mtp.config.schema import Config
 from weighted_mtp.models.checkpoints import TensorSource
 from weighted_mtp.models.loading import DTYPES
-from weighted_mtp.models.lora import configure_training_modes
+from weighted_mtp.models.lora import adapted_sources, configure_training_modes
 from weighted_mtp.objectives.base import FrozenModel
 from weighted_mtp.train import distributed as D
 
@@ -42,8 +42,11 @@ def parallelize(
         lora_dropout=lora.dropout,
         value_head=extra_modules.get("value_head"),
         value_head_mode=freeze.value_head,
+        seed=config.seed,
     )
-    if pending_weights is None:
+    if pending_weights is not None:  # LoRA layers wrap some weights and add adapters
+        pending_weights = adapted_sources(model, pending_weights, config.seed)
+    else:
         model.to(env.device)
     for module in extra_modules.values():
         module.to(env.device)

@@ -59,9 +59,9 @@ def build_run(config: Config, env: D.DistEnv, *, validation: bool = True) -> Run
 
 def sharded_start_up(config: Config, env: D.DistEnv) -> bool:
     """Whether every rank builds the model on the meta device, shards it and reads only its shards:
-    FSDP over several ranks, full or frozen parts (LoRA adapters and tied embeddings are set up on a
-    whole model, so those runs load it whole on each rank first)."""
-    if not (env.is_distributed and env.strategy == "fsdp") or config.training.lora.enabled:
+    FSDP over several ranks, with untied embeddings (a tied pair is set up on a whole model, so those
+    runs load it whole on each rank first)."""
+    if not (env.is_distributed and env.strategy == "fsdp"):
         return False
     from weighted_mtp.models.loading import read_named_or_path
 

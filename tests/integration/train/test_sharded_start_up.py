@@ -8,7 +8,8 @@ at most 0.6x the fp32 model (its shards are 0.5x). The run trains exactly like o
 whole model.
 
 A Rho-1 reference starts the same way: a run training a small model (28M) against the 101M reference
-holds at most 0.6x the two fp32 models per rank (a reference loaded whole would put it above 0.75x)."""
+holds at most 0.6x the two fp32 models per rank (a reference loaded whole would put it above 0.75x).
+So does a LoRA run: adapters are added to the model on the meta device and filled like the rest."""
 
 from __future__ import annotations
 
@@ -57,6 +58,13 @@ def meta_checkpoint(micro_workspace):
     return directory, args
 
 
+@pytest.fixture(scope="module")
+def small_checkpoint(micro_workspace):
+    """4 layers of width 256: 28M parameters."""
+    directory = micro_workspace.root / "meta-28m"
+    return directory, write_checkpoint(directory, dim=256, n_layers=4, seed=6)
+
+
 def assert_sharded_start_up(ws, whole_run: str, sharded_run: str, fp32_bytes: int) -> None:
     """Each rank's start-up rise, less the overhead one whole process has besides the weights, is at
     most 0.6x the fp32 weights; the two runs' losses agree."""
@@ -92,14 +100,25 @@ def test_each_rank_reads_only_its_shards_and_trains_like_one_process(micro_works
     assert_sharded_start_up(ws, "model-whole", "model-sharded", 4 * parameters_with_heads(args, 2))
 
 
-def test_a_rho1_reference_starts_sharded_too(micro_workspace, meta_checkpoint):
+def test_a_rho1_reference_starts_sharded_too(micro_workspace, meta_checkpoint, small_checkpoint):
     ws = micro_workspace
     reference, reference_args = meta_checkpoint
-    small = ws.root / "meta-28m"
-    args = write_checkpoint(small, dim=256, n_layers=4, seed=6)
+    small, args = small_checkpoint
     log = run_whole_and_sharded(ws, "rho1", f"model.name={small}", "experiment.pipeline=rho1", "weighting.scheme=rho1",
                                 f"rho1.reference_model={reference}", "rho1.per_head=false")
     assert f"rho1 reference: {reference} (1 head(s)), on the meta device until sharded" in log
     assert "reference: sharded over 2 ranks" in log
     fp32_bytes = 4 * (parameters_with_heads(args, 2) + parameters_with_heads(reference_args, 1))
     assert_sharded_start_up(ws, "rho1-whole", "rho1-sharded", fp32_bytes)
+
+
+def test_lora_adapters_are_added_on_the_meta_device(micro_workspace, small_checkpoint):
+    """LoRA layers wrap the skeleton's linear layers before sharding; each rank fills the base weights
+    from the checkpoint and the adapters from their named initial values, as one process does."""
+    ws = micro_workspace
+    small, _ = small_checkpoint
+    log = run_whole_and_sharded(ws, "lora", f"model.name={small}", "training.lora.enabled=true",
+                                "training.lora.r=4", "training.lora.dropout=0", "training.lr=1e-2")
+    assert "on the meta device until sharded" in log
+    assert "(lora)" in log
+    assert_same_losses(ws.losses("lora-sharded"), ws.losses("lora-whole"), 1e-4)

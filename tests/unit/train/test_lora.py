@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -11,13 +12,15 @@ from torch import nn
 
 from weighted_mtp.config.schema import ValueHeadConfig
 from weighted_mtp.errors import ConfigError
+from weighted_mtp.models.checkpoints import TensorSource
 from weighted_mtp.models.lora import (
+    adapted_sources,
     configure_training_modes,
     lora_scaling,
     merge_lora_,
     merge_lora_state_dict,
 )
-from weighted_mtp.models.transformer import build_micro_model
+from weighted_mtp.models.transformer import MTPTransformer, build_micro_model, micro_args
 from weighted_mtp.models.value_head import build_value_head
 from weighted_mtp.train.checkpoint import distinct_tensors, trainable_state_dict
 
@@ -161,3 +164,36 @@ def test_adapter_checkpoint_round_trip(tmp_path: Path) -> None:
     frozen = {name for name, p in fresh.named_parameters() if not p.requires_grad}
     assert set(missing) == frozen  # only frozen base weights come from the base model
     assert torch.allclose(logits(fresh, TOKENS), expected, atol=1e-6)
+
+
+def test_adapters_start_from_their_names_whole_or_filled_on_the_meta_device() -> None:
+    """A model adapted whole and one adapted on the meta device, then filled from the checkpoint's
+    tensors and the adapters' sources (what each rank of a sharded start-up reads), are the same."""
+    whole = MTPTransformer(dataclasses.replace(micro_args(VOCAB, 2), tie_embeddings=False))  # as sharded start-ups
+    whole.init_weights(3)
+    checkpoint = {name: TensorSource.in_memory(t.clone()) for name, t in whole.state_dict().items()}
+    configure(whole, "lora", "lora", seed=11)
+    with torch.device("meta"):
+        skeleton = MTPTransformer(whole.args)
+    configure(skeleton, "lora", "lora", seed=11)
+    sources = adapted_sources(skeleton, checkpoint, seed=11)
+    assert sorted(sources) == sorted(name for name, _ in whole.named_parameters())
+    skeleton.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, param in skeleton.named_parameters():
+            param.copy_(sources[name].read(param.dtype))
+    filled = dict(skeleton.named_parameters())
+    for name, param in whole.named_parameters():
+        assert torch.equal(param, filled[name]), name
+    adapters = {name: p for name, p in whole.named_parameters() if ".lora_A." in name}
+    assert len(adapters) == 7 * (len(whole.layers) + len(whole.extra_heads))
+    for name, a in adapters.items():  # peft's range, +-1/sqrt(in_features), and not all alike
+        bound = 1 / a.shape[1] ** 0.5
+        assert 0.5 * bound < a.abs().max() <= bound, name
+        assert torch.equal(dict(whole.named_parameters())[name.replace("lora_A", "lora_B")], torch.zeros_like(
+            dict(whole.named_parameters())[name.replace("lora_A", "lora_B")]))
+    firsts = [a.flatten()[:8] for a in adapters.values() if a.shape == next(iter(adapters.values())).shape]
+    assert len({tuple(x.tolist()) for x in firsts}) == len(firsts)  # each name its own draw
+    other = micro(seed=3)
+    configure(other, "lora", "lora", seed=12)  # another seed, other draws
+    assert not torch.equal(next(iter(adapters.values())), dict(other.named_parameters())[next(iter(adapters))])
