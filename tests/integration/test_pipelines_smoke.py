@@ -247,3 +247,17 @@ def test_the_trunk_waits_for_the_heads_for_trunk_steps_then_trains(raw_data, mod
     later = train(pipeline_config("baseline", raw_data, models_dir, "training.max_steps=4", *overrides))
     assert later.resumed_from is not None
     assert not torch.equal(load_file(later.model_dir / "model.safetensors")[trunk_block], initial[trunk_block])
+
+
+def test_trunk_steps_are_refused_under_fsdp_before_anything_is_sharded(raw_data, models_dir):
+    from weighted_mtp.errors import ConfigError
+    from weighted_mtp.train import distributed as D
+    from weighted_mtp.train.run import build_run
+    from weighted_mtp.train.trainer import Trainer
+
+    config = pipeline_config("baseline", raw_data, models_dir, "training.freeze.trunk_steps=2",
+                             "distributed.strategy=fsdp")  # fmt: skip
+    env = D.DistEnv(world_size=2, strategy="fsdp")  # no process group: the check comes before any collective
+    run = build_run(config, D.DistEnv())
+    with pytest.raises(ConfigError, match="training.freeze.trunk_steps: not with FSDP"):
+        Trainer(config, run.model, run.objective, run.train_loader, env=env)

@@ -196,9 +196,6 @@ class Trainer:
         self.modules = nn.ModuleDict({"model": model, **extra})
         self.trainable = [p for p in self.modules.parameters() if p.requires_grad]
         self.trunk_warmup = trunk_only_parameters(model) if config.training.freeze.trunk_steps else []
-        if self.trunk_warmup and self.strategy == "fsdp":
-            raise ConfigError("training.freeze.trunk_steps: not with FSDP (its units fix which parameters train); "
-                              "use distributed.strategy=ddp or one process")
         self.optimizer = build_optimizer(
             self.modules.named_parameters(),
             lr=self.training.lr,
@@ -233,6 +230,9 @@ class Trainer:
             raise DataError(
                 "the training data is empty: no batch to train on (check data.split / data.n_samples)"
             )
+        if self.training.freeze.trunk_steps and self.env.is_distributed and self.env.strategy == "fsdp":
+            raise ConfigError("training.freeze.trunk_steps: not with FSDP (its units fix which parameters train); "
+                              "use distributed.strategy=ddp or one process")
 
     def _planned_steps(self) -> int:
         if self.training.max_steps is not None:
