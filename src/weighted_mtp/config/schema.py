@@ -139,6 +139,12 @@ class FreezeConfig(Section):
     trunk: TrainMode = "train"
     heads: TrainMode = "train"
     value_head: TrainMode = "train"
+    unembedding: Literal["as_heads", "frozen"] = Field(
+        "as_heads",
+        description="frozen: the final norm and the unembedding (a tied embedding with it, unless the trunk trains) "
+        "take no gradient whatever `heads` says, so heads trained on a frozen trunk (Medusa-1's self-distillation) "
+        "leave the model's own next-token path to its head blocks.",
+    )
     trunk_steps: int | None = Field(
         None, ge=1,
         description="Keep the trunk frozen for the first N optimizer steps, then train it as `trunk` says: new heads "

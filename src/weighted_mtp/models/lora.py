@@ -113,17 +113,31 @@ def configure_training_modes(
     lora_dropout: float,
     value_head: nn.Module | None = None,
     value_head_mode: str = "train",
+    unembedding: str = "as_heads",
     seed: int = 0,
 ) -> dict[str, int]:
     """Freeze, adapt or train each part in place; return trainable parameter counts per part. New
-    adapters start from `lora_init_sources(..., seed)` (on the meta device: when filled)."""
+    adapters start from `lora_init_sources(..., seed)` (on the meta device: when filled).
+    `unembedding: frozen` takes the final norm and unembedding out of the heads' part, frozen."""
     modes = {"trunk": trunk, "heads": heads}
     if value_head is not None:
         modes["value_head"] = value_head_mode
     for part, mode in modes.items():
         if mode not in _MODES:
             raise ConfigError(f"training.freeze.{part}: unknown mode {mode!r} (one of {', '.join(_MODES)})")
-    parts = model_parts(model)
+    if unembedding not in ("as_heads", "frozen"):
+        raise ConfigError(f"training.freeze.unembedding: unknown mode {unembedding!r} (as_heads or frozen)")
+
+    def split_parts() -> dict[str, list[tuple[str, nn.Module]]]:
+        parts = model_parts(model)
+        if unembedding == "frozen":
+            parts["unembedding"] = [member for member in parts["heads"] if member[0] in ("norm", "output")]
+            parts["heads"] = [member for member in parts["heads"] if member[0] not in ("norm", "output")]
+        return parts
+
+    if unembedding == "frozen":
+        modes["unembedding"] = "frozen"
+    parts = split_parts()
 
     lora_names = []
     for part, members in parts.items():
@@ -137,7 +151,7 @@ def configure_training_modes(
     lora = {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout}
     if lora_names:
         inject_lora(model, lora_names, **lora)
-        parts = model_parts(model)  # the LoRA layers replaced some modules
+        parts = split_parts()  # the LoRA layers replaced some modules
         if not next(model.parameters()).is_meta:
             init_lora_(model, seed)
     if value_head is not None and value_head_mode == "lora":

@@ -59,23 +59,24 @@ def lora_parameters(args: ModelArgs, r: int, targets: list[str]) -> int:
     return sum(r * (n_in + n_out) for name, (n_in, n_out) in shapes.items() if name in targets)
 
 
-def parameter_counts(args: ModelArgs, *, trunk: str, heads: str, lora_r: int, lora_targets: list[str]) -> tuple[int, int]:
-    """(all parameters, trainable parameters) for the parts' modes: train, lora or frozen."""
-    trunk_blocks = args.n_layers - args.n_future_tokens
-    block = block_parameters(args)
-    embeddings = args.vocab_size * args.dim
-    unembedding = 0 if args.tie_embeddings else args.vocab_size * args.dim
-    trunk_total = embeddings + trunk_blocks * block
-    heads_total = args.n_future_tokens * block + args.dim + unembedding
-    adapters = lora_parameters(args, lora_r, lora_targets)
-    trainable = {
-        "train": {"trunk": trunk_total, "heads": heads_total},
-        "lora": {"trunk": trunk_blocks * adapters, "heads": args.n_future_tokens * adapters},
-        "frozen": {"trunk": 0, "heads": 0},
-    }
-    total = trunk_total + heads_total + (trainable["lora"]["trunk"] if trunk == "lora" else 0)
-    total += trainable["lora"]["heads"] if heads == "lora" else 0
-    return total, trainable[trunk]["trunk"] + trainable[heads]["heads"]
+def parameter_counts(
+    args: ModelArgs, *, trunk: str, heads: str, lora_r: int, lora_targets: list[str], unembedding: str = "as_heads"
+) -> tuple[int, int]:
+    """(all parameters, trainable parameters) for the parts' modes: train, lora or frozen (and the
+    final norm and unembedding frozen apart, `unembedding: frozen`). A tied embedding trains when the
+    trunk or the unembedding does."""
+    n_trunk, n_heads = args.n_layers - args.n_future_tokens, args.n_future_tokens
+    block, adapters = block_parameters(args), lora_parameters(args, lora_r, lora_targets)
+    embedding = args.vocab_size * args.dim
+    unembedding_size = args.dim + (0 if args.tie_embeddings else embedding)  # the final norm and output
+    total = embedding + (n_trunk + n_heads) * block + unembedding_size
+    total += (n_trunk * adapters if trunk == "lora" else 0) + (n_heads * adapters if heads == "lora" else 0)
+    trainable = {"train": n_trunk * block, "lora": n_trunk * adapters, "frozen": 0}[trunk]
+    trainable += {"train": n_heads * block, "lora": n_heads * adapters, "frozen": 0}[heads]
+    unembedding_trains = heads == "train" and unembedding == "as_heads"
+    trainable += unembedding_size if unembedding_trains else 0
+    trainable += embedding if trunk == "train" or (args.tie_embeddings and unembedding_trains) else 0
+    return total, trainable
 
 
 def estimate_memory(
@@ -93,8 +94,10 @@ def estimate_memory(
     lora_targets: list[str],
     activation_checkpointing: bool,
     loss_chunk_size: int,
+    unembedding: str = "as_heads",
 ) -> MemoryEstimate:
-    total, trainable = parameter_counts(args, trunk=trunk, heads=heads, lora_r=lora_r, lora_targets=lora_targets)
+    total, trainable = parameter_counts(args, trunk=trunk, heads=heads, lora_r=lora_r, lora_targets=lora_targets,
+                                        unembedding=unembedding)
     shards = world_size if strategy == "fsdp" and world_size > 1 else 1
     gathered = block_parameters(args) if shards > 1 else 0  # one block unsharded at a time
     parameters = (total / shards + gathered) * weight_bytes

@@ -36,6 +36,7 @@ def parallelize(
         model,
         trunk="lora" if lora.enabled and freeze.trunk == "train" else freeze.trunk,
         heads="lora" if lora.enabled and freeze.heads == "train" else freeze.heads,
+        unembedding=freeze.unembedding,
         lora_targets=lora.target_modules,
         lora_r=lora.r,
         lora_alpha=lora.alpha,

@@ -164,6 +164,7 @@ def memory_estimates(config: Config, world_size: int) -> dict[str, MemoryEstimat
         seq_len=config.data.max_length,
         trunk="lora" if lora.enabled and freeze.trunk == "train" else freeze.trunk,
         heads="lora" if lora.enabled and freeze.heads == "train" else freeze.heads,
+        unembedding=freeze.unembedding,
         lora_r=lora.r,
         lora_targets=list(lora.target_modules),
         loss_chunk_size=config.training.loss_chunk_size,

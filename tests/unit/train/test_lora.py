@@ -197,3 +197,18 @@ def test_adapters_start_from_their_names_whole_or_filled_on_the_meta_device() ->
     other = micro(seed=3)
     configure(other, "lora", "lora", seed=12)  # another seed, other draws
     assert not torch.equal(next(iter(adapters.values())), dict(other.named_parameters())[next(iter(adapters))])
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_frozen_unembedding_leaves_training_to_the_head_blocks(tie) -> None:
+    """Medusa-style: trunk frozen, heads trained, unembedding frozen: only the head blocks train, and a
+    tied embedding stays frozen with the unembedding it is."""
+    model = MTPTransformer(dataclasses.replace(micro_args(VOCAB, 3), tie_embeddings=tie))
+    configure(model, "frozen", "train", unembedding="frozen")
+    trained = trainable_names(model)
+    assert trained and all(name.startswith(("layers.3.", "extra_heads.")) for name in trained), sorted(trained)
+    assert len(trained) == 3 * len(list(model.extra_heads[0].parameters()))
+    configure(model := MTPTransformer(dataclasses.replace(micro_args(VOCAB, 3), tie_embeddings=tie)),
+              "train", "train", unembedding="frozen")
+    assert model.output.weight.requires_grad == tie  # a tied unembedding is the embedding: it trains with the trunk
+    assert "norm.weight" not in trainable_names(model)

@@ -18,13 +18,18 @@ def small_args(tie: bool) -> ModelArgs:
 
 
 @pytest.mark.parametrize("tie", [False, True])
-@pytest.mark.parametrize(("trunk", "heads"), [("train", "train"), ("lora", "lora"), ("frozen", "lora"), ("lora", "frozen")])
-def test_parameter_counts_are_the_models(tie, trunk, heads):
+@pytest.mark.parametrize(("trunk", "heads", "unembedding"), [
+    ("train", "train", "as_heads"), ("lora", "lora", "as_heads"), ("frozen", "lora", "as_heads"),
+    ("lora", "frozen", "as_heads"), ("frozen", "train", "as_heads"), ("frozen", "train", "frozen"),
+    ("train", "train", "frozen"), ("lora", "train", "frozen"),
+])  # fmt: skip
+def test_parameter_counts_are_the_models(tie, trunk, heads, unembedding):
     args = small_args(tie)
     model = MTPTransformer(args)
     configure_training_modes(model, trunk=trunk, heads=heads, lora_targets=TARGETS, lora_r=4, lora_alpha=8,
-                             lora_dropout=0.0)  # fmt: skip
-    total, trainable = parameter_counts(args, trunk=trunk, heads=heads, lora_r=4, lora_targets=TARGETS)
+                             lora_dropout=0.0, unembedding=unembedding)  # fmt: skip
+    total, trainable = parameter_counts(args, trunk=trunk, heads=heads, lora_r=4, lora_targets=TARGETS,
+                                        unembedding=unembedding)  # fmt: skip
     assert total == sum(p.numel() for p in model.parameters())
     assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
