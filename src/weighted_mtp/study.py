@@ -348,7 +348,7 @@ def speculative_cell(study: Study, arm: str) -> dict[str, Any]:
 
     from weighted_mtp.data.templates import prompt_adds_bos
     from weighted_mtp.eval.benchmarks import get_benchmark
-    from weighted_mtp.eval.generation import SpeculativeStats, generate_ids, speculative_generate_ids
+    from weighted_mtp.eval.generation import compare_speculative
     from weighted_mtp.models.loading import generation_dtype, load_model, resolve_device
 
     config = study.config(None)
@@ -360,26 +360,11 @@ def speculative_cell(study: Study, arm: str) -> dict[str, Any]:
     benchmark = get_benchmark("mbpp")
     template = config.data.prompt_template
     problems = benchmark.load(config.paths.raw_data, "test", study.scale.spec_prompts)
-    stats = SpeculativeStats(model.n_future_tokens)
-    plain_s = speculative_s = 0.0
-    differ = 0
-    for problem in problems:
-        ids = tokenizer.encode(benchmark.prompt(problem, template, tokenizer), add_bos=prompt_adds_bos(template))
-        began = time.perf_counter()
-        (plain,) = generate_ids(model, [ids], max_new_tokens=study.scale.max_new_tokens, stop_ids=tokenizer.stop_ids)
-        plain_s += time.perf_counter() - began
-        began = time.perf_counter()
-        drafted, one = speculative_generate_ids(model, ids, max_new_tokens=study.scale.max_new_tokens,
-                                                stop_ids=tokenizer.stop_ids)
-        speculative_s += time.perf_counter() - began
-        stats.add(one)
-        differ += drafted.token_ids != plain.token_ids
-    return {
-        "arm": arm, "prompts": len(problems), "dtype": dtype, "n_heads": model.n_future_tokens,
-        "acceptance_per_head": stats.acceptance_rates, "tokens_per_forward": stats.tokens_per_forward,
-        "speedup": plain_s / speculative_s if speculative_s else 0.0, "plain_s": plain_s,
-        "speculative_s": speculative_s, "outputs_differing": differ,
-    }
+    prompts = [tokenizer.encode(benchmark.prompt(problem, template, tokenizer), add_bos=prompt_adds_bos(template))
+               for problem in problems]
+    comparison = compare_speculative(model, prompts, max_new_tokens=study.scale.max_new_tokens,
+                                     stop_ids=tokenizer.stop_ids)
+    return {"arm": arm, "dtype": dtype, **comparison.to_dict()}
 
 
 def status_lines(study: Study) -> list[str]:

@@ -11,7 +11,8 @@ batch (their cache rows are dropped), so a long straggler does not drag finished
 - `generate_ids`: token ids in and out, one batch; what `generate` and the rollout code build on.
 - `sample_next`: the sampling rule alone (greedy, temperature, nucleus), for reuse and tests.
 - `speculative_generate_ids`: self-speculative greedy decoding, batch size 1; `generate` uses it
-  when asked with `speculative=True` and `temperature == 0`.
+  when asked with `speculative=True` and `temperature == 0`; `compare_speculative` times it against
+  plain greedy decoding on the same prompts.
 
 Self-speculative greedy decoding with the model's own MTP heads: blockwise parallel decoding (Stern et al. 2018) as Gloeckle et al. (2024, section 3.2, appendix A)
 apply it to multi-token prediction: at the last accepted position, head 1 gives the next token `g`
@@ -34,6 +35,7 @@ block forward computes the same values with different matrix shapes). Batch size
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -358,6 +360,48 @@ def speculative_generate_ids(
         next_token = verified[n_accepted]
         drafts = [tokens[n_accepted] for tokens in drafted]
         position += n_accepted + 1
+
+
+@dataclass
+class SpeculativeComparison:
+    """Plain and self-speculative greedy decoding of the same prompts, timed side by side."""
+
+    stats: SpeculativeStats
+    prompts: int
+    plain_s: float
+    speculative_s: float
+    outputs_differing: int  # 0 unless floating-point ties broke differently
+
+    @property
+    def speedup(self) -> float:
+        return self.plain_s / self.speculative_s if self.speculative_s else 0.0
+
+    def to_dict(self) -> dict:
+        return {"prompts": self.prompts, "n_heads": self.stats.n_heads,
+                "acceptance_per_head": self.stats.acceptance_rates, "tokens_per_forward": self.stats.tokens_per_forward,
+                "speedup": self.speedup, "plain_s": self.plain_s, "speculative_s": self.speculative_s,
+                "new_tokens": self.stats.new_tokens, "outputs_differing": self.outputs_differing}
+
+
+def compare_speculative(
+    model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_ids: Collection[int] = ()
+) -> SpeculativeComparison:
+    """Each prompt decoded greedily at batch 1, plainly then speculatively with all the model's heads,
+    prompt by prompt (so a shared machine's load hits both alike): the time of each, the acceptance
+    counters, and how many outputs differ."""
+    stats = SpeculativeStats(model.n_future_tokens)
+    plain_s = speculative_s = 0.0
+    differing = 0
+    for ids in prompts:
+        began = time.perf_counter()
+        (plain,) = generate_ids(model, [ids], max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+        plain_s += time.perf_counter() - began
+        began = time.perf_counter()
+        drafted, one = speculative_generate_ids(model, ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+        speculative_s += time.perf_counter() - began
+        stats.add(one)
+        differing += drafted.token_ids != plain.token_ids
+    return SpeculativeComparison(stats, len(prompts), plain_s, speculative_s, differing)
 
 
 def sampling_distribution(logits: Tensor, *, temperature: float, top_p: float = 1.0) -> Tensor:
