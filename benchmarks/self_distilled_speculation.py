@@ -20,12 +20,14 @@ least 1.5x over plain greedy decoding on the held-out prompts.
 
     .venv/bin/python benchmarks/self_distilled_speculation.py            # about 40 minutes on 2 idle cores
     .venv/bin/python benchmarks/self_distilled_speculation.py --quick    # the micro model, seconds
+    .venv/bin/python benchmarks/self_distilled_speculation.py --prepare-only   # steps 1-2 (a busy machine will do)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import time
@@ -130,12 +132,15 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=20, help="held-out prompts per benchmark")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="make the data and train the heads, then stop (measure later, on an idle machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--raw-data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--models", type=Path, default=ROOT / "storage" / "models")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "storage" / "bench" / "self-distilled")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "self_distilled_speculation.json")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.quick:
         args.train_problems, args.steps, args.batch_size, args.prompts, args.max_new_tokens = 4, 2, 2, 2, 8
     if args.threads:
@@ -144,6 +149,9 @@ def main() -> None:
     began = time.perf_counter()
     data = distillation_data(args)
     trained_dir, training = train_heads(args)
+    if args.prepare_only:
+        print(f"heads trained: {trained_dir}; run again without --prepare-only to measure")
+        return
     base = "micro" if args.quick else "smollm2-135m"
     dtype, copied = measure(args, base, args.heads)
     _, distilled = measure(args, str(trained_dir), args.heads)
