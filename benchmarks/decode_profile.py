@@ -54,14 +54,19 @@ def profile_decode(model, ids: list[int], new_tokens: int) -> dict:
 
 
 def kernel_rates(model, dtype: torch.dtype) -> list[dict]:
-    """One-row products with each distinct weight shape: nn.Linear's path vs torch.mv, GB/s read."""
+    """One-row products with each distinct weight shape: nn.Linear's path vs torch.mv vs the prepacked
+    weight the model's `Linear` uses (bf16), GB/s read."""
     shapes = sorted({tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)})
     rows = []
     for out_features, in_features in shapes:
         weight = torch.randn(out_features, in_features).to(dtype)
         x = torch.randn(1, in_features).to(dtype)
         timings = {}
-        for name, fn in (("linear", lambda: F.linear(x, weight)), ("mv", lambda: torch.mv(weight, x[0]))):
+        kernels = {"linear": lambda: F.linear(x, weight), "mv": lambda: torch.mv(weight, x[0])}
+        if dtype == torch.bfloat16:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+            kernels["packed"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        for name, fn in kernels.items():
             for _ in range(5):
                 fn()
             began = time.perf_counter()
@@ -70,8 +75,8 @@ def kernel_rates(model, dtype: torch.dtype) -> list[dict]:
                 fn()
             timings[name] = (time.perf_counter() - began) / repeats
         nbytes = weight.numel() * weight.element_size()
-        rows.append({"shape": [out_features, in_features], "linear_gb_s": nbytes / timings["linear"] / 1e9,
-                     "mv_gb_s": nbytes / timings["mv"] / 1e9})
+        rows.append({"shape": [out_features, in_features],
+                     **{f"{name}_gb_s": nbytes / seconds / 1e9 for name, seconds in timings.items()}})
     return rows
 
 
@@ -104,7 +109,9 @@ def main() -> None:
         print(f"{row['dtype']}: {row['tokens_per_s']:.1f} tok/s, {row['operator_calls_per_token']:.0f} operator calls "
               f"per token; self time: {shares}")
         for kernel in row["kernels"]:
-            print(f"  {kernel['shape']}: nn.Linear path {kernel['linear_gb_s']:.1f} GB/s, torch.mv {kernel['mv_gb_s']:.1f} GB/s")
+            packed = f", prepacked {kernel['packed_gb_s']:.1f} GB/s" if "packed_gb_s" in kernel else ""
+            print(f"  {kernel['shape']}: nn.Linear path {kernel['linear_gb_s']:.1f} GB/s, torch.mv {kernel['mv_gb_s']:.1f} GB/s"
+                  + packed)
     record["load_average"] = os.getloadavg()[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")

@@ -236,3 +236,26 @@ def test_the_one_row_bf16_projection_equals_nn_linear(shape):
     assert got.shape == want.shape and torch.equal(got, want)
     out = layer(x)  # with gradients: nn.Linear's path
     assert out.requires_grad and torch.equal(out.detach(), want)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN's prepacked weights")
+def test_a_few_bf16_rows_through_the_prepacked_weight_match_nn_linear_bitwise():
+    from torch import nn
+
+    from weighted_mtp.models.transformer import PACKED_ROWS, Linear
+
+    torch.manual_seed(0)
+    layer = Linear(96, 200, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        for rows in (1, 3, 8, PACKED_ROWS):
+            x = torch.randn(1, rows, 96).to(torch.bfloat16)
+            assert torch.equal(layer(x), nn.Linear.forward(layer, x)), rows
+        first = layer.packed_weight()
+        layer.weight.mul_(2)  # an in-place update: the packed copy is remade
+        x = torch.randn(2, 2, 96).to(torch.bfloat16)
+        assert layer.packed_weight() is not first
+        assert torch.equal(layer(x), nn.Linear.forward(layer, x))
+        layer.weight = nn.Parameter(torch.randn(200, 96).to(torch.bfloat16))  # another tensor
+        assert torch.equal(layer(x), nn.Linear.forward(layer, x))
+    x = torch.randn(1, 1, 96).to(torch.bfloat16)
+    assert layer(x).grad_fn is not None  # with gradients: nn.Linear's path, differentiable
