@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -259,3 +261,6 @@ def test_a_few_bf16_rows_through_the_prepacked_weight_match_nn_linear_bitwise():
         assert torch.equal(layer(x), nn.Linear.forward(layer, x))
     x = torch.randn(1, 1, 96).to(torch.bfloat16)
     assert layer(x).grad_fn is not None  # with gradients: nn.Linear's path, differentiable
+    copied = copy.deepcopy(layer)  # the packed weight stays behind and is remade
+    with torch.no_grad():
+        assert torch.equal(copied(x), layer(x))

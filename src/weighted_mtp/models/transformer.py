@@ -95,6 +95,12 @@ class Linear(nn.Linear):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), None, "none", [], "")
         return super().forward(x)
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the packed weight out (an opaque oneDNN tensor): remade on use."""
+        state = dict(self.__dict__)
+        state.pop("_packed", None)
+        return state
+
     def packed_weight(self) -> Tensor:
         key = (self.weight.data_ptr(), self.weight._version)
         if self._packed is None or self._packed[0] != key:
