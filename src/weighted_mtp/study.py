@@ -12,6 +12,7 @@ cells from their last finished problem). `wmtp study report` turns the cells int
   wmtp study status --scale cpu
   wmtp study report --scale cpu          # writes docs/RESULTS.md from the finished cells
 
+Every arm that trains the language model trains the same parts the same way (`StudyScale.lm_parts`).
 Arms: `base` (untouched), `ntp` (n = 1 fine-tuning, a control), `mtp` (n heads, uniform), `verifiable`
 (Verifiable Critic WMTP from a critic trained on the rollouts), `rho1_tokenskip` and `rho1_weighted`
 (Rho-1 with the `ntp` arm as the reference: the `ref_tuning` recipe at this scale trains exactly the
@@ -58,6 +59,7 @@ class StudyScale:
     sampled_n: int
     spec_prompts: int  # the first N MBPP test prompts for self-speculative decoding, batch 1
     save_every: int | None = 20
+    lm_parts: tuple[str, ...] = ()  # what trains in every arm that trains the language model (config overrides)
 
 
 SCALES = {
@@ -65,6 +67,11 @@ SCALES = {
         preset="cpu-smollm2", use_micro_model=False, n_heads=4, rollout_samples=4, rollout_train_limit=None,
         rollout_val_limit=None, max_new_tokens=128, epochs=1, max_steps=120, lr=1e-4, eval_mbpp_limit=None,
         eval_humaneval_limit=None, sampled_subset=50, sampled_n=10, spec_prompts=20,
+        # LoRA on the trunk, the head blocks full rank, the (tied) unembedding frozen, and the heads alone
+        # for the first 30 steps: with LoRA heads copied from head 1, the far heads' errors pulled the shared
+        # trunk and head 1 collapsed (docs/results/cpu/NOTES.md)
+        lm_parts=("training.lora.enabled=false", "training.freeze.trunk=lora", "training.freeze.heads=train",
+                  "training.freeze.unembedding=frozen", "training.freeze.trunk_steps=30"),
     ),
     "smoke": StudyScale(
         preset="local-light", use_micro_model=True, n_heads=2, rollout_samples=2, rollout_train_limit=4,
@@ -146,7 +153,8 @@ class Study:
         }[arm]
         steps = [] if scale.max_steps is None else [f"training.max_steps={scale.max_steps}"]
         lr = [] if arm == "critic" else [f"training.lr={scale.lr}"]  # the critic's head keeps its recipe's
-        return self.config(recipe, *extra, *steps, *lr,
+        parts = [] if arm == "critic" else list(scale.lm_parts)
+        return self.config(recipe, *extra, *steps, *lr, *parts,
             f"experiment.name={arm}", "data.dataset=rollouts", "data.split=train", "data.val_split=validation",
             # validate once, at the end (held-out per-head loss and accuracy on the validation rollouts)
             f"training.epochs={scale.epochs}", "training.eval_every=1000000",

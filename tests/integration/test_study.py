@@ -83,3 +83,15 @@ def test_the_report_of_an_unstarted_study_says_what_is_missing(in_tmp_repo, shar
     study.cells_dir.mkdir(parents=True)
     (study.cells_dir / "NOTES.md").write_text("The rollouts were made twice.\n")
     assert "## Notes on how the cells were run\n\nThe rollouts were made twice." in render_results(study)
+
+
+def test_every_language_model_arm_of_the_cpu_study_trains_the_same_parts(in_tmp_repo, shared_data):
+    """LoRA trunk, full-rank head blocks, frozen unembedding, heads alone first: in ntp, mtp and the
+    weighted arms alike; the critic keeps its recipe's (a value head on a frozen model)."""
+    study = Study("cpu", root=in_tmp_repo / "study", overrides=[f"paths.raw_data={shared_data}"])
+    for arm in ("ntp", "mtp", "verifiable", "rho1_tokenskip", "rho1_weighted"):
+        training = study.training_config(arm).training
+        assert (training.lora.enabled, training.freeze.trunk, training.freeze.heads) == (False, "lora", "train"), arm
+        assert (training.freeze.unembedding, training.freeze.trunk_steps, training.max_steps) == ("frozen", 30, 120), arm
+    critic = study.training_config("critic").training
+    assert critic.freeze.trunk_steps is None and critic.freeze.unembedding == "as_heads"
