@@ -31,15 +31,18 @@ _MODES = ("train", "lora", "frozen")
 _ADAPTER = "default"
 
 
-def model_parts(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
-    """(name, module) pairs of each part, names relative to the model."""
+def model_parts(model: nn.Module, *, unembedding_apart: bool = False) -> dict[str, list[tuple[str, nn.Module]]]:
+    """(name, module) pairs of each part, names relative to the model; with `unembedding_apart` the
+    final norm and unembedding are a part of their own instead of the heads'."""
     n_trunk = len(model.layers) - 1
     trunk = [("tok_embeddings", model.tok_embeddings)]
     trunk += [(f"layers.{i}", model.layers[i]) for i in range(n_trunk)]
     heads = [(f"layers.{n_trunk}", model.layers[n_trunk])]
     heads += [(f"extra_heads.{i}", block) for i, block in enumerate(model.extra_heads)]
-    heads += [("norm", model.norm), ("output", model.output)]
-    return {"trunk": trunk, "heads": heads}
+    unembedding = [("norm", model.norm), ("output", model.output)]
+    if unembedding_apart:
+        return {"trunk": trunk, "heads": heads, "unembedding": unembedding}
+    return {"trunk": trunk, "heads": heads + unembedding}
 
 
 def lora_target_names(root: str, module: nn.Module, targets: list[str]) -> list[str]:
@@ -128,16 +131,9 @@ def configure_training_modes(
     if unembedding not in ("as_heads", "frozen"):
         raise ConfigError(f"training.freeze.unembedding: unknown mode {unembedding!r} (as_heads or frozen)")
 
-    def split_parts() -> dict[str, list[tuple[str, nn.Module]]]:
-        parts = model_parts(model)
-        if unembedding == "frozen":
-            parts["unembedding"] = [member for member in parts["heads"] if member[0] in ("norm", "output")]
-            parts["heads"] = [member for member in parts["heads"] if member[0] not in ("norm", "output")]
-        return parts
-
     if unembedding == "frozen":
         modes["unembedding"] = "frozen"
-    parts = split_parts()
+    parts = model_parts(model, unembedding_apart=unembedding == "frozen")
 
     lora_names = []
     for part, members in parts.items():
@@ -151,7 +147,7 @@ def configure_training_modes(
     lora = {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout}
     if lora_names:
         inject_lora(model, lora_names, **lora)
-        parts = split_parts()  # the LoRA layers replaced some modules
+        parts = model_parts(model, unembedding_apart=unembedding == "frozen")  # LoRA layers replaced some modules
         if not next(model.parameters()).is_meta:
             init_lora_(model, seed)
     if value_head is not None and value_head_mode == "lora":
