@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the micro model, a few problems and steps (tests)")
     parser.add_argument("--train-problems", type=int, help="MBPP train problems to distil on (default: all 374)")
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=150, help="about 3 epochs of the 374 completions at batch 8")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--prompts", type=int, default=20, help="held-out prompts per benchmark")
