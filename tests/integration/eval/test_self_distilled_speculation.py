@@ -38,10 +38,11 @@ def test_the_self_distillation_benchmark_trains_heads_only_and_decodes_identical
     for name in ("tok_embeddings.weight", "layers.0.attention.wq.weight", "norm.weight"):
         assert torch.equal(trained[name], base[name]), name  # frozen: the trunk and the unembedding
     assert not torch.equal(trained["extra_heads.0.attention.wq.weight"], base["extra_heads.0.attention.wq.weight"])
-    written = final.stat().st_mtime_ns
+    rollouts = work / "rollouts" / "train.jsonl"
+    written = final.stat().st_mtime_ns, rollouts.stat().st_mtime_ns
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert final.stat().st_mtime_ns == written  # a finished step is not run again
+    assert (final.stat().st_mtime_ns, rollouts.stat().st_mtime_ns) == written  # finished steps are not run again
     spec = importlib.util.spec_from_file_location("benchmark_report", repo_root / "benchmarks" / "report.py")
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
