@@ -50,7 +50,7 @@ demo-micro: setup
 # Side-by-side benchmarks (see benchmarks/README.md); each prints its own ratios.
 bench: setup
 	$(BIN)/python benchmarks/mtp_loss_memory.py
-	$(BIN)/python benchmarks/mtp_loss_memory.py --shape llama-7b-eighth --losses efficient
+	$(BIN)/python benchmarks/mtp_loss_memory.py --shape llama-7b-eighth --losses efficient --json benchmarks/results/mtp_loss_llama7b_eighth.json
 	$(BIN)/python benchmarks/data_index_memory.py
 	$(BIN)/python benchmarks/checkpoint_loading_memory.py
 	$(BIN)/python benchmarks/sandbox_throughput.py --split test

@@ -199,6 +199,7 @@ def main() -> None:
         help="CPU threads per configuration; 0 keeps torch's default (1 gives stable ratios on a shared machine)",
     )
     parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES), help="which losses to measure")
+    parser.add_argument("--json", type=Path, help="also write the figures here (benchmarks/report.py renders them)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--loss", choices=LOSSES, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -221,6 +222,22 @@ def main() -> None:
             results.append(run_configuration(args, loss, n))
             print(f"  {loss} n={n}: done", file=sys.stderr, flush=True)
     print_table(results)
+    if args.json:
+        write_record(args, results, args.json)
+
+
+def write_record(args: argparse.Namespace, results: list[Result], path: Path) -> None:
+    import os
+    import platform
+    import time
+    from dataclasses import asdict
+
+    record = {"benchmark": "mtp_loss_memory", "shape": args.shape, "batch": args.batch, "seq": args.seq,
+              "dtype": args.dtype, "device": args.device, "threads": args.threads, "chunk_size": args.chunk_size,
+              "results": [asdict(r) for r in results], "torch": torch.__version__, "machine": platform.platform(),
+              "load_average": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

