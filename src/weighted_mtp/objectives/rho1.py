@@ -60,13 +60,12 @@ def reference_location(config: Config) -> str:
 def load_reference(config: Config, model: nn.Module, device) -> FrozenModel:
     """The reference model, frozen, in eval mode, on the CPU (the trainer moves it to the device or
     shards it there). Beside a model still on the meta device (a sharded start-up) it stays on the meta
-    device too, with the tensors that fill its shards, unless its unembedding is tied to the embedding
-    (a tied pair is set up on a whole model)."""
+    device too, with the tensors that fill its shards."""
     location = reference_location(config)
     dtype = DTYPES[config.dtype] if device.type == "cpu" else DTYPES["float32"]  # autocast on GPU
     raw = read_named_or_path(location, config.paths.models, config.seed)
     pending: dict[str, TensorSource] | None = None
-    if next(model.parameters()).is_meta and not raw.args.tie_embeddings:
+    if next(model.parameters()).is_meta:
         reference, pending = model_skeleton(raw)
         reference.to(dtype)
     else:

@@ -59,13 +59,8 @@ def build_run(config: Config, env: D.DistEnv, *, validation: bool = True) -> Run
 
 def sharded_start_up(config: Config, env: D.DistEnv) -> bool:
     """Whether every rank builds the model on the meta device, shards it and reads only its shards:
-    FSDP over several ranks, with untied embeddings (a tied pair is set up on a whole model, so those
-    runs load it whole on each rank first)."""
-    if not (env.is_distributed and env.strategy == "fsdp"):
-        return False
-    from weighted_mtp.models.loading import read_named_or_path
-
-    return not read_named_or_path(config.model.name, config.paths.models, config.seed).args.tie_embeddings
+    FSDP over several ranks (a tied unembedding is the embedding's one shared parameter throughout)."""
+    return env.is_distributed and env.strategy == "fsdp"
 
 
 def run_s3_store(config: Config):

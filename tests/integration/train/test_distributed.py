@@ -154,7 +154,9 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_ranks(micro_workspace
 
 def test_rho1_with_its_reference_sharded_trains_like_one_process(micro_workspace) -> None:
     """Under FSDP the Rho-1 reference is sharded like the model (frozen, forward only): two ranks of one
-    sequence give one process's losses with the two sequences accumulated (the selection is the step's)."""
+    sequence give one process's losses with the two sequences accumulated (the selection is the step's).
+    Both are the micro model, whose unembedding is tied to its embedding: they start on the meta device
+    and the tie holds through sharding and filling."""
     ws = micro_workspace
     rho1 = ("experiment.pipeline=rho1", "weighting.scheme=rho1", "rho1.reference_model=micro", "rho1.per_head=false",
             "training.max_steps=3", "training.save_every=null", "data.n_samples=8", "distributed.timeout_s=60")
@@ -162,5 +164,8 @@ def test_rho1_with_its_reference_sharded_trains_like_one_process(micro_workspace
     proc = torchrun(ws, "rho1-two", *rho1, "training.batch_size=1", "training.grad_accum_steps=1",
                     "distributed.strategy=fsdp")
     assert proc.wait(timeout=300) == 0, ws.log_tail("rho1-two")
-    assert "reference: sharded over 2 ranks" in ws.log_tail("rho1-two")
+    log = (ws.runs.parent / "rho1-two.run.log").read_text()
+    assert "reference: sharded over 2 ranks" in log
+    assert "head(s), on the meta device until sharded" in log  # the model's line
+    assert "rho1 reference: micro (1 head(s)), on the meta device until sharded" in log
     assert_same_losses(ws.losses("rho1-two"), ws.losses("rho1-one"), 1e-4)
