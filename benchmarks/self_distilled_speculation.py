@@ -53,13 +53,10 @@ def config_for(args: argparse.Namespace, *overrides: str):
 
 
 def distillation_data(args: argparse.Namespace) -> dict:
-    """The base model's greedy completions of MBPP train prompts, labelled by their tests; a finished
-    rollout (its summary beside it) is not made again, an unfinished one resumes."""
+    """The base model's greedy completions of MBPP train prompts, labelled by their tests (a finished
+    rollout is not made again, an unfinished one resumes)."""
     from weighted_mtp.eval.rollout import run_rollouts
 
-    summary_path = args.work_dir / "rollouts" / "train.summary.json"
-    if summary_path.is_file():
-        return json.loads(summary_path.read_text())
     config = config_for(args, "rollout.temperature=0", f"rollout.max_new_tokens={args.max_new_tokens}")
     summary = run_rollouts(config, split="train", n_samples=1, limit=args.train_problems, include_gold=False)
     return summary.to_dict()

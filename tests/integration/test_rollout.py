@@ -74,6 +74,18 @@ def test_a_killed_rollout_resumes_to_the_same_file_as_an_uninterrupted_one(in_tm
     assert not partial.exists() and not resumed.with_name("resumed.jsonl.partial.json").exists()
 
 
+def test_a_finished_rollout_is_not_sampled_again_with_the_same_settings(in_tmp_repo, shared_data):
+    config = micro_config(in_tmp_repo, shared_data)
+    out = in_tmp_repo / "r.jsonl"
+    first = run_rollouts(config, limit=2, n_samples=2, out=out, workers=1)
+    written = out.stat().st_mtime_ns
+    again = run_rollouts(config, limit=2, n_samples=2, out=out, workers=1, progress=KilledAfter(1))  # would stop
+    assert again == first and out.stat().st_mtime_ns == written
+    other = run_rollouts(config, limit=2, n_samples=3, out=out, workers=1)  # other settings: a new rollout
+    assert other.n_samples == 2 * 4 and out.stat().st_mtime_ns != written
+    assert run_rollouts(config, limit=2, n_samples=3, out=out, workers=1, fresh=True).n_samples == 2 * 4
+
+
 def test_resuming_with_other_settings_is_refused(in_tmp_repo, shared_data):
     config = micro_config(in_tmp_repo, shared_data)
     out = in_tmp_repo / "r.jsonl"

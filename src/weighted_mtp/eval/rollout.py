@@ -29,7 +29,7 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +273,19 @@ def default_rollout_path(config: Config, split: str) -> Path:
     return Path(config.paths.rollouts) / f"{split}.jsonl"
 
 
+def finished_summary(summary_path: Path, settings: RolloutSettings) -> RolloutSummary | None:
+    """The summary a finished rollout wrote beside itself, if it was made with these settings."""
+    try:
+        saved = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if saved.get("settings") != json.loads(json.dumps(asdict(settings))):
+        return None
+    summary = RolloutSummary(**{f.name: saved[f.name] for f in fields(RolloutSummary) if f.name in saved})
+    summary.path = Path(summary.path)
+    return summary
+
+
 def run_rollouts(
     config: Config,
     *,
@@ -308,8 +321,12 @@ def run_rollouts(
     path = Path(out) if out is not None else default_rollout_path(config, split)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = PartialRollout(path, settings)
+    summary_path = path.with_name(path.stem + ".summary.json")
     if fresh:
         partial.discard()
+    elif path.is_file() and not partial.path.exists() and (finished := finished_summary(summary_path, settings)):
+        log.info("%s: finished with the same settings, not sampled again (--fresh samples it anew)", path)
+        return finished
     has_gold = {p.problem_id: include_gold and benchmark.reference(p) is not None for p in problems}
     expected = {pid: settings.sampling.n_samples + gold for pid, gold in has_gold.items()}
     records = partial.load(expected)
@@ -354,7 +371,7 @@ def run_rollouts(
     summary = summarize(path, records)
     summary.generated_tokens, summary.generation_s, summary.execution_s = generated_tokens, generation_s, execution_s
     summary.resumed_problems, summary.dtype = len(done), dtype
-    atomic_write_json(path.with_name(path.stem + ".summary.json"), summary.to_dict())
+    atomic_write_json(summary_path, {**summary.to_dict(), "settings": asdict(settings)})
     log.info("%s", summary.line())
     if summary.problems_usable_as_pairs == 0:
         log.warning(
