@@ -21,6 +21,15 @@ from weighted_mtp.train import distributed as D
 log = logging.getLogger(__name__)
 
 
+def part_modes(config: Config) -> dict[str, str]:
+    """How the trunk, the heads and the unembedding train: `training.freeze`, where
+    `training.lora.enabled` turns a part left at `train` into `lora`."""
+    freeze, lora = config.training.freeze, config.training.lora
+    return {"trunk": "lora" if lora.enabled and freeze.trunk == "train" else freeze.trunk,
+            "heads": "lora" if lora.enabled and freeze.heads == "train" else freeze.heads,
+            "unembedding": freeze.unembedding}
+
+
 def parallelize(
     model: nn.Module, extra_modules: dict[str, nn.Module], config: Config, env: D.DistEnv, *,
     pending_weights: dict[str, TensorSource] | None = None, frozen_models: dict[str, FrozenModel] | None = None,
@@ -31,18 +40,16 @@ def parallelize(
     (a sharded start-up); it is sharded first and each rank then reads only its shards. `frozen_models`:
     models only run forward (Rho-1's reference), sharded the same way under FSDP (filled from their own
     pending weights when on the meta device), else moved."""
-    freeze, lora = config.training.freeze, config.training.lora
+    lora = config.training.lora
     configure_training_modes(
         model,
-        trunk="lora" if lora.enabled and freeze.trunk == "train" else freeze.trunk,
-        heads="lora" if lora.enabled and freeze.heads == "train" else freeze.heads,
-        unembedding=freeze.unembedding,
+        **part_modes(config),
         lora_targets=lora.target_modules,
         lora_r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         value_head=extra_modules.get("value_head"),
-        value_head_mode=freeze.value_head,
+        value_head_mode=config.training.freeze.value_head,
         seed=config.seed,
     )
     if pending_weights is not None:  # LoRA layers wrap some weights and add adapters

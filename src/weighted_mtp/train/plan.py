@@ -149,12 +149,13 @@ def memory_estimates(config: Config, world_size: int) -> dict[str, MemoryEstimat
     """The memory per rank this run would need, with and without activation checkpointing, from the
     model's shapes (read from its checkpoint's metadata, no weights loaded)."""
     from weighted_mtp.models.loading import read_named_or_path, resolve_device
+    from weighted_mtp.train.parallelize import part_modes
 
     args = read_named_or_path(config.model.name, config.paths.models, config.seed).args
     heads = config.model.n_future_tokens or args.n_future_tokens
     args = dataclasses.replace(args, n_layers=args.n_layers + heads - args.n_future_tokens, n_future_tokens=heads)
     cuda = resolve_device(config.device).type == "cuda"
-    freeze, lora = config.training.freeze, config.training.lora
+    lora = config.training.lora
     common = dict(
         world_size=world_size,
         strategy=config.distributed.strategy,
@@ -162,9 +163,7 @@ def memory_estimates(config: Config, world_size: int) -> dict[str, MemoryEstimat
         compute_bytes=DTYPE_BYTES[config.dtype],
         batch_size=config.training.batch_size,
         seq_len=config.data.max_length,
-        trunk="lora" if lora.enabled and freeze.trunk == "train" else freeze.trunk,
-        heads="lora" if lora.enabled and freeze.heads == "train" else freeze.heads,
-        unembedding=freeze.unembedding,
+        **part_modes(config),
         lora_r=lora.r,
         lora_targets=list(lora.target_modules),
         loss_chunk_size=config.training.loss_chunk_size,
