@@ -413,7 +413,12 @@ def discordant(a: dict, b: dict) -> tuple[int, int]:
 def paired_test(a: dict, b: dict) -> str:
     """Exact McNemar on greedy outcomes: +(a only) / -(b only), p."""
     a_only, b_only = discordant(a, b)
-    return f"+{a_only} / -{b_only}, p = {exact_mcnemar_p(a_only, b_only):.2f}"
+    return f"+{a_only} / -{b_only}, p = {format_p(exact_mcnemar_p(a_only, b_only))}"
+
+
+def format_p(p: float) -> str:
+    """Two significant digits, so that a small p is not printed as 0.00."""
+    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
 
 
 PLOTTED_METRICS = ("loss", "head1/ce", "head2/ce", "head4/ce", "weights/mean", "value/loss")

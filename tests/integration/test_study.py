@@ -95,3 +95,12 @@ def test_every_language_model_arm_of_the_cpu_study_trains_the_same_parts(in_tmp_
         assert (training.freeze.unembedding, training.freeze.trunk_steps, training.max_steps) == ("frozen", 30, 120), arm
     critic = study.training_config("critic").training
     assert critic.freeze.trunk_steps is None and critic.freeze.unembedding == "as_heads"
+
+
+def test_paired_p_values_keep_two_significant_digits():
+    from weighted_mtp.study import format_p
+
+    assert format_p(1.0) == "1"
+    assert format_p(0.1904) == "0.19"
+    assert format_p(0.000324) == "0.00032"  # the ntp arm's +22 / -5 is not "0.00"
+    assert format_p(3.2e-7) == "3.2e-07"
