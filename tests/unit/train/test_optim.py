@@ -6,6 +6,7 @@ import itertools
 import math
 
 import pytest
+import torch
 from torch import nn
 
 from weighted_mtp.train.optim import build_optimizer, build_scheduler, warmup_cosine
@@ -61,10 +62,41 @@ def test_weight_decay_only_on_matrices_and_frozen_params_left_out() -> None:
         id(model[1].bias),
         id(model[2].bias),
     }
-    assert not optimizer.defaults["fused"]  # CPU: the foreach implementation
+    assert optimizer.defaults["fused"]  # one kernel per parameter, on the CPU too
 
 
 def test_nothing_to_train_is_an_error() -> None:
     model = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="nothing to train"):
         build_optimizer(model.named_parameters(), lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95))
+
+
+def reference_adamw(values, grads_per_step, *, lr, betas, eps, weight_decay):
+    """AdamW as Loshchilov & Hutter write it, in float64: decoupled decay, bias-corrected moments."""
+    values = values.double().clone()
+    m = torch.zeros_like(values)
+    v = torch.zeros_like(values)
+    for step, grad in enumerate(grads_per_step, start=1):
+        grad = grad.double()
+        values *= 1 - lr * weight_decay
+        m = betas[0] * m + (1 - betas[0]) * grad
+        v = betas[1] * v + (1 - betas[1]) * grad**2
+        m_hat, v_hat = m / (1 - betas[0] ** step), v / (1 - betas[1] ** step)
+        values -= lr * m_hat / (v_hat.sqrt() + eps)
+    return values
+
+
+def test_the_optimizer_steps_as_adamw_does() -> None:
+    generator = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 5), nn.LayerNorm(5))
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = build_optimizer(model.named_parameters(), lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
+    grads = {name: [torch.randn(p.shape, generator=generator) for _ in range(4)] for name, p in model.named_parameters()}
+    for step in range(4):
+        for name, p in model.named_parameters():
+            p.grad = grads[name][step].clone()
+        optimizer.step()
+    for name, p in model.named_parameters():
+        decay = 0.1 if p.ndim >= 2 else 0.0
+        expected = reference_adamw(start[name], grads[name], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=decay)
+        torch.testing.assert_close(p.detach().double(), expected, rtol=1e-5, atol=1e-6)
