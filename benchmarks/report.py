@@ -55,7 +55,7 @@ def training_section(record: dict) -> list[str]:
     lines = [
         "## A training step against transformers",
         "",
-        f"SmolLM2-135M, one head, forward + backward + AdamW (foreach) on the same weights and batch of MBPP train "
+        f"SmolLM2-135M, one head, forward + backward + {record.get('optimizer', 'AdamW (foreach)')} on the same weights and batch of MBPP train "
         f"solutions, median of {record['steps']} steps. transformers {record['transformers']}, torch {record['torch']}; "
         f"{record['machine']}, load average {record['load_average']:.2f} at the end; {record['date']}. "
         f"Target: at least {TRAINING_TARGET:g}x transformers.",
@@ -70,6 +70,26 @@ def training_section(record: dict) -> list[str]:
             f"{row['transformers_tok_s']:.0f} | {row['ratio']:.2f}x | {row['first_loss_ours']:.5f} / "
             f"{row['first_loss_transformers']:.5f} | {verdict} |"
         )
+    for row in record["rows"]:
+        if "profile_s" in row:
+            lines += training_profile_lines(row["profile_s"])
+    return lines
+
+
+def training_profile_lines(profile: dict[str, dict[str, float]]) -> list[str]:
+    """Where one profiled step of each side goes, and the ratio left if everything but the matrix
+    products (the same oneDNN/BLAS kernels on both sides) took no time at all on ours."""
+    groups = sorted({group for side in profile.values() for group in side}, key=lambda g: -profile["transformers"].get(g, 0))
+    total = {side: sum(seconds.values()) for side, seconds in profile.items()}
+    lines = ["", "Operator self time of one profiled step (seconds; share of the step):", "",
+             "| | " + " | ".join(groups) + " | total |", "| --- |" + " --- |" * (len(groups) + 1)]
+    for side in ("ours", "transformers"):
+        cells = [f"{profile[side].get(g, 0):.2f} ({profile[side].get(g, 0) / total[side]:.0%})" for g in groups]
+        lines.append(f"| {side} | " + " | ".join(cells) + f" | {total[side]:.2f} |")
+    products = profile["ours"].get("matrix products", 0.0)
+    if products:
+        lines += ["", f"Matrix products alone take {products:.2f} s of our step: with every other operator free, a step "
+                  f"could reach at most {total['transformers'] / products:.2f}x transformers' profiled step."]
     return lines
 
 

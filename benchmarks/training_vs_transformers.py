@@ -2,10 +2,14 @@
 
 SmolLM2-135M with one head, loaded by the project and exported as a Hugging Face directory that
 `transformers.LlamaForCausalLM` loads (the same weights). Both sides train on the same batch of MBPP
-train solutions (`--batch` rows of `--length` tokens) with `torch.optim.AdamW` (foreach): ours with the
+train solutions (`--batch` rows of `--length` tokens) with fused `torch.optim.AdamW`, the default of both
+trainers (ours: `train.optim.build_optimizer`; transformers: `adamw_torch_fused`): ours with the
 memory-efficient loss (`mtp_forward_backward`, n = 1), transformers with `model(input_ids, labels=...)`
 and `loss.backward()`. Steps alternate side by side; the median step after `--warmup` counts. The first
-step's losses are compared (same weights, same data: they should agree to float precision).
+step's losses are compared (same weights, same data: they should agree to float precision). Then one
+more step of each side runs under torch.profiler, its operators' self time grouped (matrix products,
+attention, loss, optimizer, the rest), so that the report says where each side's step goes and how
+much of it is the same matrix-product kernels on both sides.
 
     .venv/bin/python benchmarks/training_vs_transformers.py [--batch 4 --length 256 --steps 6]
     .venv/bin/python benchmarks/training_vs_transformers.py --json benchmarks/results/training_vs_transformers.json
@@ -19,6 +23,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -26,6 +31,7 @@ import torch
 from weighted_mtp.losses import mtp_forward_backward
 from weighted_mtp.models.checkpoints.hf import export_hf
 from weighted_mtp.models.loading import load_model
+from weighted_mtp.train.optim import build_optimizer
 
 
 def batch_of_solutions(tokenizer, raw_data: Path, rows: int, length: int) -> torch.Tensor:
@@ -35,19 +41,48 @@ def batch_of_solutions(tokenizer, raw_data: Path, rows: int, length: int) -> tor
     return torch.tensor(ids).view(rows, length)
 
 
-def ours_step(model, optimizer, input_ids: torch.Tensor) -> float:
+def ours_forward_backward(model, input_ids: torch.Tensor) -> float:
     out = mtp_forward_backward(model, input_ids, input_ids)  # labels aligned with the inputs: head 1 predicts t+1
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     return float(out.loss)
 
 
-def theirs_step(model, optimizer, input_ids: torch.Tensor) -> float:
+def theirs_forward_backward(model, input_ids: torch.Tensor) -> float:
     loss = model(input_ids=input_ids, labels=input_ids).loss
     loss.backward()
+    return float(loss.detach())
+
+
+def optimizer_step(optimizer) -> None:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+
+
+# Operator name prefixes of each group, checked in this order; anything else is "other".
+OPERATOR_GROUPS = {
+    "matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "mkldnn::"),
+    "attention": ("aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention"),
+    "loss": ("aten::_log_softmax", "aten::nll_loss", "aten::cross_entropy", "aten::log_softmax", "aten::logsumexp"),
+}
+
+
+def operator_group(name: str) -> str:
+    return next((group for group, prefixes in OPERATOR_GROUPS.items() if name.startswith(prefixes)), "other")
+
+
+def profile_step(forward_backward, module, optimizer, input_ids: torch.Tensor) -> dict[str, float]:
+    """Seconds of operator self time per group over one step: forward and backward by operator,
+    everything inside the optimizer's step as "optimizer" (the profiler's own cost included alike)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    seconds: dict[str, float] = defaultdict(float)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        forward_backward(module, input_ids)
+    for event in prof.key_averages():
+        seconds[operator_group(event.key)] += event.self_cpu_time_total / 1e6
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        optimizer_step(optimizer)
+    seconds["optimizer"] = sum(event.self_cpu_time_total for event in prof.key_averages()) / 1e6
+    return dict(seconds)
 
 
 def main() -> None:
@@ -69,19 +104,21 @@ def main() -> None:
         hf_model = transformers.LlamaForCausalLM.from_pretrained(export_hf(model, Path(scratch) / "hf"), dtype=torch.float32)
     model.train()
     hf_model.train()
-    sides = {
-        "ours": (ours_step, model, torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)),
-        "transformers": (theirs_step, hf_model, torch.optim.AdamW(hf_model.parameters(), lr=1e-5, foreach=True)),
+    sides = {  # each side with its trainer's AdamW: both fused (train.optim; TrainingArguments' adamw_torch_fused)
+        "ours": (ours_forward_backward, model, build_optimizer(model.named_parameters(), lr=1e-5, weight_decay=0.0, betas=(0.9, 0.999))),
+        "transformers": (theirs_forward_backward, hf_model, torch.optim.AdamW(hf_model.parameters(), lr=1e-5, weight_decay=0.0, fused=True)),
     }
     times: dict[str, list[float]] = {name: [] for name in sides}
     first_loss: dict[str, float] = {}
     for step in range(args.warmup + args.steps):
         for name, (run, module, optimizer) in sides.items():
             start = time.perf_counter()
-            loss = run(module, optimizer, input_ids)
+            loss = run(module, input_ids)
+            optimizer_step(optimizer)
             if step >= args.warmup:
                 times[name].append(time.perf_counter() - start)
             first_loss.setdefault(name, loss)
+    profiles = {name: profile_step(run, module, optimizer, input_ids) for name, (run, module, optimizer) in sides.items()}
     tokens = input_ids.numel()
     median = {name: statistics.median(values) for name, values in times.items()}
     row = {
@@ -89,17 +126,22 @@ def main() -> None:
         "ours_tok_s": tokens / median["ours"], "transformers_tok_s": tokens / median["transformers"],
         "ratio": median["transformers"] / median["ours"],
         "first_loss_ours": first_loss["ours"], "first_loss_transformers": first_loss["transformers"],
+        "profile_s": profiles,
     }
     print(f"SmolLM2-135M training step, batch {args.batch} x {args.length}, AdamW, fp32, {torch.get_num_threads()} threads, "
           f"load {os.getloadavg()[0]:.2f}")
     print(f"  ours {row['ours_tok_s']:.0f} tok/s, transformers {row['transformers_tok_s']:.0f} tok/s: {row['ratio']:.2f}x; "
           f"first loss {row['first_loss_ours']:.5f} vs {row['first_loss_transformers']:.5f}")
+    print("  operator self time of one profiled step (s):")
+    for group in (*OPERATOR_GROUPS, "optimizer", "other"):
+        print(f"    {group:16} ours {profiles['ours'].get(group, 0):6.2f}  transformers {profiles['transformers'].get(group, 0):6.2f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "benchmark": "training_vs_transformers", "date": time.strftime("%Y-%m-%d"),
             "machine": f"{os.cpu_count()} CPUs, {torch.get_num_threads()} threads", "load_average": os.getloadavg()[0],
             "transformers": transformers.__version__, "torch": torch.__version__, "steps": args.steps, "rows": [row],
+            "optimizer": "fused AdamW",
         }
         args.json.write_text(json.dumps(record, indent=1) + "\n")
 
