@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHT_OPS = ("aten::mm", "aten::mv", "aten::addmv_", "aten::addmm", "aten::linear")
+WEIGHT_OPS = ("aten::mm", "aten::mv", "aten::addmv_", "aten::addmm", "aten::linear", "mkldnn::_linear_pointwise")
 ATTENTION_OPS = ("aten::bmm", "aten::_softmax", "aten::_scaled_dot_product")
 
 

@@ -36,6 +36,10 @@ def generation_section(record: dict) -> list[str]:
         missed = []
         if row["ratio"] < DECODING_TARGET:
             missed.append(f"ratio {row['ratio']:.2f}x, {DECODING_TARGET - row['ratio']:.2f}x short")
+            needed = DECODING_TARGET * row["transformers_tok_s"]
+            if needed > row.get("bandwidth_limit_tok_s", float("inf")):
+                missed.append(f"unreachable here: {DECODING_TARGET:g}x is {needed:.0f} tok/s, above the "
+                              f"{row['bandwidth_limit_tok_s']:.0f} tok/s that reading every weight once per token allows")
         fraction = row.get("fraction_of_limit")
         if fraction is not None and fraction < BANDWIDTH_TARGET:
             missed.append(f"{fraction:.0%} of the limit, {BANDWIDTH_TARGET - fraction:.0%} short")

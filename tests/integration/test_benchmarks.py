@@ -54,3 +54,19 @@ def test_the_training_comparison_reports_its_ratio_and_equal_first_losses(tmp_pa
     page = out.read_text()
     assert "## A training step against transformers" in page and "Matrix products alone take" in page
 
+
+
+def test_a_decoding_target_above_the_bandwidth_limit_is_reported_as_unreachable():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    row = {"batch": 1, "ours_tok_s": 31.1, "transformers_tok_s": 28.9, "ratio": 31.1 / 28.9, "identical_rows": 8, "rows": 8}
+    record = {"prompts": 8, "new_tokens": 64, "transformers": "x", "torch": "y", "machine": "m", "load_average": 0.0,
+              "read_bandwidth_gb_s": 24.8, "date": "d",
+              "rows": [{**row, "dtype": "float32", "bandwidth_limit_tok_s": 46.0, "fraction_of_limit": 31.1 / 46.0},
+                       {**row, "dtype": "bfloat16", "bandwidth_limit_tok_s": 92.0, "fraction_of_limit": 31.1 / 92.0}]}
+    fp32, bf16 = [line for line in report.generation_section(record) if line.startswith(("| float32", "| bfloat16"))]
+    assert "unreachable here: 2x is 58 tok/s, above the 46 tok/s" in fp32
+    assert "unreachable" not in bf16 and "missed: ratio 1.08x" in bf16
