@@ -127,6 +127,31 @@ def test_stop_when_hook_ends_only_its_row() -> None:
     assert results[2].token_ids == greedy_by_full_forward(model, prompts[2], 8)
 
 
+@pytest.fixture(scope="module")
+def compiled_model() -> MTPTransformer:
+    """One model for the compiled-step tests, so that its step compiles once (about 15 s)."""
+    return small_model(seed=2)
+
+
+def test_compiled_decoding_equals_repeated_full_forward(compiled_model) -> None:
+    model = compiled_model
+    prompts = random_prompts([6, 2, 7], seed=11)
+    stop_token = greedy_by_full_forward(model, prompts[0], 12)[4]  # row 0 finishes early and decodes on, unread
+    results = generate_ids(model, prompts, max_new_tokens=12, stop_ids={stop_token}, compiled=True)
+    for prompt, result in zip(prompts, results):
+        expected = greedy_by_full_forward(model, prompt, 12, stop_ids={stop_token})
+        assert result.token_ids == expected
+        assert result.finish_reason == ("eos" if expected[-1] == stop_token else "length")
+    assert results[0].finish_reason == "eos"
+
+
+def test_compiled_sampling_draws_what_the_eager_step_draws(compiled_model) -> None:
+    prompts = random_prompts([5, 3, 8], seed=12)
+    eager = generate_ids(compiled_model, prompts, max_new_tokens=10, temperature=0.8, top_p=0.9, seed=4)
+    compiled = generate_ids(compiled_model, prompts, max_new_tokens=10, temperature=0.8, top_p=0.9, seed=4, compiled=True)
+    assert [r.token_ids for r in compiled] == [r.token_ids for r in eager]
+
+
 def test_bad_arguments_are_rejected() -> None:
     model = small_model()
     with pytest.raises(ValueError, match="at least one token"):

@@ -10,6 +10,7 @@ batch (their cache rows are dropped), so a long straggler does not drag finished
   decoded text, `batch_size` rows at a time.
 - `generate_ids`: token ids in and out, one batch; what `generate` and the rollout code build on.
 - `sample_next`: the sampling rule alone (greedy, temperature, nucleus), for reuse and tests.
+- `CompiledStep`: a decoding step compiled once per model and shape (`generate_ids(compiled=True)`).
 - `speculative_generate_ids`: self-speculative greedy decoding, batch size 1; `generate` uses it
   when asked with `speculative=True` and `temperature == 0`; `compare_speculative` times it against
   plain greedy decoding on the same prompts.
@@ -48,6 +49,8 @@ FinishReason = Literal["stop", "eos", "length"]
 StopFn = Callable[[int, list[int]], bool]
 
 DEFAULT_BATCH_SIZE = 32
+# A compiled step's cache holds a power of two of positions, at least this many: few shapes, few compiles.
+COMPILED_MIN_CACHE = 256
 
 
 @dataclass
@@ -133,6 +136,34 @@ def _drop_rows(cache, keep: Tensor) -> None:
     cache.batch_size = int(keep.numel())
 
 
+class CompiledStep:
+    """A model's one-token decoding step, compiled (gpt-fast's recipe: every shape fixed, so a step is
+    one compiled graph). The weights are frozen into it and, in bf16 on a CPU with AMX, multiplied by
+    the compiler's AMX kernels: SmolLM2-135M decodes at batch 1 about 1.7x faster than eagerly.
+    Compiling takes about a minute per batch size and cache length, so it pays for long jobs only, and
+    the weights must not change afterwards. Outputs equal the eager step's in float32; in bf16 the
+    kernels round differently and a greedy decode can take another token where two are within rounding."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self._compiled = torch.compile(self._decode, fullgraph=True, dynamic=False)
+
+    def _decode(self, tokens: Tensor, position: Tensor, cache, mask: Tensor) -> Tensor:
+        return self.model(tokens, start_pos=position, cache=cache, attention_mask=mask).logits[:, -1, 0]
+
+    def __call__(self, tokens: Tensor, position: Tensor, cache, mask: Tensor) -> Tensor:
+        # Inductor reads these settings where it compiles, which a new shape does on a later call.
+        with torch._inductor.config.patch(freezing=True, max_autotune=True):
+            return self._compiled(tokens, position, cache, mask)
+
+
+def compiled_step(model) -> CompiledStep:
+    """The model's `CompiledStep`, made on first use and kept with the model."""
+    if "_compiled_step" not in model.__dict__:
+        model.__dict__["_compiled_step"] = CompiledStep(model)
+    return model.__dict__["_compiled_step"]
+
+
 @torch.inference_mode()
 def generate_ids(
     model,
@@ -146,12 +177,15 @@ def generate_ids(
     seeds: Sequence[int] | None = None,
     seed: int = 0,
     pad_id: int = 0,
+    compiled: bool = False,
 ) -> list[GeneratedIds]:
     """Continue every prompt (one row each, all in one batch) by up to `max_new_tokens` tokens.
 
     A row ends at a token in `stop_ids` ("eos"), when `stop_when(row, ids)` says so ("stop"), or at
     `max_new_tokens` ("length"). `seeds` gives each row's generator seed (default: derived from
     `seed` and the row index); unused when greedy. Every prompt needs at least one token.
+    `compiled` decodes with `compiled_step`: the cache is sized to a power of two and finished rows
+    stay in the batch (their tokens are dropped), so that every step has the same shapes.
     """
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
@@ -167,8 +201,11 @@ def generate_ids(
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     stop_ids = set(stop_ids)
 
+    cache_len = longest + max_new_tokens
+    if compiled:
+        cache_len = max(COMPILED_MIN_CACHE, 1 << (cache_len - 1).bit_length())
     tokens = torch.full((n_rows, longest), pad_id, dtype=torch.long, device=device)
-    mask = torch.ones((n_rows, longest + max_new_tokens), dtype=torch.long, device=device)
+    mask = torch.ones((n_rows, cache_len), dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         tokens[row, longest - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
         mask[row, : longest - len(prompt)] = 0
@@ -177,7 +214,7 @@ def generate_ids(
     results: list[GeneratedIds | None] = [None] * n_rows
     generated: list[list[int]] = [[] for _ in range(n_rows)]
     active = list(range(n_rows))  # original row of each batch row
-    cache = model.new_cache(n_rows, longest + max_new_tokens)
+    cache = model.new_cache(n_rows, cache_len)
     logits = model(
         tokens, cache=cache, attention_mask=mask if padded else None, last_position_only=True
     ).logits[:, -1, 0]
@@ -188,6 +225,8 @@ def generate_ids(
         )
         still_running: list[int] = []
         for batch_row, (row, token) in enumerate(zip(active, next_tokens.tolist())):
+            if results[row] is not None:  # compiled: a finished row decodes on, unread
+                continue
             generated[row].append(token)
             if token in stop_ids:
                 results[row] = GeneratedIds(generated[row], "eos")
@@ -199,6 +238,10 @@ def generate_ids(
                 still_running.append(batch_row)
         if not still_running:
             break
+        if compiled:
+            logits = compiled_step(model)(next_tokens[:, None], torch.tensor(position, device=device), cache, mask)
+            position += 1
+            continue
         if len(still_running) < len(active):
             keep = torch.tensor(still_running, device=device)
             _drop_rows(cache, keep)
@@ -517,6 +560,7 @@ def generate(
     add_bos: bool = False,
     speculative: bool = False,
     prompt_keys: Sequence[int] | None = None,
+    compiled: bool = False,
 ) -> list[list[Completion]]:
     """`n_samples` completions per prompt: result[i][j] is sample j of prompts[i].
 
@@ -527,6 +571,7 @@ def generate(
     greedy samples one prompt at a time with the model's own MTP heads (same tokens, fewer forwards).
     Sample j of prompt i is seeded by (seed, prompt_keys[i], j); `prompt_keys` defaults to the
     positions, and a caller that generates a long list in pieces passes each prompt's place in it.
+    `compiled` decodes batches with `CompiledStep` (not the speculative decoder).
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be at least 1, got {n_samples}")
@@ -557,6 +602,7 @@ def generate(
                 model, [encoded[i] for i, _ in batch], max_new_tokens=max_new_tokens, temperature=temperature,
                 top_p=top_p, stop_ids=tokenizer.stop_ids, seeds=[row_seed(seed, keys[i], j) for i, j in batch],
                 stop_when=(lambda _row, ids: stop_in_text(ids)) if stop else None, pad_id=tokenizer.pad_id,
+                compiled=compiled,
             )
             outputs.update(zip(batch, generated))
 

@@ -83,15 +83,16 @@ class Linear(nn.Linear):
     layout, as PyTorch's compiler does for frozen CPU models: the plain path reorders the weight on
     every call, and the packed one runs 1.5-2.6x faster per product (1.1-1.4x faster than `torch.mv`
     for one row), with bitwise the same result for up to `PACKED_ROWS` rows. The copy is remade when
-    the weight changes (another tensor, or an in-place update). Anything else is `nn.Linear`."""
+    the weight changes (another tensor, or an in-place update). Anything else, and anything compiled
+    (the compiler packs weights itself), is `nn.Linear`."""
 
     _packed: tuple[tuple[int, int], Tensor] | None = None  # ((data pointer, version), packed weight)
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight
-        if (x.shape[:-1].numel() <= PACKED_ROWS and weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16
-                and weight.device.type == "cpu" and self.bias is None and not torch.is_grad_enabled()
-                and torch.backends.mkldnn.is_available()):
+        if (not torch.compiler.is_compiling() and x.shape[:-1].numel() <= PACKED_ROWS
+                and weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and weight.device.type == "cpu"
+                and self.bias is None and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available()):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), None, "none", [], "")
         return super().forward(x)
 
@@ -136,14 +137,14 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, flo
     return torch.where(middle, interpolated, scaled)
 
 
-def rope_tables(args: ModelArgs, start_pos: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def rope_tables(args: ModelArgs, start_pos: int | Tensor, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """cos and sin, [length, head_dim / 2] in fp32, for positions [start_pos, start_pos + length).
 
     Computed per call rather than kept as a buffer: it is tiny, never loses precision when the model is
     cast to bf16, and has no length limit.
     """
     inv_freq = rope_inverse_frequencies(args.head_dim, args.rope_theta, args.rope_scaling).to(device)
-    positions = torch.arange(start_pos, start_pos + length, device=device, dtype=torch.float32)
+    positions = start_pos + torch.arange(length, device=device, dtype=torch.float32)
     angles = torch.outer(positions, inv_freq)
     return angles.cos(), angles.sin()
 
@@ -166,7 +167,14 @@ class LayerKVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
-    def update(self, start_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, start_pos: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v at [start_pos, start_pos + T); the keys and values to attend to: up to the last
+        written position, or (start_pos a tensor: compiled decoding) the whole buffer, every shape fixed."""
+        if isinstance(start_pos, Tensor):
+            positions = start_pos + torch.arange(k.shape[2], device=k.device)
+            self.k.index_copy_(2, positions, k)
+            self.v.index_copy_(2, positions, v)
+            return self.k, self.v
         end = start_pos + k.shape[2]
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache holds {self.k.shape[2]} positions; writing up to {end}")
@@ -179,7 +187,9 @@ class KVCache:
     """One K/V buffer per block: `layers[i]` (trunk and head 1) and `extra_heads[j]`.
 
     A forward call writes positions [start_pos, start_pos + T) and attends to [0, start_pos + T), so
-    rolling back (e.g. rejected speculative tokens) is calling again with an earlier start_pos.
+    rolling back (e.g. rejected speculative tokens) is calling again with an earlier start_pos. With
+    start_pos a 0-d tensor every shape stays the same from step to step (what a compiled decoding step
+    needs): each block attends over its whole buffer, positions past the query masked out.
     """
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, *, device, dtype) -> None:
@@ -208,13 +218,22 @@ def is_right_padding(attention_mask: Tensor) -> bool:
 
 
 def attention_bias(
-    start_pos: int, length: int, attention_mask: Tensor | None, device: torch.device
+    start_pos: int | Tensor, length: int, attention_mask: Tensor | None, device: torch.device
 ) -> Tensor | None:
     """Boolean mask [B or 1, 1, T, S] (True = attend) for queries at [start_pos, start_pos + T).
 
     None means plain causal attention starting at 0, which SDPA handles itself (`is_causal`). Every
     query may attend to its own position, so a left-padding query has one key and yields finite values.
+    A tensor `start_pos` (compiled decoding over a whole cache) needs `attention_mask` covering the
+    cache: S is its length.
     """
+    if isinstance(start_pos, Tensor):
+        if attention_mask is None:
+            raise ValueError("a tensor start_pos needs an attention_mask as long as the cache")
+        query_pos = start_pos + torch.arange(length, device=device)[:, None]
+        key_pos = torch.arange(attention_mask.shape[1], device=device)[None, :]
+        keys = attention_mask[:, None, None, :].bool()
+        return ((key_pos <= query_pos) & keys) | (key_pos == query_pos)
     total = start_pos + length
     if attention_mask is not None and start_pos == 0 and is_right_padding(attention_mask[:, :total]):
         attention_mask = None
@@ -272,7 +291,7 @@ class Attention(nn.Module):
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
-        start_pos: int,
+        start_pos: int | Tensor,
         cache: LayerKVCache | None,
         bias: Tensor | None,
     ) -> Tensor:
@@ -325,7 +344,7 @@ class TransformerBlock(nn.Module):
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
-        start_pos: int = 0,
+        start_pos: int | Tensor = 0,
         cache: LayerKVCache | None = None,
         bias: Tensor | None = None,
     ) -> Tensor:
@@ -385,7 +404,7 @@ class MTPTransformer(nn.Module):
         self,
         tokens: Tensor,
         *,
-        start_pos: int = 0,
+        start_pos: int | Tensor = 0,
         cache: KVCache | None = None,
         attention_mask: Tensor | None = None,
     ) -> Tensor:
@@ -403,7 +422,7 @@ class MTPTransformer(nn.Module):
         k: int,
         h_trunk: Tensor,
         *,
-        start_pos: int = 0,
+        start_pos: int | Tensor = 0,
         cache: KVCache | None = None,
         attention_mask: Tensor | None = None,
     ) -> Tensor:
@@ -421,7 +440,7 @@ class MTPTransformer(nn.Module):
         self,
         tokens: Tensor,
         *,
-        start_pos: int = 0,
+        start_pos: int | Tensor = 0,
         cache: KVCache | None = None,
         attention_mask: Tensor | None = None,
         return_all_heads: bool = False,
