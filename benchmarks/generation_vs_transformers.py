@@ -8,7 +8,8 @@ and at `--batch`, in float32 and bfloat16, alternating side by side so that the 
 machine hits both alike; the fastest of `--repeats` counts. It prints tokens/s, the ratio, whether the
 generated tokens are identical, and, for batch 1, the fraction of the memory-bandwidth limit reached
 (every weight is read once per token: bandwidth / bytes of weights; the bandwidth is measured here by
-summing a 512 MiB tensor).
+summing a 512 MiB tensor). In `--compiled-dtypes` it also times our compiled decoding step
+(`generate_ids(compiled=True)`, compiled before timing) and counts its outputs equal to our eager ones.
 
     .venv/bin/python benchmarks/generation_vs_transformers.py [--prompts 8 --new-tokens 64 --batch 8]
     .venv/bin/python benchmarks/generation_vs_transformers.py --json benchmarks/results/generation.json
@@ -42,10 +43,14 @@ def read_bandwidth_gb_s(size_mib: int = 512, repeats: int = 5) -> float:
     return data.numel() * 4 / best / 1e9
 
 
-def ours(model, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], float]:
+def ours(model, prompts: list[list[int]], new_tokens: int, compiled: bool = False) -> tuple[list[list[int]], float]:
     start = time.perf_counter()
-    out = generate_ids(model, prompts, max_new_tokens=new_tokens, stop_ids=(), pad_id=0)
+    out = generate_ids(model, prompts, max_new_tokens=new_tokens, stop_ids=(), pad_id=0, compiled=compiled)
     return [list(o.token_ids) for o in out], time.perf_counter() - start
+
+
+def ours_compiled(model, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], float]:
+    return ours(model, prompts, new_tokens, compiled=True)
 
 
 def theirs(model, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], float]:
@@ -62,13 +67,18 @@ def theirs(model, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[
     return out[:, width:].tolist(), seconds
 
 
-def compare(ours_model, hf_model, prompts, new_tokens, batch, repeats) -> dict:
-    best = {"ours": float("inf"), "transformers": float("inf")}
+def compare(ours_model, hf_model, prompts, new_tokens, batch, repeats, compiled: bool) -> dict:
+    sides = [("ours", ours, ours_model), ("transformers", theirs, hf_model)]
+    if compiled:
+        sides.append(("compiled", ours_compiled, ours_model))
+        for start in range(0, len(prompts), batch):  # compiling (once per batch size and cache length) is not decoding
+            ours_compiled(ours_model, prompts[start : start + batch], new_tokens)
+    best = {name: float("inf") for name, _, _ in sides}
     outputs = {}
     for run, model in ((ours, ours_model), (theirs, hf_model)):  # warm up: first-call set-up is not decoding
         run(model, prompts[:batch], 4)
     for _ in range(repeats):
-        for name, run, model in (("ours", ours, ours_model), ("transformers", theirs, hf_model)):
+        for name, run, model in sides:
             tokens, seconds = [], 0.0
             for start in range(0, len(prompts), batch):
                 got, took = run(model, prompts[start : start + batch], new_tokens)
@@ -78,7 +88,7 @@ def compare(ours_model, hf_model, prompts, new_tokens, batch, repeats) -> dict:
             outputs[name] = tokens
     generated = len(prompts) * new_tokens
     same = sum(a == b for a, b in zip(outputs["ours"], outputs["transformers"]))
-    return {
+    row = {
         "batch": batch,
         "ours_tok_s": generated / best["ours"],
         "transformers_tok_s": generated / best["transformers"],
@@ -86,6 +96,11 @@ def compare(ours_model, hf_model, prompts, new_tokens, batch, repeats) -> dict:
         "identical_rows": same,
         "rows": len(prompts),
     }
+    if compiled:
+        row["compiled_tok_s"] = generated / best["compiled"]
+        row["compiled_ratio"] = best["transformers"] / best["compiled"]
+        row["compiled_identical_to_eager"] = sum(a == b for a, b in zip(outputs["compiled"], outputs["ours"]))
+    return row
 
 
 def main() -> None:
@@ -97,6 +112,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--compiled-dtypes", default="bfloat16",
+                        help="also time `generate_ids(compiled=True)` in these dtypes ('' for none; compiling takes minutes)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     import transformers
@@ -115,11 +132,14 @@ def main() -> None:
             hf_model = transformers.LlamaForCausalLM.from_pretrained(export, dtype=dtype).eval()
             weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             for batch in (1, args.batch):
-                row = compare(model, hf_model, prompts, args.new_tokens, batch, args.repeats)
+                compiled = dtype_name in args.compiled_dtypes.split(",")
+                row = compare(model, hf_model, prompts, args.new_tokens, batch, args.repeats, compiled)
                 row["dtype"] = dtype_name
                 if batch == 1:
                     row["bandwidth_limit_tok_s"] = bandwidth * 1e9 / weight_bytes
                     row["fraction_of_limit"] = row["ours_tok_s"] / row["bandwidth_limit_tok_s"]
+                    if "compiled_tok_s" in row:
+                        row["compiled_fraction_of_limit"] = row["compiled_tok_s"] / row["bandwidth_limit_tok_s"]
                 rows.append(row)
             del model, hf_model
     print(f"SmolLM2-135M, {len(problems)} MBPP test prompts, {args.new_tokens} new tokens, greedy; "
@@ -129,6 +149,9 @@ def main() -> None:
         limit = f"{row['fraction_of_limit']:.0%}" if "fraction_of_limit" in row else ""
         print(f"{row['dtype']:9}{row['batch']:>6}{row['ours_tok_s']:>12.1f}{row['transformers_tok_s']:>14.1f}"
               f"{row['ratio']:>7.2f}x{row['identical_rows']:>6}/{row['rows']:<4}{limit:>10}")
+        if "compiled_tok_s" in row:
+            print(f"{'':9}{'':>6}{'compiled':>12}{row['compiled_tok_s']:>14.1f}{row['compiled_ratio']:>7.2f}x"
+                  f"{row['compiled_identical_to_eager']:>6}/{row['rows']:<4} equal to eager")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         record = {

@@ -19,8 +19,8 @@ def test_the_generation_comparison_reports_every_dtype_and_batch(tmp_path, share
     command = [
         sys.executable, str(ROOT / "benchmarks" / "generation_vs_transformers.py"), "--raw-data", str(shared_data),
         "--models-dir", str(tmp_path / "models"), "--prompts", "2", "--new-tokens", "4", "--batch", "2",
-        "--repeats", "1", "--json", str(results / "generation_vs_transformers.json"),
-    ]
+        "--repeats", "1", "--compiled-dtypes", "", "--json", str(results / "generation_vs_transformers.json"),
+    ]  # compiling SmolLM2 takes minutes; the compiled step's outputs are tested in tests/unit/test_generation.py
     subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
     record = json.loads((results / "generation_vs_transformers.json").read_text())
     assert [(row["dtype"], row["batch"]) for row in record["rows"]] == [
@@ -70,3 +70,9 @@ def test_a_decoding_target_above_the_bandwidth_limit_is_reported_as_unreachable(
     fp32, bf16 = [line for line in report.generation_section(record) if line.startswith(("| float32", "| bfloat16"))]
     assert "unreachable here: 2x is 58 tok/s, above the 46 tok/s" in fp32
     assert "unreachable" not in bf16 and "missed: ratio 1.08x" in bf16
+    record["rows"][1].update(compiled_tok_s=50.0, compiled_ratio=50.0 / 28.9, compiled_identical_to_eager=5,
+                             compiled_fraction_of_limit=50.0 / 92.0)
+    page = report.generation_section(record)
+    (compiled,) = [line for line in page[page.index("| dtype | batch | compiled (tok/s) | transformers (tok/s) | ratio "
+                                                  "| equal to eager | of bandwidth limit | target |") + 2:]]
+    assert compiled.startswith("| bfloat16 | 1 | 50.0 | 28.9 | 1.73x | 5/8 | 54% of 92 tok/s | missed: ratio 1.73x, 0.27x short |")
