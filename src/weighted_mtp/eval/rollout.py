@@ -81,6 +81,10 @@ class RolloutSettings:
         dtype = generation_dtype(config, resolve_device(config.device))
         return cls(str(model or config.model.name), benchmark, split, sampling, include_gold, limit, dtype)
 
+    def same_as(self, saved: Any) -> bool:
+        """Whether settings read back from JSON are these (a rollout may resume or be reused)."""
+        return saved == json.loads(json.dumps(asdict(self)))
+
 
 @dataclass
 class RolloutSummary:
@@ -223,7 +227,7 @@ class PartialRollout:
             saved = json.loads(self.settings_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             saved = None
-        if saved != json.loads(json.dumps(asdict(self.settings))):
+        if not self.settings.same_as(saved):
             raise ConfigError(
                 f"{self.path}: an unfinished rollout with other settings ({self.settings_path}); run it "
                 "again with the same settings to finish it, or pass --fresh to start over"
@@ -279,7 +283,7 @@ def finished_summary(summary_path: Path, settings: RolloutSettings) -> RolloutSu
         saved = json.loads(summary_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    if saved.get("settings") != json.loads(json.dumps(asdict(settings))):
+    if not settings.same_as(saved.get("settings")):
         return None
     summary = RolloutSummary(**{f.name: saved[f.name] for f in fields(RolloutSummary) if f.name in saved})
     summary.path = Path(summary.path)
