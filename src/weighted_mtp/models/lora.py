@@ -131,9 +131,10 @@ def configure_training_modes(
     if unembedding not in ("as_heads", "frozen"):
         raise ConfigError(f"training.freeze.unembedding: unknown mode {unembedding!r} (as_heads or frozen)")
 
-    if unembedding == "frozen":
+    unembedding_apart = unembedding == "frozen"
+    if unembedding_apart:
         modes["unembedding"] = "frozen"
-    parts = model_parts(model, unembedding_apart=unembedding == "frozen")
+    parts = model_parts(model, unembedding_apart=unembedding_apart)
 
     lora_names = []
     for part, members in parts.items():
@@ -147,7 +148,7 @@ def configure_training_modes(
     lora = {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout}
     if lora_names:
         inject_lora(model, lora_names, **lora)
-        parts = model_parts(model, unembedding_apart=unembedding == "frozen")  # LoRA layers replaced some modules
+        parts = model_parts(model, unembedding_apart=unembedding_apart)  # LoRA layers replaced some modules
         if not next(model.parameters()).is_meta:
             init_lora_(model, seed)
     if value_head is not None and value_head_mode == "lora":
