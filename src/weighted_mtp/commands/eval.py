@@ -35,7 +35,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-new-tokens", type=int, help="default: evaluation.max_new_tokens")
     parser.add_argument("--template", help="prompt template: mbpp_fewshot, alpaca, chat (default: data.prompt_template)")
     parser.add_argument("--speculative", action="store_true", help="greedy self-speculative decoding with the MTP heads")
-    parser.add_argument("--compile", action="store_true", help="decode with a compiled step (evaluation.compile)")
     parser.add_argument("--limit", type=int, help="evaluate the first N problems only")
     parser.add_argument("--workers", type=int, help="sandbox workers (default: evaluation.workers, else all cores)")
     parser.add_argument("--timeout", type=float, help="CPU seconds per program (default: evaluation.timeout_s)")
@@ -71,7 +70,6 @@ def run(args: argparse.Namespace) -> int:
             config, args.model, benchmark_name=name, split=split, limit=limit,
             settings=_sampling_settings(args, config), ks=ks, workers=args.workers,
             timeout_s=settings.timeout_s if args.timeout is None else args.timeout,
-            compiled=args.compile or settings.compile,
         )
         return _finish(args, config, report, report.metadata)
     if args.reference_solutions:

@@ -328,9 +328,6 @@ class EvaluationConfig(Section):
     timeout_s: float = Field(10.0, gt=0)
     workers: int | None = Field(None, gt=0, description="Sandbox workers; default the number of cores.")
     speculative: bool = False
-    compile: bool = Field(False, description="Decode with a compiled step (generate_ids(compiled=True)): about a "
-                          "minute of compiling per batch shape, then about 1.7x faster bf16 decoding at batch 1 on an AMX CPU; "
-                          "for long jobs. In bf16 its greedy outputs can differ from eager decoding's at rounding ties.")
 
 
 SCHEME_OF_PIPELINE = {"baseline": "uniform", "ref_tuning": "uniform", "critic": "uniform", "verifiable": "critic",

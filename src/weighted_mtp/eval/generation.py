@@ -139,9 +139,10 @@ def _drop_rows(cache, keep: Tensor) -> None:
 class CompiledStep:
     """A model's one-token decoding step, compiled (gpt-fast's recipe: every shape fixed, so a step is
     one compiled graph). The weights are frozen into it and, in bf16 on a CPU with AMX, multiplied by
-    the compiler's AMX kernels: SmolLM2-135M decodes at batch 1 about 1.7x faster than eagerly.
-    Compiling takes about a minute per batch size and cache length, so it pays for long jobs only, and
-    the weights must not change afterwards. Outputs equal the eager step's in float32; in bf16 the
+    the compiler's AMX kernels: SmolLM2-135M decodes at batch 1 about 1.7x faster than eagerly, but
+    at batch 8 no faster (1.03x: there the eager step's prepacked oneDNN products already do well), so
+    evaluation and rollouts, which decode in batches, do not use it. Compiling takes about a minute
+    per batch size and cache length, and the weights must not change afterwards. Outputs equal the eager step's in float32; in bf16 the
     kernels round differently and a greedy decode can take another token where two are within rounding."""
 
     def __init__(self, model) -> None:
@@ -560,7 +561,6 @@ def generate(
     add_bos: bool = False,
     speculative: bool = False,
     prompt_keys: Sequence[int] | None = None,
-    compiled: bool = False,
 ) -> list[list[Completion]]:
     """`n_samples` completions per prompt: result[i][j] is sample j of prompts[i].
 
@@ -571,7 +571,6 @@ def generate(
     greedy samples one prompt at a time with the model's own MTP heads (same tokens, fewer forwards).
     Sample j of prompt i is seeded by (seed, prompt_keys[i], j); `prompt_keys` defaults to the
     positions, and a caller that generates a long list in pieces passes each prompt's place in it.
-    `compiled` decodes batches with `CompiledStep` (not the speculative decoder).
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be at least 1, got {n_samples}")
@@ -602,7 +601,6 @@ def generate(
                 model, [encoded[i] for i, _ in batch], max_new_tokens=max_new_tokens, temperature=temperature,
                 top_p=top_p, stop_ids=tokenizer.stop_ids, seeds=[row_seed(seed, keys[i], j) for i, j in batch],
                 stop_when=(lambda _row, ids: stop_in_text(ids)) if stop else None, pad_id=tokenizer.pad_id,
-                compiled=compiled,
             )
             outputs.update(zip(batch, generated))
 

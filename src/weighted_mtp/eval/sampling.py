@@ -46,12 +46,10 @@ def sample_problems(
     problems: Sequence[Problem],
     keys: Sequence[int],
     settings: SamplingSettings,
-    compiled: bool = False,
 ) -> tuple[dict[str, list[str]], int]:
     """`n_samples` completions per problem keyed by task id, and the number of tokens generated.
 
-    `keys` are the problems' places in the whole split (they seed the samples); `compiled` decodes
-    with the compiled step (`generation.CompiledStep`).
+    `keys` are the problems' places in the whole split (they seed the samples).
     """
     from weighted_mtp.eval.generation import generate
 
@@ -69,7 +67,6 @@ def sample_problems(
         add_bos=prompt_adds_bos(settings.template),
         speculative=settings.speculative,
         prompt_keys=list(keys),
-        compiled=compiled,
     )
     completions = {benchmark.task_id(p): [c.text.rstrip() for c in row] for p, row in zip(problems, samples)}
     distinct = settings.distinct_rows
@@ -83,7 +80,6 @@ def sample_split(
     problems: Sequence[Problem],
     settings: SamplingSettings,
     progress: Any,
-    compiled: bool = False,
 ) -> tuple[dict[str, list[str]], dict[str, float]]:
     """Every problem's completions, a piece at a time so that `progress` moves; and speed figures.
 
@@ -101,7 +97,7 @@ def sample_split(
         for start in range(0, len(order), per_piece):
             keys = order[start : start + per_piece]
             piece = [problems[i] for i in keys]
-            done, tokens = sample_problems(model, tokenizer, benchmark, piece, keys, settings, compiled)
+            done, tokens = sample_problems(model, tokenizer, benchmark, piece, keys, settings)
             completions.update(done)
             n_tokens += tokens
             progress.advance(len(piece), tokens)
@@ -124,7 +120,6 @@ def evaluate_model(
     workers: int | None = None,
     timeout_s: float | None = None,
     progress_mode: str | None = None,
-    compiled: bool = False,
 ) -> Any:
     """pass@k of a model on a benchmark split: sample every problem (with a progress display), run
     every sample in the sandbox, and return the `EvalReport` with the generation figures in its
@@ -140,11 +135,11 @@ def evaluate_model(
     model, tokenizer, device, dtype = load_model_for_generation(config, model_name)
     log.info("sampling %s %s on %s in %s", benchmark_name, split, device, dtype)
     progress = GenerationProgress(progress_mode or config.logging.progress_bar, f"sampling {benchmark_name} {split}")
-    completions, speed = sample_split(model, tokenizer, benchmark, problems, settings, progress, compiled)
+    completions, speed = sample_split(model, tokenizer, benchmark, problems, settings, progress)
     del model
     metadata = {
         "source": "model", "model": str(model_name), "device": str(device), "dtype": dtype,
-        **{key: value for key, value in vars(settings).items()}, "compiled": compiled, **speed,
+        **{key: value for key, value in vars(settings).items()}, **speed,
     }
     workers = config.evaluation.workers if workers is None else workers
     timeout_s = config.evaluation.timeout_s if timeout_s is None else timeout_s

@@ -189,16 +189,3 @@ def test_the_results_file_agrees_with_human_evals_own(in_tmp_repo: Path, shared_
     assert [r["passed"] for r in ours_results] == [r["passed"] for r in theirs_results] == [True, False] * 4 + [False]
     kind = lambda result: result.split(":")[0]  # noqa: E731 - passed / failed / timed out
     assert [kind(r["result"]) for r in ours_results] == [kind(r["result"]) for r in theirs_results]
-
-
-def test_a_compiled_eval_writes_the_completions_of_an_eager_one(in_tmp_repo: Path, shared_data: Path) -> None:
-    from weighted_mtp.cli import main
-
-    common = ["eval", "--model", "micro", "--benchmark", "mbpp", "--limit", "3", "--max-new-tokens", "12",
-              "--temperature", "0", f"paths.raw_data={shared_data}", "tracking.enabled=false", "device=cpu",
-              "generation_dtype=float32"]  # float32: the compiled step's outputs are the eager step's
-    assert main([*common, "--output", "eager.json"]) == 0
-    assert main([*common, "--compile", "--output", "compiled.json"]) == 0
-    eager, compiled = (json.loads((in_tmp_repo / name).read_text()) for name in ("eager.json", "compiled.json"))
-    assert compiled["metadata"]["compiled"] and not eager["metadata"]["compiled"]
-    assert [s["completion"] for s in compiled["samples"]] == [s["completion"] for s in eager["samples"]]
