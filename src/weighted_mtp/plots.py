@@ -33,20 +33,22 @@ def _save(plt, fig, path: Path) -> Path:
 
 
 def training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], keys: Sequence[str], path: Path) -> Path:
-    """One panel per metric key, one line per run, against the optimiser step."""
+    """One panel per metric key, one line per run, against the optimiser step. A run keeps its colour
+    in every panel, and each panel's legend names the runs drawn in it (not every run logs every key)."""
     present = [k for k in keys if any(k in row for rows in histories.values() for row in rows)]
     if not present:
         raise ValueError(f"none of {list(keys)} was logged by {list(histories)}")
     plt, fig, axes = _figure(len(present))
+    colours = {name: f"C{i % 10}" for i, name in enumerate(histories)}
     for ax, key in zip(axes, present):
         for name, rows in histories.items():
             points = [(i + 1, row[key]) for i, row in enumerate(rows) if key in row and math.isfinite(row[key])]
             if points:
-                ax.plot(*zip(*points), label=name, linewidth=1.2)
+                ax.plot(*zip(*points), label=name, color=colours[name], linewidth=1.2)
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+        ax.legend(fontsize=8)
     for ax in axes[len(present):]:
         ax.axis("off")
     return _save(plt, fig, path)
