@@ -9,6 +9,7 @@ from weighted_mtp.eval.generation import (
     Completion,
     generate,
     generate_ids,
+    length_batches,
     nucleus_mask,
     row_seed,
     sample_next,
@@ -307,3 +308,23 @@ def test_generation_dtype_is_bf16_only_where_the_device_computes_it(monkeypatch)
     monkeypatch.setattr(loading, "native_bf16", lambda device: False)
     assert loading.generation_dtype(Config(dtype="float16"), cpu) == "float16"
     assert loading.native_bf16(torch.device("mps")) is False
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_length_batches_bound_rows_and_padded_prompt_tokens(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = sorted((int(n) for n in torch.randint(1, 400, (60,), generator=generator)), reverse=True)
+    lengths[0] = 3733  # an outlier, as in MBPP test
+    batch_size, max_tokens = 16, 1024
+    batches = length_batches(lengths, batch_size, max_tokens)
+    # a straightforward reference: grow each batch one row at a time while both bounds hold
+    expected, start = [], 0
+    while start < len(lengths):
+        end = start + 1
+        while end < len(lengths) and end - start < batch_size and (end + 1 - start) * lengths[start] <= max_tokens:
+            end += 1
+        expected.append((start, end))
+        start = end
+    assert [(b.start, b.stop) for b in batches] == expected
+    assert lengths[batches[0]] == [3733]  # alone: 2 x 3733 is over the budget
+    assert sum(b.stop - b.start for b in batches) == len(lengths)
