@@ -99,23 +99,23 @@ def training_section(record: dict) -> list[str]:
         )
     for row in record["rows"]:
         if "profile_s" in row:
-            lines += training_profile_lines(row["profile_s"])
+            lines += training_profile_lines(row["profile_s"], row["dtype"])
     return lines
 
 
-def training_profile_lines(profile: dict[str, dict[str, float]]) -> list[str]:
+def training_profile_lines(profile: dict[str, dict[str, float]], dtype: str) -> list[str]:
     """Where one profiled step of each side goes, and the ratio left if everything but the matrix
     products (the same oneDNN/BLAS kernels on both sides) took no time at all on ours."""
     groups = sorted({group for side in profile.values() for group in side}, key=lambda g: -profile["transformers"].get(g, 0))
     total = {side: sum(seconds.values()) for side, seconds in profile.items()}
-    lines = ["", "Operator self time of one profiled step (seconds; share of the step):", "",
+    lines = ["", f"Operator self time of one profiled {dtype} step (seconds; share of the step):", "",
              "| | " + " | ".join(groups) + " | total |", "| --- |" + " --- |" * (len(groups) + 1)]
     for side in ("ours", "transformers"):
         cells = [f"{profile[side].get(g, 0):.2f} ({profile[side].get(g, 0) / total[side]:.0%})" for g in groups]
         lines.append(f"| {side} | " + " | ".join(cells) + f" | {total[side]:.2f} |")
     products = profile["ours"].get("matrix products", 0.0)
     if products:
-        lines += ["", f"Matrix products alone take {products:.2f} s of our step: with every other operator free, a step "
+        lines += ["", f"Matrix products alone take {products:.2f} s of our {dtype} step: with every other operator free, a step "
                   f"could reach at most {total['transformers'] / products:.2f}x transformers' profiled step."]
     return lines
 

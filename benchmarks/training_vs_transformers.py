@@ -6,7 +6,8 @@ train solutions (`--batch` rows of `--length` tokens) with fused `torch.optim.Ad
 trainers (ours: `train.optim.build_optimizer`; transformers: `adamw_torch_fused`): ours with the
 memory-efficient loss (`mtp_forward_backward`, n = 1), transformers with `model(input_ids, labels=...)`
 and `loss.backward()`. Steps alternate side by side; the median step after `--warmup` counts. The first
-step's losses are compared (same weights, same data: they should agree to float precision). Then one
+step's losses are compared (same weights, same data: they should agree to float precision). All of
+it in each of `--dtypes` (float32 and bfloat16: weights, activations and optimizer state). Then one
 more step of each side runs under torch.profiler, its operators' self time grouped (matrix products,
 attention, loss, optimizer, the rest), so that the report says where each side's step goes and how
 much of it is the same matrix-product kernels on both sides.
@@ -85,23 +86,14 @@ def profile_step(forward_backward, module, optimizer, input_ids: torch.Tensor) -
     return dict(seconds)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--raw-data", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data")
-    parser.add_argument("--models-dir", type=Path, default=Path("storage/models"))
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args()
-    import transformers
-
+def compare(transformers, args, dtype: torch.dtype) -> dict:
+    """Both sides on the same weights and batch in `dtype`, steps alternating; the median step after
+    the warm-up, the first step's losses, and one profiled step per side."""
     torch.manual_seed(0)
-    model, tokenizer = load_model("smollm2-135m", models_dir=args.models_dir, dtype=torch.float32)
+    model, tokenizer = load_model("smollm2-135m", models_dir=args.models_dir, dtype=dtype)
     input_ids = batch_of_solutions(tokenizer, args.raw_data, args.batch, args.length)
     with tempfile.TemporaryDirectory(prefix="wmtp-bench-hf-") as scratch:
-        hf_model = transformers.LlamaForCausalLM.from_pretrained(export_hf(model, Path(scratch) / "hf"), dtype=torch.float32)
+        hf_model = transformers.LlamaForCausalLM.from_pretrained(export_hf(model, Path(scratch) / "hf"), dtype=dtype)
     model.train()
     hf_model.train()
     sides = {  # each side with its trainer's AdamW: both fused (train.optim; TrainingArguments' adamw_torch_fused)
@@ -121,26 +113,44 @@ def main() -> None:
     profiles = {name: profile_step(run, module, optimizer, input_ids) for name, (run, module, optimizer) in sides.items()}
     tokens = input_ids.numel()
     median = {name: statistics.median(values) for name, values in times.items()}
-    row = {
-        "dtype": "float32", "heads": 1, "batch": args.batch, "length": args.length,
+    return {
+        "dtype": str(dtype).removeprefix("torch."), "heads": 1, "batch": args.batch, "length": args.length,
         "ours_tok_s": tokens / median["ours"], "transformers_tok_s": tokens / median["transformers"],
         "ratio": median["transformers"] / median["ours"],
         "first_loss_ours": first_loss["ours"], "first_loss_transformers": first_loss["transformers"],
         "profile_s": profiles,
     }
-    print(f"SmolLM2-135M training step, batch {args.batch} x {args.length}, AdamW, fp32, {torch.get_num_threads()} threads, "
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--raw-data", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    parser.add_argument("--models-dir", type=Path, default=Path("storage/models"))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="weights, activations and AdamW state in each")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    import transformers
+
+    rows = [compare(transformers, args, getattr(torch, name)) for name in args.dtypes.split(",")]
+    print(f"SmolLM2-135M training step, batch {args.batch} x {args.length}, fused AdamW, {torch.get_num_threads()} threads, "
           f"load {os.getloadavg()[0]:.2f}")
-    print(f"  ours {row['ours_tok_s']:.0f} tok/s, transformers {row['transformers_tok_s']:.0f} tok/s: {row['ratio']:.2f}x; "
-          f"first loss {row['first_loss_ours']:.5f} vs {row['first_loss_transformers']:.5f}")
-    print("  operator self time of one profiled step (s):")
-    for group in (*OPERATOR_GROUPS, "optimizer", "other"):
-        print(f"    {group:16} ours {profiles['ours'].get(group, 0):6.2f}  transformers {profiles['transformers'].get(group, 0):6.2f}")
+    for row in rows:
+        print(f"  {row['dtype']}: ours {row['ours_tok_s']:.0f} tok/s, transformers {row['transformers_tok_s']:.0f} tok/s: "
+              f"{row['ratio']:.2f}x; first loss {row['first_loss_ours']:.5f} vs {row['first_loss_transformers']:.5f}")
+        print("  operator self time of one profiled step (s):")
+        for group in (*OPERATOR_GROUPS, "optimizer", "other"):
+            print(f"    {group:16} ours {row['profile_s']['ours'].get(group, 0):6.2f}  "
+                  f"transformers {row['profile_s']['transformers'].get(group, 0):6.2f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "benchmark": "training_vs_transformers", "date": time.strftime("%Y-%m-%d"),
             "machine": f"{os.cpu_count()} CPUs, {torch.get_num_threads()} threads", "load_average": os.getloadavg()[0],
-            "transformers": transformers.__version__, "torch": torch.__version__, "steps": args.steps, "rows": [row],
+            "transformers": transformers.__version__, "torch": torch.__version__, "steps": args.steps, "rows": rows,
             "optimizer": "fused AdamW",
         }
         args.json.write_text(json.dumps(record, indent=1) + "\n")
