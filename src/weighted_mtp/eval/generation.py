@@ -144,8 +144,9 @@ class CompiledStep:
     the compiler's AMX kernels: SmolLM2-135M decodes at batch 1 about 1.7x faster than eagerly, but
     at batch 8 no faster (1.03x: there the eager step's prepacked oneDNN products already do well), so
     evaluation and rollouts, which decode in batches, do not use it. Compiling takes about a minute
-    per batch size and cache length, and the weights must not change afterwards. Outputs equal the eager step's in float32; in bf16 the
-    kernels round differently and a greedy decode can take another token where two are within rounding."""
+    per batch size and cache length, and the weights must not change afterwards. Outputs equal the
+    eager step's in float32; in bf16 the kernels round differently and a greedy decode can take
+    another token where two are within rounding."""
 
     def __init__(self, model) -> None:
         self.model = model
@@ -218,6 +219,7 @@ def generate_ids(
     generated: list[list[int]] = [[] for _ in range(n_rows)]
     active = list(range(n_rows))  # original row of each batch row
     cache = model.new_cache(n_rows, cache_len)
+    step_compiled = compiled_step(model) if compiled else None
     logits = model(
         tokens, cache=cache, attention_mask=mask if padded else None, last_position_only=True
     ).logits[:, -1, 0]
@@ -241,8 +243,8 @@ def generate_ids(
                 still_running.append(batch_row)
         if not still_running:
             break
-        if compiled:
-            logits = compiled_step(model)(next_tokens[:, None], torch.tensor(position, device=device), cache, mask)
+        if step_compiled is not None:
+            logits = step_compiled(next_tokens[:, None], torch.tensor(position, device=device), cache, mask)
             position += 1
             continue
         if len(still_running) < len(active):
@@ -583,8 +585,8 @@ def generate(
     tokenizer's stop tokens (EOS and end-of-turn), at any string of `stop` in its decoded text (the
     text is cut before it), or after `max_new_tokens`. Rows run up to `batch_size` at a time (default
     32; fewer where prompts are long, see `length_batches`), longest prompts first; results do not
-    depend on the batch size. `speculative=True` decodes
-    greedy samples one prompt at a time with the model's own MTP heads (same tokens, fewer forwards).
+    depend on the batch size. `speculative=True` decodes greedy samples one prompt at a time with the
+    model's own MTP heads (same tokens, fewer forwards).
     Sample j of prompt i is seeded by (seed, prompt_keys[i], j); `prompt_keys` defaults to the
     positions, and a caller that generates a long list in pieces passes each prompt's place in it.
     """
