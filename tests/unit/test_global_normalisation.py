@@ -394,6 +394,17 @@ def test_per_micro_batch_critic_statistics_are_an_option_that_a_split_changes():
     assert max_difference(grads(modules), whole) > 1e-4
 
 
+def test_critic_weights_over_the_step_have_mean_one_when_dropout_changes_every_trunk_pass():
+    """A trunk with dropout (LoRA's, in training) gives every pass other hidden states: the weights
+    must come from the old values whose scores gave the step's z-score and mean-1 divisor."""
+    model, _, objective = verifiable("zscore", "mean1")
+    torch.manual_seed(5)
+    model.layers[0].register_forward_hook(lambda module, args, out: nn.functional.dropout(out, 0.3, module.training))
+    model.train()
+    metrics = step(objective, model, pieces(make_batch(11)), global_counts=True)
+    assert metrics["weights/mean"] == pytest.approx(1.0, abs=1e-6)
+
+
 def test_rho1_per_micro_batch_selects_in_each_piece_alone():
     """`rho1.statistics: micro_batch`, the documented option: a split changes the selection, and each
     piece's weights are its own top-k (mean 1 over the piece)."""

@@ -131,8 +131,11 @@ class VerifiableObjective(Objective):
     coefficient * 0.5 * max((V - G)^2, (V_clip - G)^2) with V = value_head(h) (with grad) and
     V_clip = V_old + clamp(V - V_old, +-clip_range): the value head may move at most clip_range
     away from the values its targets came from before the clipped term stops its gradient. The
-    value loss trains the value head and, when the trunk trains, the trunk too. The snapshot is
-    checkpointed through `state_dict()` / `load_state_dict()`, so a resumed run continues exactly.
+    value loss trains the value head and, when the trunk trains, the trunk too. With statistics over
+    the step (z-score, mean 1), V_old comes from `prepare_step`'s pass, so that the weights use the
+    very scores their statistics came from even when dropout makes two trunk passes differ. The
+    snapshot is checkpointed through `state_dict()` / `load_state_dict()`, so a resumed run
+    continues exactly.
     """
 
     def __init__(
@@ -156,6 +159,7 @@ class VerifiableObjective(Objective):
         self.weighting = weighting
         self.score_moments = weighting.new_moments()  # running score statistics (ema normalisation)
         self.step_statistics: StepStatistics | None = None  # the current training step's (prepare_step)
+        self.step_old_values: list[tuple[Batch, Tensor]] = []  # each of its micro-batches' V_old, from the same pass
         self.value_kind = value_kind
         self.value_loss_coefficient = value_loss_coefficient
         self.value_clip_range = value_clip_range
@@ -175,7 +179,8 @@ class VerifiableObjective(Objective):
         self.old_value_head.load_state_dict(merge_lora_state_dict(state, self.lora_scaling))
 
     def on_step_end(self, step: int) -> None:
-        """Called by the trainer after optimizer step `step` (1-based)."""
+        """Called by the trainer after optimizer step `step` (1-based): the step's old values are spent."""
+        self.step_old_values = []
         if self.old_values_refresh_every is not None and step % self.old_values_refresh_every == 0:
             self.refresh_old_values()
 
@@ -234,15 +239,24 @@ class VerifiableObjective(Objective):
     def prepare_step(self, model: nn.Module, batches: list[Batch], reduce_sum) -> None:
         """The statistics of the whole step's scores (every micro-batch and rank): one forward of the
         trunk and the old value head per micro-batch, without gradient, before the step's backward
-        passes, so that accumulation and the number of ranks do not change the weights."""
-        self.step_statistics = None
+        passes, so that accumulation and the number of ranks do not change the weights. Each
+        micro-batch's old values are kept for its `step`."""
+        self.step_statistics, self.step_old_values = None, []
         if not self.weighting.uses_step_statistics():
             return
         scores = []
         for batch in batches:
             hidden = model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)
-            scores.append(self.weighting.scores(self._old_values(hidden), batch.rewards, batch.labels))
+            old_values = self._old_values(hidden)
+            self.step_old_values.append((batch, old_values))
+            scores.append(self.weighting.scores(old_values, batch.rewards, batch.labels))
         self.step_statistics = self.weighting.step_statistics(scores, reduce_sum, moments=self.score_moments)
+
+    def _prepared_old_values(self, batch: Batch) -> Tensor:
+        for prepared, old_values in self.step_old_values:
+            if prepared is batch:
+                return old_values
+        raise RuntimeError("critic weights with statistics over the step: prepare_step was not given this micro-batch")
 
     def token_counts(self, model: nn.Module, batch: Batch) -> Counts:
         """Each head's targets, and "steps": the positions where values are trained."""
@@ -257,8 +271,8 @@ class VerifiableObjective(Objective):
         n_heads = model.n_future_tokens
         fractions = self._fractions(self.token_counts(model, batch), counts, n_heads)
         hidden = model.trunk_forward(batch.input_ids, attention_mask=batch.attention_mask)
-        old_values = self._old_values(hidden)
         statistics = self.step_statistics if loss_scale is not None else None  # validation: per batch
+        old_values = self._prepared_old_values(batch) if statistics is not None else self._old_values(hidden)
         targets = self.weighting.targets(
             old_values, batch.rewards, batch.labels, n_heads=n_heads, moments=self.score_moments,
             update_moments=loss_scale is not None, statistics=statistics,
