@@ -79,8 +79,8 @@ def _chunk_stats_(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tens
     Overwrites `logits` with the softmax, so a chunk costs one c x V buffer, not two.
     """
     target_logit = logits.gather(1, targets[:, None]).squeeze(1)
-    correct = logits.argmax(dim=-1) == targets
-    row_max = logits.amax(dim=-1, keepdim=True)
+    row_max, argmax = logits.max(dim=-1, keepdim=True)  # one pass for both (the first index on ties)
+    correct = argmax.squeeze(1) == targets
     probs = logits.sub_(row_max).exp_()
     sum_exp = probs.sum(dim=-1, keepdim=True)
     lse = (sum_exp.log() + row_max).squeeze(1)

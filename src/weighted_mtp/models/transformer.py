@@ -117,7 +117,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in fp32 even for bf16 activations, then scale in the activation dtype (as LLaMA does).
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        upcast = x.float()  # one copy, read twice (for bf16 activations each .float() is a cast)
+        normed = upcast * torch.rsqrt(upcast.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.type_as(x)
 
 
