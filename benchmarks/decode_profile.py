@@ -1,14 +1,16 @@
-"""Where batch-1 greedy decoding spends its time: torch.profiler over SmolLM2-135M decoding, per dtype.
+"""Where greedy decoding spends its time: torch.profiler over SmolLM2-135M decoding, per dtype and batch.
 
-For each dtype it decodes `--new-tokens` tokens after one MBPP prompt (the first call warms up), then
-profiles a second decode and groups the operators: the weight products (`mm`, `mv`, `addmv`,
-`addmm`, `linear`), attention (`bmm`, `_softmax`, scaled dot-product), and everything else (norms,
-rotary embedding, casts, indexing, the Python between them). It also times each weight matrix's
-product alone at one row, as `nn.Linear` runs it and as `torch.mv`, to show what the kernels reach
-(GB/s of weights read). Writes benchmarks/results/decode_profile.json, which report.py turns into the
-"why" under the decoding table.
+For each dtype, at batch 1 and at `--batch`, it decodes the first MBPP test prompts (the prompts and
+padding of generation_vs_transformers.py) and keeps the decoding steps alone: a run of `--new-tokens`
+tokens minus a run of one (prefill and first step), timed and profiled. Operators are grouped: the
+weight products (`mm`, `mv`, `addmm`, `linear`, the prepacked bf16 product), attention (`bmm`,
+`_softmax`, scaled dot-product), and everything else (norms, rotary embedding, casts, indexing,
+sampling). The weight products' time per step bounds the speed that the same kernels allow however
+little else costs; report.py sets that bound against the decoding target. It also times each weight
+matrix's product alone at one row, as `nn.Linear` runs it, as `torch.mv` and prepacked (bf16), in
+GB/s of weights read. Writes benchmarks/results/decode_profile.json.
 
-    .venv/bin/python benchmarks/decode_profile.py [--new-tokens 32 --threads 2]
+    .venv/bin/python benchmarks/decode_profile.py [--new-tokens 32 --batch 8 --threads 2]
 """
 
 from __future__ import annotations
@@ -29,28 +31,44 @@ WEIGHT_OPS = ("aten::mm", "aten::mv", "aten::addmv_", "aten::addmm", "aten::line
 ATTENTION_OPS = ("aten::bmm", "aten::_softmax", "aten::_scaled_dot_product")
 
 
-def profile_decode(model, ids: list[int], new_tokens: int) -> dict:
+def profile_decode(model, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Decoding steps alone: a run of `new_tokens` minus a run of one token (prefill and the first
+    step) leaves `new_tokens - 1` steps, for the wall time and for each operator group's self time."""
     from torch.profiler import ProfilerActivity, profile
 
     from weighted_mtp.eval.generation import generate_ids
 
-    with torch.inference_mode():
-        generate_ids(model, [ids], max_new_tokens=new_tokens)  # warm-up
+    def decode(tokens: int) -> None:
+        generate_ids(model, prompts, max_new_tokens=tokens, stop_ids=(), pad_id=0)
+
+    def timed(tokens: int) -> float:
         began = time.perf_counter()
-        generate_ids(model, [ids], max_new_tokens=new_tokens)
-        seconds = time.perf_counter() - began
+        decode(tokens)
+        return time.perf_counter() - began
+
+    def grouped(tokens: int) -> tuple[dict[str, float], int]:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            generate_ids(model, [ids], max_new_tokens=new_tokens)
-    groups: dict[str, float] = defaultdict(float)
-    calls = 0
-    for event in prof.key_averages():
-        name = event.key
-        group = "weights" if name in WEIGHT_OPS else "attention" if name.startswith(ATTENTION_OPS) else "other"
-        groups[group] += event.self_cpu_time_total
-        calls += event.count
-    total = sum(groups.values())
-    return {"tokens_per_s": new_tokens / seconds, "ms_per_token": 1000 * seconds / new_tokens,
-            "share": {k: v / total for k, v in groups.items()}, "operator_calls_per_token": calls / new_tokens}
+            decode(tokens)
+        groups: dict[str, float] = defaultdict(float)
+        calls = 0
+        for event in prof.key_averages():
+            name = event.key
+            group = "weights" if name in WEIGHT_OPS else "attention" if name.startswith(ATTENTION_OPS) else "other"
+            groups[group] += event.self_cpu_time_total / 1e6
+            calls += event.count
+        return groups, calls
+
+    with torch.inference_mode():
+        decode(new_tokens)  # warm-up
+        step_s = min(timed(new_tokens) - timed(1) for _ in range(2)) / (new_tokens - 1)
+        (long_run, long_calls), (short_run, short_calls) = grouped(new_tokens), grouped(1)
+    steps = new_tokens - 1
+    per_step = {group: max(long_run[group] - short_run.get(group, 0.0), 0.0) / steps for group in long_run}
+    total = sum(per_step.values())
+    return {"batch": len(prompts), "tokens_per_s": len(prompts) / step_s, "ms_per_step": 1000 * step_s,
+            "profiled_ms_per_step": {group: 1000 * s for group, s in per_step.items()},
+            "share": {group: s / total for group, s in per_step.items()},
+            "operator_calls_per_step": (long_calls - short_calls) / steps}
 
 
 def kernel_rates(model, dtype: torch.dtype) -> list[dict]:
@@ -83,6 +101,7 @@ def kernel_rates(model, dtype: torch.dtype) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=8, help="profile batch 1 and this batch")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--models", type=Path, default=ROOT / "storage" / "models")
     parser.add_argument("--raw-data", type=Path, default=ROOT.parent / "shared" / "data")
@@ -94,21 +113,22 @@ def main() -> None:
     from weighted_mtp.models.loading import load_model
 
     benchmark = get_benchmark("mbpp")
-    problem = benchmark.load(args.raw_data, "test", 1)[0]
+    problems = benchmark.load(args.raw_data, "test", args.batch)
     record = {"benchmark": "decode_profile", "threads": args.threads, "new_tokens": args.new_tokens,
               "torch": torch.__version__, "machine": platform.platform(), "date": time.strftime("%Y-%m-%d"),
-              "rows": []}
+              "rows": [], "kernels": {}}
     for dtype in (torch.float32, torch.bfloat16):
         model, tokenizer = load_model("smollm2-135m", models_dir=args.models, dtype=dtype)
         model.eval()
-        ids = tokenizer.encode(benchmark.prompt(problem, "chat", tokenizer))
-        row = {"dtype": str(dtype).removeprefix("torch."), **profile_decode(model, ids, args.new_tokens),
-               "kernels": kernel_rates(model, dtype)}
-        record["rows"].append(row)
-        shares = ", ".join(f"{k} {v:.0%}" for k, v in sorted(row["share"].items()))
-        print(f"{row['dtype']}: {row['tokens_per_s']:.1f} tok/s, {row['operator_calls_per_token']:.0f} operator calls "
-              f"per token; self time: {shares}")
-        for kernel in row["kernels"]:
+        prompts = [tokenizer.encode(benchmark.prompt(problem, "alpaca"), add_bos=False) for problem in problems]
+        for batch in (1, args.batch):
+            row = {"dtype": str(dtype).removeprefix("torch."), **profile_decode(model, prompts[:batch], args.new_tokens)}
+            record["rows"].append(row)
+            shares = ", ".join(f"{k} {v:.0%}" for k, v in sorted(row["share"].items()))
+            print(f"{row['dtype']} batch {batch}: {row['tokens_per_s']:.1f} tok/s, {row['operator_calls_per_step']:.0f} "
+                  f"operator calls per step; self time: {shares}")
+        record["kernels"][row["dtype"]] = kernel_rates(model, dtype)
+        for kernel in record["kernels"][row["dtype"]]:
             packed = f", prepacked {kernel['packed_gb_s']:.1f} GB/s" if "packed_gb_s" in kernel else ""
             print(f"  {kernel['shape']}: nn.Linear path {kernel['linear_gb_s']:.1f} GB/s, torch.mv {kernel['mv_gb_s']:.1f} GB/s"
                   + packed)

@@ -7,10 +7,10 @@ trainers (ours: `train.optim.build_optimizer`; transformers: `adamw_torch_fused`
 memory-efficient loss (`mtp_forward_backward`, n = 1), transformers with `model(input_ids, labels=...)`
 and `loss.backward()`. Steps alternate side by side; the median step after `--warmup` counts. The first
 step's losses are compared (same weights, same data: they should agree to float precision). All of
-it in each of `--dtypes` (float32 and bfloat16: weights, activations and optimizer state). Then one
-more step of each side runs under torch.profiler, its operators' self time grouped (matrix products,
-attention, loss, optimizer, the rest), so that the report says where each side's step goes and how
-much of it is the same matrix-product kernels on both sides.
+it in each of `--dtypes` (float32 and bfloat16: weights, activations and optimizer state). Then three
+more steps of each side run under torch.profiler, their operators' self time grouped (matrix
+products, attention, loss, optimizer, the rest; each group's median), so that the report says where
+each side's step goes and how much of it is the same matrix-product kernels on both sides.
 
     .venv/bin/python benchmarks/training_vs_transformers.py [--batch 4 --length 256 --steps 6]
     .venv/bin/python benchmarks/training_vs_transformers.py --json benchmarks/results/training_vs_transformers.json
@@ -70,20 +70,25 @@ def operator_group(name: str) -> str:
     return next((group for group, prefixes in OPERATOR_GROUPS.items() if name.startswith(prefixes)), "other")
 
 
-def profile_step(forward_backward, module, optimizer, input_ids: torch.Tensor) -> dict[str, float]:
-    """Seconds of operator self time per group over one step: forward and backward by operator,
-    everything inside the optimizer's step as "optimizer" (the profiler's own cost included alike)."""
+def profile_step(forward_backward, module, optimizer, input_ids: torch.Tensor, repeats: int = 3) -> dict[str, float]:
+    """Seconds of operator self time per group in a step, each group's median over `repeats` profiled
+    steps (one alone varied by up to 0.6 s in a group): forward and backward by operator, everything
+    inside the optimizer's step as "optimizer" (the profiler's own cost included alike)."""
     from torch.profiler import ProfilerActivity, profile
 
-    seconds: dict[str, float] = defaultdict(float)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        forward_backward(module, input_ids)
-    for event in prof.key_averages():
-        seconds[operator_group(event.key)] += event.self_cpu_time_total / 1e6
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        optimizer_step(optimizer)
-    seconds["optimizer"] = sum(event.self_cpu_time_total for event in prof.key_averages()) / 1e6
-    return dict(seconds)
+    runs: list[dict[str, float]] = []
+    for _ in range(repeats):
+        seconds: dict[str, float] = defaultdict(float)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            forward_backward(module, input_ids)
+        for event in prof.key_averages():
+            seconds[operator_group(event.key)] += event.self_cpu_time_total / 1e6
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            optimizer_step(optimizer)
+        seconds["optimizer"] = sum(event.self_cpu_time_total for event in prof.key_averages()) / 1e6
+        runs.append(seconds)
+    groups = {group for run in runs for group in run}
+    return {group: statistics.median(run.get(group, 0.0) for run in runs) for group in sorted(groups)}
 
 
 def compare(transformers, args, dtype: torch.dtype) -> dict:

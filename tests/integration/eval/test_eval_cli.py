@@ -89,6 +89,8 @@ def test_generates_with_a_model(in_tmp_repo: Path, shared_data: Path) -> None:
     assert (report["n_problems"], report["n_samples"]) == (2, 4)
     assert report["metadata"]["source"] == "model" and report["metadata"]["generated_tokens"] > 0
     assert set(report["pass_at_k"]) == {"1", "2"}
+    progress = [line for line in done.stderr.splitlines() if "sampling mbpp test: 2/2 problems," in line]
+    assert progress and " tok/s, " in progress[-1] and progress[-1].endswith(" left")  # log lines: not a terminal
 
 
 def test_generates_humaneval_with_a_model(in_tmp_repo: Path, shared_data: Path) -> None:
