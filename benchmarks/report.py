@@ -41,8 +41,9 @@ def generation_section(record: dict) -> list[str]:
     differing = sorted({row["dtype"] for row in record["rows"] if row["identical_rows"] < row["rows"]})
     if differing:
         lines += ["", f"Outputs not all identical in {', '.join(differing)}: the two implementations round "
-                  "differently there (the order and precision of norms, rotary embedding and attention), so a "
-                  "greedy decode parts where two tokens are within rounding of each other."]
+                  "differently there (in bf16 ours computes the rotary embedding and a decoding step's attention in "
+                  "float32, transformers in bf16), so a greedy decode parts where two tokens are within rounding of "
+                  "each other."]
     compiled = [row for row in record["rows"] if "compiled_tok_s" in row]
     if compiled:
         lines += [
@@ -442,9 +443,7 @@ def render(results: Path) -> str:
     for path in sorted(results.glob("*.json")):
         record = json.loads(path.read_text())
         records[record.get("benchmark")] = record
-    if not records:
-        return "\n".join(lines + ["No results yet: run `make bench`."]) + "\n"
-    lines += summary_section(records) + [""]
+    lines += summary_section(records) + [""] if records else ["No results yet: run `make bench`.", ""]
     for name in ORDER:
         if name not in records:
             continue
