@@ -233,7 +233,9 @@ def decoding_reasons(generation: dict, profile: dict) -> list[str]:
             continue
         bound, needed = products_bound_tok_s(found), DECODING_TARGET * row["transformers_tok_s"]
         ms = found["profiled_ms_per_step"]
-        rest = f"attention {ms.get('attention', 0):.1f} ms and other operators {ms.get('other', 0):.1f} ms per step"
+        outside = max(found["ms_per_step"] - sum(ms.values()), 0.0)
+        rest = (f"attention {ms.get('attention', 0):.1f} ms, other operators {ms.get('other', 0):.1f} ms and "
+                f"{outside:.1f} ms outside the operators (Python) per step")
         if bound < needed:
             reasons.append(f"- {row['dtype']}, batch {row['batch']}: {DECODING_TARGET:g}x transformers is {needed:.0f} tok/s; "
                            f"our weight products alone take {ms['weights']:.1f} ms per step, which allows at most "

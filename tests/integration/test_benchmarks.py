@@ -118,11 +118,14 @@ def test_the_summary_gives_every_target_a_verdict_and_a_reason_where_missed():
 def test_a_decoding_miss_is_explained_by_what_the_weight_products_allow():
     report = load_report()
     profile = {"rows": [
-        {"dtype": "float32", "batch": 8, "profiled_ms_per_step": {"weights": 50.0, "attention": 5.0, "other": 20.0}},
-        {"dtype": "bfloat16", "batch": 8, "profiled_ms_per_step": {"weights": 20.0, "attention": 5.0, "other": 30.0}},
+        {"dtype": "float32", "batch": 8, "ms_per_step": 80.0,
+         "profiled_ms_per_step": {"weights": 50.0, "attention": 5.0, "other": 20.0}},
+        {"dtype": "bfloat16", "batch": 8, "ms_per_step": 60.0,
+         "profiled_ms_per_step": {"weights": 20.0, "attention": 5.0, "other": 30.0}},
     ]}
     generation = {"rows": [{"dtype": "float32", "batch": 8, "ratio": 1.1, "transformers_tok_s": 100.0},
                            {"dtype": "bfloat16", "batch": 8, "ratio": 1.1, "transformers_tok_s": 150.0}]}
     fp32, bf16 = report.decoding_reasons(generation, profile)
     assert "2x transformers is 200 tok/s" in fp32 and "allows at most 160 tok/s (1.60x)" in fp32
-    assert "would allow 400 tok/s, above the 300 tok/s" in bf16 and "other operators 30.0 ms per step" in bf16
+    assert "would allow 400 tok/s, above the 300 tok/s" in bf16 and "other operators 30.0 ms" in bf16
+    assert "5.0 ms outside the operators" in bf16 and "5.0 ms outside the operators" in fp32
