@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from weighted_mtp.io import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHT_OPS = ("aten::mm", "aten::mv", "aten::addmv_", "aten::addmm", "aten::linear", "mkldnn::_linear_pointwise")
 ATTENTION_OPS = ("aten::bmm", "aten::_softmax", "aten::_scaled_dot_product")
@@ -134,7 +136,7 @@ def main() -> None:
                   + packed)
     record["load_average"] = os.getloadavg()[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

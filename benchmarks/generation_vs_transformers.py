@@ -29,6 +29,7 @@ import torch
 
 from weighted_mtp.eval.benchmarks import get_benchmark
 from weighted_mtp.eval.generation import generate_ids
+from weighted_mtp.io import atomic_write_text
 from weighted_mtp.models.checkpoints.hf import export_hf
 from weighted_mtp.models.loading import load_model
 
@@ -166,7 +167,7 @@ def main() -> None:
             "read_bandwidth_gb_s": bandwidth, "new_tokens": args.new_tokens, "prompts": len(problems),
             "transformers": transformers.__version__, "torch": torch.__version__, "rows": rows,
         }
-        args.json.write_text(json.dumps(record, indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

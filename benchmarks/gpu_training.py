@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from weighted_mtp.io import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM
 SHAPES = {
@@ -166,7 +168,7 @@ def main() -> None:
     record["loss_benchmark"] = loss_benchmark(quick)
     torch.distributed.destroy_process_group()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
     print(f"{name}: matmul {record['matmul_tflops']:.1f} TFLOP/s, copy {record['copy_gb_s']:.0f} GB/s")
     print("| compiled | params | step (s) | tokens/s | model TFLOP/s | MFU (measured) | MFU (datasheet) | peak GiB |")
     for row in record["training"]:

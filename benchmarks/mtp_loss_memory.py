@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from weighted_mtp.io import atomic_write_text
+
 SHAPES = {
     # SmolLM2-135M: vocabulary 49152, width 576: the unembedding costs as much as ~8 blocks.
     "smollm2-135m": dict(dim=576, trunk_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, ffn_hidden_dim=1536),
@@ -237,7 +239,7 @@ def write_record(args: argparse.Namespace, results: list[Result], path: Path) ->
               "results": [asdict(r) for r in results], "torch": torch.__version__, "machine": platform.platform(),
               "load_average": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d")}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
+from weighted_mtp.io import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 DECODING_TARGET = 2.0  # x transformers' generate, same dtype
 BANDWIDTH_TARGET = 0.5  # of the memory-bandwidth limit, batch 1
@@ -465,7 +467,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     args = parser.parse_args()
-    args.out.write_text(render(args.results))
+    atomic_write_text(args.out, render(args.results))
     print(f"wrote {args.out}")
 
 

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from weighted_mtp.io import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 1.5
 
@@ -167,7 +169,7 @@ def main() -> None:
         "load_average": os.getloadavg()[0], "wall_s": time.perf_counter() - began, "date": time.strftime("%Y-%m-%d"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
     print(f"distilled on {data['n_problems']} MBPP train completions ({data['generated_tokens']} tokens), "
           f"{training['steps']} steps; {dtype}, batch 1, {args.max_new_tokens} new tokens at most")
     for name, rows in (("copied heads", copied), ("distilled heads", distilled)):

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from weighted_mtp.io import atomic_write_text
 from weighted_mtp.losses import mtp_forward_backward
 from weighted_mtp.models.checkpoints.hf import export_hf
 from weighted_mtp.models.loading import load_model
@@ -158,7 +159,7 @@ def main() -> None:
             "transformers": transformers.__version__, "torch": torch.__version__, "steps": args.steps, "rows": rows,
             "optimizer": "fused AdamW",
         }
-        args.json.write_text(json.dumps(record, indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":
