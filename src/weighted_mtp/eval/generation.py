@@ -141,12 +141,12 @@ def _drop_rows(cache, keep: Tensor) -> None:
 class CompiledStep:
     """A model's one-token decoding step, compiled (gpt-fast's recipe: every shape fixed, so a step is
     one compiled graph). The weights are frozen into it and, in bf16 on a CPU with AMX, multiplied by
-    the compiler's AMX kernels: SmolLM2-135M decodes at batch 1 about 1.7x faster than eagerly, but
-    at batch 8 no faster (1.03x: there the eager step's prepacked oneDNN products already do well), so
-    evaluation and rollouts, which decode in batches, do not use it. Compiling takes about a minute
-    per batch size and cache length, and the weights must not change afterwards. Outputs equal the
-    eager step's in float32; in bf16 the kernels round differently and a greedy decode can take
-    another token where two are within rounding."""
+    the compiler's AMX kernels: SmolLM2-135M decodes at batch 1 about 1.6-1.7x faster than eagerly,
+    at batch 8 only 1.03-1.2x (there the eager step's prepacked oneDNN products already do well).
+    Compiling takes about a minute per batch size and cache length, and the weights must not change
+    afterwards. Outputs equal the eager step's in float32; in bf16 the kernels round differently and
+    a greedy decode can take another token where two are within rounding, so evaluation and
+    rollouts, which must give eager decoding's tokens, do not use it."""
 
     def __init__(self, model) -> None:
         self.model = model
