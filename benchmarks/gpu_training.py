@@ -7,8 +7,9 @@ Ready for the moment a device is lent (issues "scale out" and "faster than the p
    2048, 22 blocks, 32 query / 4 key-value heads, SwiGLU 5632, vocabulary 32000) through the project's
    own pieces: `shard_model` (FSDP2, a world of one, bf16 parameters, fp32 reduction), the
    memory-efficient loss (`mtp_forward_backward`), AdamW; with and without `torch.compile` of each
-   block. Reported: median step time, tokens/s, peak memory, and model FLOPs utilisation against the
-   measured matrix-product rate and against the datasheet's dense bf16 rate;
+   block (`compile_blocks`, what `model.compile: true` applies). Reported: median step time,
+   tokens/s, peak memory, and model FLOPs utilisation against the measured matrix-product rate and
+   against the datasheet's dense bf16 rate;
 3. `benchmarks/mtp_loss_memory.py --shape llama-7b --dtype bfloat16`: peak memory and step time of
    n = 1, 2, 4 heads, naive loss against the memory-efficient one.
 
@@ -90,7 +91,7 @@ def training(shape: str, *, compiled: bool, batch: int, seq: int, steps: int, de
     from weighted_mtp.losses import mtp_forward_backward
     from weighted_mtp.models.transformer import ModelArgs, MTPTransformer
     from weighted_mtp.train import distributed as D
-    from weighted_mtp.train.parallelize import apply_activation_checkpointing, shard_model
+    from weighted_mtp.train.parallelize import apply_activation_checkpointing, compile_blocks, shard_model
 
     args = ModelArgs(**SHAPES[shape])
     with torch.device("meta"):
@@ -98,11 +99,10 @@ def training(shape: str, *, compiled: bool, batch: int, seq: int, steps: int, de
     model.to_empty(device=device)
     model.init_weights(seed=0, std=0.02)
     parameters = model.num_parameters()
-    if compiled:
-        for block in model.blocks():
-            block.compile()
     if shape != "quick":
         apply_activation_checkpointing(model)
+    if compiled:
+        compile_blocks(model)  # as `model.compile: true` does: after checkpointing, before sharding
     env = D.DistEnv(rank=0, world_size=1, device=device, strategy="fsdp")
     shard_model(model, [], env, param_dtype="bfloat16", reduce_dtype="float32")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")

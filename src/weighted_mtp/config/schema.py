@@ -91,6 +91,10 @@ class ModelConfig(Section):
     n_future_tokens: int = Field(4, ge=1, le=16)
     extra_heads_init: Literal["copy", "random"] = "copy"
     activation_checkpointing: bool = False
+    compile: bool = Field(
+        False,
+        description="torch.compile each transformer block for training (faster steps; the first step and each new batch shape compile first).",
+    )
     value_head: ValueHeadConfig | None = None
     tokenizer: str | None = Field(None, description="Tokenizer path when it is not beside the weights.")
 
