@@ -91,22 +91,31 @@ def training_section(record: dict) -> list[str]:
         f"SmolLM2-135M, one head, forward + backward + {record.get('optimizer', 'AdamW (foreach)')} on the same weights and batch of MBPP train "
         f"solutions, median of {record['steps']} steps. transformers {record['transformers']}, torch {record['torch']}; "
         f"{record['machine']}, load average {record['load_average']:.2f} at the end; {record['date']}. "
-        f"Target: at least {TRAINING_TARGET:g}x transformers.",
+        f"Target: at least {TRAINING_TARGET:g}x transformers. Compiled rows compare compiled against compiled: "
+        "ours with `model.compile: true` (each transformer block), transformers with `model.compile()` (the whole "
+        "model, as its Trainer's `torch_compile=True`); their first step includes the compilation.",
         "",
-        "| dtype | batch | this project (tok/s) | transformers (tok/s) | ratio | first loss (ours / theirs) | target |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| dtype | mode | batch | this project (tok/s) | transformers (tok/s) | ratio | first loss (ours / theirs) "
+        "| first step, s (ours / theirs) | target |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in record["rows"]:
         verdict = training_verdict(row)
+        first_step = row.get("first_step_s")
+        first_step = f"{first_step['ours']:.1f} / {first_step['transformers']:.1f}" if first_step else ""
         lines.append(
-            f"| {row['dtype']} | {row['batch']} x {row['length']} | {row['ours_tok_s']:.0f} | "
+            f"| {row['dtype']} | {training_mode(row)} | {row['batch']} x {row['length']} | {row['ours_tok_s']:.0f} | "
             f"{row['transformers_tok_s']:.0f} | {row['ratio']:.2f}x | {row['first_loss_ours']:.5f} / "
-            f"{row['first_loss_transformers']:.5f} | {verdict} |"
+            f"{row['first_loss_transformers']:.5f} | {first_step} | {verdict} |"
         )
     for row in record["rows"]:
         if "profile_s" in row:
             lines += training_profile_lines(row)
     return lines
+
+
+def training_mode(row: dict) -> str:
+    return "compiled" if row.get("compiled") else "eager"
 
 
 def training_verdict(row: dict) -> str:
@@ -139,7 +148,7 @@ def training_profile_lines(row: dict) -> list[str]:
     """Where a profiled step of each side goes (each group's median over the profiled steps), the
     timed steps beside it (the difference is time outside the operators: Python, the autograd
     engine), and the ratio left if everything but our matrix products took no time."""
-    profile, dtype = row["profile_s"], row["dtype"]
+    profile, dtype = row["profile_s"], f"{row['dtype']} {training_mode(row)}"
     groups = sorted({group for side in profile.values() for group in side}, key=lambda g: -profile["transformers"].get(g, 0))
     total = {side: sum(seconds.values()) for side, seconds in profile.items()}
     lines = ["", f"Operator self time of a profiled {dtype} step (seconds, each group's median over the profiled steps; "
@@ -390,7 +399,8 @@ def summary_section(records: dict[str, dict]) -> list[str]:
         rows.append((f"Greedy decoding, {row['dtype']}, batch {row['batch']}", measured, verdict))
     training = records.get("training_vs_transformers")
     for row in training["rows"] if training else []:
-        rows.append((f"Training step, one head, {row['dtype']}", f"{row['ratio']:.2f}x transformers", training_verdict(row)))
+        rows.append((f"Training step, one head, {row['dtype']}, {training_mode(row)}",
+                     f"{row['ratio']:.2f}x transformers ({training_mode(row)} too)", training_verdict(row)))
     loss = records.get("mtp_loss_memory")
     if loss:
         by_heads = {(r["loss"], r["n"]): r for r in loss["results"]}

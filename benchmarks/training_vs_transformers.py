@@ -12,8 +12,12 @@ more steps of each side run under torch.profiler, their operators' self time gro
 products, attention, loss, optimizer, the rest; each group's median), so that the report says where
 each side's step goes and how much of it is the same matrix-product kernels on both sides.
 
+With `--compiled` each dtype also runs compiled against compiled: ours with `model.compile: true`
+(`compile_blocks`: each transformer block), transformers with `model.compile()` (the whole model, what
+its Trainer's `torch_compile=True` does). The first step of each side, which compiles, is reported too.
+
     .venv/bin/python benchmarks/training_vs_transformers.py [--batch 4 --length 256 --steps 6]
-    .venv/bin/python benchmarks/training_vs_transformers.py --json benchmarks/results/training_vs_transformers.json
+    .venv/bin/python benchmarks/training_vs_transformers.py --compiled --json benchmarks/results/training_vs_transformers.json
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from weighted_mtp.losses import mtp_forward_backward
 from weighted_mtp.models.checkpoints.hf import export_hf
 from weighted_mtp.models.loading import load_model
 from weighted_mtp.train.optim import build_optimizer
+from weighted_mtp.train.parallelize import compile_blocks
 
 
 def batch_of_solutions(tokenizer, raw_data: Path, rows: int, length: int) -> torch.Tensor:
@@ -92,9 +97,10 @@ def profile_step(forward_backward, module, optimizer, input_ids: torch.Tensor, r
     return {group: statistics.median(run.get(group, 0.0) for run in runs) for group in sorted(groups)}
 
 
-def compare(transformers, args, dtype: torch.dtype) -> dict:
-    """Both sides on the same weights and batch in `dtype`, steps alternating; the median step after
-    the warm-up, the first step's losses, and one profiled step per side."""
+def compare(transformers, args, dtype: torch.dtype, compiled: bool = False) -> dict:
+    """Both sides on the same weights and batch in `dtype` (both compiled or neither), steps
+    alternating; the median step after the warm-up, the first step's losses and time, and profiled
+    steps per side."""
     torch.manual_seed(0)
     model, tokenizer = load_model("smollm2-135m", models_dir=args.models_dir, dtype=dtype)
     input_ids = batch_of_solutions(tokenizer, args.raw_data, args.batch, args.length)
@@ -102,12 +108,16 @@ def compare(transformers, args, dtype: torch.dtype) -> dict:
         hf_model = transformers.LlamaForCausalLM.from_pretrained(export_hf(model, Path(scratch) / "hf"), dtype=dtype)
     model.train()
     hf_model.train()
+    if compiled:
+        compile_blocks(model)
+        hf_model.compile()
     sides = {  # each side with its trainer's AdamW: both fused (train.optim; TrainingArguments' adamw_torch_fused)
         "ours": (ours_forward_backward, model, build_optimizer(model.named_parameters(), lr=1e-5, weight_decay=0.0, betas=(0.9, 0.999))),
         "transformers": (theirs_forward_backward, hf_model, torch.optim.AdamW(hf_model.parameters(), lr=1e-5, weight_decay=0.0, fused=True)),
     }
     times: dict[str, list[float]] = {name: [] for name in sides}
     first_loss: dict[str, float] = {}
+    first_step: dict[str, float] = {}
     for step in range(args.warmup + args.steps):
         for name, (run, module, optimizer) in sides.items():
             start = time.perf_counter()
@@ -115,15 +125,17 @@ def compare(transformers, args, dtype: torch.dtype) -> dict:
             optimizer_step(optimizer)
             if step >= args.warmup:
                 times[name].append(time.perf_counter() - start)
+            first_step.setdefault(name, time.perf_counter() - start)
             first_loss.setdefault(name, loss)
     profiles = {name: profile_step(run, module, optimizer, input_ids) for name, (run, module, optimizer) in sides.items()}
     tokens = input_ids.numel()
     median = {name: statistics.median(values) for name, values in times.items()}
     return {
-        "dtype": str(dtype).removeprefix("torch."), "heads": 1, "batch": args.batch, "length": args.length,
+        "dtype": str(dtype).removeprefix("torch."), "compiled": compiled, "heads": 1, "batch": args.batch, "length": args.length,
         "ours_tok_s": tokens / median["ours"], "transformers_tok_s": tokens / median["transformers"],
         "ratio": median["transformers"] / median["ours"],
         "first_loss_ours": first_loss["ours"], "first_loss_transformers": first_loss["transformers"],
+        "first_step_s": first_step,
         "profile_s": profiles,
     }
 
@@ -137,16 +149,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--dtypes", default="float32,bfloat16", help="weights, activations and AdamW state in each")
+    parser.add_argument("--compiled", action="store_true", help="also each dtype compiled against compiled")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     import transformers
 
-    rows = [compare(transformers, args, getattr(torch, name)) for name in args.dtypes.split(",")]
+    rows = [compare(transformers, args, getattr(torch, name), compiled)
+            for compiled in ((False, True) if args.compiled else (False,)) for name in args.dtypes.split(",")]
     print(f"SmolLM2-135M training step, batch {args.batch} x {args.length}, fused AdamW, {torch.get_num_threads()} threads, "
           f"load {os.getloadavg()[0]:.2f}")
     for row in rows:
-        print(f"  {row['dtype']}: ours {row['ours_tok_s']:.0f} tok/s, transformers {row['transformers_tok_s']:.0f} tok/s: "
-              f"{row['ratio']:.2f}x; first loss {row['first_loss_ours']:.5f} vs {row['first_loss_transformers']:.5f}")
+        print(f"  {row['dtype']}{', compiled' if row['compiled'] else ''}: ours {row['ours_tok_s']:.0f} tok/s, "
+              f"transformers {row['transformers_tok_s']:.0f} tok/s: {row['ratio']:.2f}x; first loss "
+              f"{row['first_loss_ours']:.5f} vs {row['first_loss_transformers']:.5f}; first step "
+              f"{row['first_step_s']['ours']:.1f} vs {row['first_step_s']['transformers']:.1f} s")
         print("  operator self time of one profiled step (s):")
         for group in (*OPERATOR_GROUPS, "optimizer", "other"):
             print(f"    {group:16} ours {row['profile_s']['ours'].get(group, 0):6.2f}  "

