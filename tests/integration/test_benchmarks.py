@@ -36,46 +36,37 @@ def test_the_generation_comparison_reports_every_dtype_and_batch(tmp_path, share
     assert "of bandwidth limit" in page and ("met" in page or "missed" in page)
 
 
-def test_the_training_comparison_reports_its_ratio_and_equal_first_losses(tmp_path, shared_data):
+def run_training_comparison(tmp_path: Path, shared_data: Path, *extra: str) -> tuple[list[dict], str]:
+    """The training benchmark on one 16-token row, one step, then the report: its rows and the page."""
     pytest.importorskip("transformers")
     results = tmp_path / "results"
     command = [
         sys.executable, str(ROOT / "benchmarks" / "training_vs_transformers.py"), "--raw-data", str(shared_data),
         "--models-dir", str(tmp_path / "models"), "--batch", "1", "--length", "16", "--steps", "1", "--warmup", "0",
-        "--json", str(results / "training_vs_transformers.json"),
+        *extra, "--json", str(results / "training_vs_transformers.json"),
     ]
-    subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
-    fp32, bf16 = json.loads((results / "training_vs_transformers.json").read_text())["rows"]
-    assert (fp32["dtype"], bf16["dtype"]) == ("float32", "bfloat16")
-    assert fp32["first_loss_ours"] == pytest.approx(fp32["first_loss_transformers"], rel=1e-4)  # same weights, same data
-    assert bf16["first_loss_ours"] == pytest.approx(bf16["first_loss_transformers"], rel=3e-2)  # bf16 rounding
-    row = fp32
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=900)
     out = tmp_path / "BENCHMARKS.md"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--results", str(results), "--out", str(out)],
                    check=True, capture_output=True, text=True)  # fmt: skip
-    assert row["profile_s"]["ours"]["matrix products"] > 0 and row["profile_s"]["transformers"]["optimizer"] > 0
-    page = out.read_text()
+    return json.loads((results / "training_vs_transformers.json").read_text())["rows"], out.read_text()
+
+
+def test_the_training_comparison_reports_its_ratio_and_equal_first_losses(tmp_path, shared_data):
+    (fp32, bf16), page = run_training_comparison(tmp_path, shared_data)
+    assert (fp32["dtype"], bf16["dtype"]) == ("float32", "bfloat16")
+    assert fp32["first_loss_ours"] == pytest.approx(fp32["first_loss_transformers"], rel=1e-4)  # same weights, same data
+    assert bf16["first_loss_ours"] == pytest.approx(bf16["first_loss_transformers"], rel=3e-2)  # bf16 rounding
+    assert fp32["profile_s"]["ours"]["matrix products"] > 0 and fp32["profile_s"]["transformers"]["optimizer"] > 0
     assert "## A training step against transformers" in page and "Matrix products alone take" in page
     assert "| float32 | eager | 1 x 16 |" in page
 
 
 @pytest.mark.slow
 def test_the_compiled_training_comparison_compiles_both_sides_and_reports_them(tmp_path, shared_data):
-    pytest.importorskip("transformers")
-    results = tmp_path / "results"
-    command = [
-        sys.executable, str(ROOT / "benchmarks" / "training_vs_transformers.py"), "--raw-data", str(shared_data),
-        "--models-dir", str(tmp_path / "models"), "--batch", "1", "--length", "16", "--steps", "1", "--warmup", "0",
-        "--dtypes", "bfloat16", "--compiled", "--json", str(results / "training_vs_transformers.json"),
-    ]
-    subprocess.run(command, check=True, capture_output=True, text=True, timeout=900)
-    eager, compiled = json.loads((results / "training_vs_transformers.json").read_text())["rows"]
+    (eager, compiled), page = run_training_comparison(tmp_path, shared_data, "--dtypes", "bfloat16", "--compiled")
     assert (eager["compiled"], compiled["compiled"]) == (False, True)
     assert compiled["first_loss_ours"] == pytest.approx(compiled["first_loss_transformers"], rel=3e-2)
-    out = tmp_path / "BENCHMARKS.md"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--results", str(results), "--out", str(out)],
-                   check=True, capture_output=True, text=True)  # fmt: skip
-    page = out.read_text()
     assert "| bfloat16 | compiled | 1 x 16 |" in page and "a profiled bfloat16 compiled step" in page
 
 
