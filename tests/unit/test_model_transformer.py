@@ -264,3 +264,30 @@ def test_a_few_bf16_rows_through_the_prepacked_weight_match_nn_linear_bitwise():
     copied = copy.deepcopy(layer)  # the packed weight stays behind and is remade
     with torch.no_grad():
         assert torch.equal(copied(x), layer(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rope_is_the_written_out_rotation_of_each_pair_bitwise_and_so_is_its_gradient(dtype):
+    """The complex-number form rotates each interleaved pair (x_2i, x_2i+1) by its angle exactly as
+    the written-out formula does (in fp32, then back to x's dtype), on non-contiguous q-like inputs."""
+    from weighted_mtp.models.transformer import apply_rope
+
+    generator = torch.Generator().manual_seed(0)
+    angles = torch.randn(7, 16, generator=generator) * 50
+    cos, sin = angles.cos(), angles.sin()
+    x = (torch.randn(3, 7, 5, 32, generator=generator) * 4).to(dtype).transpose(1, 2)  # [B, H, T, Dh] as q is
+    grad_out = torch.randn(3, 5, 7, 32, generator=generator).to(dtype)
+
+    def written_out(x):
+        even, odd = x.float()[..., 0::2], x.float()[..., 1::2]
+        return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2).to(x.dtype)
+
+    results = []
+    for rotate in (lambda x: apply_rope(x, torch.complex(cos, sin)), written_out):
+        leaf = x.detach().clone().requires_grad_(True)
+        out = rotate(leaf)
+        out.backward(grad_out)
+        results.append((out.detach(), leaf.grad))
+    (out, grad), (expected_out, expected_grad) = results
+    assert out.dtype == dtype and out.is_contiguous() and torch.equal(out, expected_out)
+    assert torch.equal(grad, expected_grad)
