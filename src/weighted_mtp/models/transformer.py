@@ -153,11 +153,19 @@ def rope_rotations(args: ModelArgs, start_pos: int | Tensor, length: int, device
 
 def apply_rope(x: Tensor, rotations: Tensor) -> Tensor:
     """Rotate interleaved pairs of x [B, H, T, head_dim], in fp32: each pair (2i, 2i+1) is a complex
-    number multiplied by its rotation, as in Meta's reference code. Bitwise the same as writing out
-    x_2i cos - x_2i+1 sin and x_2i sin + x_2i+1 cos, in a third of the time (forward and backward).
-    The result is contiguous whatever x's strides (q and k arrive transposed)."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rotations).flatten(-2).type_as(x).contiguous()
+    number multiplied by its rotation, as in Meta's reference code. Eagerly that is a third of the
+    time (forward and backward) of writing out x_2i cos - x_2i+1 sin and x_2i sin + x_2i+1 cos;
+    compiled, the written-out form, which the compiler fuses (it leaves complex operators unfused:
+    a compiled bf16 decoding step ran 9% slower with them). Both are bitwise the same. The result
+    is contiguous whatever x's strides (q and k arrive transposed)."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():
+        even, odd = pairs[..., 0], pairs[..., 1]
+        cos, sin = rotations.real, rotations.imag
+        rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    else:
+        rotated = torch.view_as_real(torch.view_as_complex(pairs) * rotations)
+    return rotated.flatten(-2).type_as(x).contiguous()
 
 
 class LayerKVCache:
