@@ -283,7 +283,7 @@ def test_rope_is_the_written_out_rotation_of_each_pair_bitwise_and_so_is_its_gra
         return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2).to(x.dtype)
 
     results = []
-    for rotate in (lambda x: apply_rope(x, torch.complex(cos, sin)), written_out):
+    for rotate in (lambda x: apply_rope(x, torch.stack((cos, sin), dim=-1)), written_out):
         leaf = x.detach().clone().requires_grad_(True)
         out = rotate(leaf)
         out.backward(grad_out)
@@ -291,3 +291,18 @@ def test_rope_is_the_written_out_rotation_of_each_pair_bitwise_and_so_is_its_gra
     (out, grad), (expected_out, expected_grad) = results
     assert out.dtype == dtype and out.is_contiguous() and torch.equal(out, expected_out)
     assert torch.equal(grad, expected_grad)
+
+
+def test_compiled_rope_takes_the_written_out_form_bitwise_the_same(recwarn):
+    """Compiled, apply_rope writes the rotation out (fusable); same bits as eager's complex product,
+    and no complex operator reaches the compiler (it would warn that it cannot generate code)."""
+    from weighted_mtp.models.transformer import apply_rope
+
+    generator = torch.Generator().manual_seed(1)
+    angles = torch.randn(6, 16, generator=generator) * 50
+    rotations = torch.stack((angles.cos(), angles.sin()), dim=-1)
+    compiled = torch.compile(apply_rope, fullgraph=True, dynamic=False)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(2, 6, 3, 32, generator=generator) * 4).to(dtype).transpose(1, 2)
+        assert torch.equal(compiled(x, rotations), apply_rope(x, rotations))
+    assert not [w for w in recwarn if "complex" in str(w.message)]

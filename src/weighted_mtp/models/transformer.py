@@ -139,7 +139,8 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, flo
 
 
 def rope_rotations(args: ModelArgs, start_pos: int | Tensor, length: int, device: torch.device) -> Tensor:
-    """cos + i sin of every rotation angle, [length, head_dim / 2] complex64, for positions
+    """(cos, sin) of every rotation angle, [length, head_dim / 2, 2] fp32 (a complex number's layout,
+    kept real so that no complex tensor enters a compiled block), for positions
     [start_pos, start_pos + length).
 
     Computed per call rather than kept as a buffer: it is tiny, never loses precision when the model is
@@ -148,7 +149,7 @@ def rope_rotations(args: ModelArgs, start_pos: int | Tensor, length: int, device
     inv_freq = rope_inverse_frequencies(args.head_dim, args.rope_theta, args.rope_scaling).to(device)
     positions = start_pos + torch.arange(length, device=device, dtype=torch.float32)
     angles = torch.outer(positions, inv_freq)
-    return torch.complex(angles.cos(), angles.sin())
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)
 
 
 def apply_rope(x: Tensor, rotations: Tensor) -> Tensor:
@@ -161,10 +162,10 @@ def apply_rope(x: Tensor, rotations: Tensor) -> Tensor:
     pairs = x.float().unflatten(-1, (-1, 2))
     if torch.compiler.is_compiling():
         even, odd = pairs[..., 0], pairs[..., 1]
-        cos, sin = rotations.real, rotations.imag
+        cos, sin = rotations[..., 0], rotations[..., 1]
         rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     else:
-        rotated = torch.view_as_real(torch.view_as_complex(pairs) * rotations)
+        rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rotations))
     return rotated.flatten(-2).type_as(x).contiguous()
 
 
