@@ -129,7 +129,7 @@ def compile_blocks(model: nn.Module) -> None:
     compiled graph serves them all (a few seconds on the first step, again for a new batch shape, then
     shapes are treated as dynamic), and `nn.Module.compile` leaves names and state dicts unchanged.
     The embedding, the loss and the optimizer stay eager. Measured on SmolLM2-135M, 2 CPU cores,
-    batch 4 x 256: a bf16 step 1.25x faster, fp32 1.02x (docs/BENCHMARKS.md)."""
+    batch 4 x 256: a bf16 step 1.16-1.25x faster, fp32 1.02-1.07x (docs/BENCHMARKS.md)."""
     blocks = model.blocks()
     for block in blocks:
         block.compile()
