@@ -291,6 +291,8 @@ def test_rope_is_the_written_out_rotation_of_each_pair_bitwise_and_so_is_its_gra
     (out, grad), (expected_out, expected_grad) = results
     assert out.dtype == dtype and out.is_contiguous() and torch.equal(out, expected_out)
     assert torch.equal(grad, expected_grad)
+    rotations = torch.stack((cos, sin), dim=-1).bfloat16()  # as FSDP2's mixed precision hands them to a block
+    assert torch.equal(apply_rope(x, rotations), apply_rope(x, rotations.float()))
 
 
 def test_compiled_rope_takes_the_written_out_form_bitwise_the_same(recwarn):
