@@ -101,8 +101,8 @@ def training_section(record: dict) -> list[str]:
     ]
     for row in record["rows"]:
         verdict = training_verdict(row)
-        first_step = row.get("first_step_s")
-        first_step = f"{first_step['ours']:.1f} / {first_step['transformers']:.1f}" if first_step else ""
+        seconds = row.get("first_step_s")
+        first_step = f"{seconds['ours']:.1f} / {seconds['transformers']:.1f}" if seconds else ""
         lines.append(
             f"| {row['dtype']} | {training_mode(row)} | {row['batch']} x {row['length']} | {row['ours_tok_s']:.0f} | "
             f"{row['transformers_tok_s']:.0f} | {row['ratio']:.2f}x | {row['first_loss_ours']:.5f} / "

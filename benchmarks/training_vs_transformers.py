@@ -124,9 +124,10 @@ def compare(transformers, args, dtype: torch.dtype, compiled: bool = False) -> d
             start = time.perf_counter()
             loss = run(module, input_ids)
             optimizer_step(optimizer)
+            took = time.perf_counter() - start
             if step >= args.warmup:
-                times[name].append(time.perf_counter() - start)
-            first_step.setdefault(name, time.perf_counter() - start)
+                times[name].append(took)
+            first_step.setdefault(name, took)
             first_loss.setdefault(name, loss)
     profiles = {name: profile_step(run, module, optimizer, input_ids) for name, (run, module, optimizer) in sides.items()}
     tokens = input_ids.numel()

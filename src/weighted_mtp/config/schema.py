@@ -93,7 +93,8 @@ class ModelConfig(Section):
     activation_checkpointing: bool = False
     compile: bool = Field(
         False,
-        description="torch.compile each transformer block for training (faster steps; the first step and each new batch shape compile first).",
+        description="torch.compile each transformer block for training (faster steps; the first step "
+        "and each new batch shape compile first).",
     )
     value_head: ValueHeadConfig | None = None
     tokenizer: str | None = Field(None, description="Tokenizer path when it is not beside the weights.")

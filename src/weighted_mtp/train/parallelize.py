@@ -1,6 +1,7 @@
 """What trains and how it is spread over devices, applied to the model from outside (torchtitan's
 `parallelize`): per-part training modes (train / LoRA / frozen), activation checkpointing per block,
-`torch.compile` per block, then FSDP2 sharding or replicated data parallelism. The model's own code knows none of this.
+`torch.compile` per block, then FSDP2 sharding or replicated data parallelism. The model's own code
+knows none of this.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ def parallelize(
     pending_weights: dict[str, TensorSource] | None = None, frozen_models: dict[str, FrozenModel] | None = None,
 ) -> str:
     """Set what trains (LoRA adapters injected where asked), move everything to the device, checkpoint
-    activations, compile the blocks, and shard (fsdp) or synchronise (ddp) across ranks. Returns the strategy in use:
-    "fsdp", "ddp" or "none" (one process). `pending_weights`: the model is still on the meta device
-    (a sharded start-up); it is sharded first and each rank then reads only its shards. `frozen_models`:
-    models only run forward (Rho-1's reference), sharded the same way under FSDP (filled from their own
-    pending weights when on the meta device), else moved."""
+    activations, compile the blocks, and shard (fsdp) or synchronise (ddp) across ranks. Returns the
+    strategy in use: "fsdp", "ddp" or "none" (one process). `pending_weights`: the model is still on
+    the meta device (a sharded start-up); it is sharded first and each rank then reads only its
+    shards. `frozen_models`: models only run forward (Rho-1's reference), sharded the same way under
+    FSDP (filled from their own pending weights when on the meta device), else moved."""
     lora = config.training.lora
     configure_training_modes(
         model,
