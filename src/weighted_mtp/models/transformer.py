@@ -158,8 +158,8 @@ def apply_rope(x: Tensor, rotations: Tensor) -> Tensor:
     time (forward and backward) of writing out x_2i cos - x_2i+1 sin and x_2i sin + x_2i+1 cos;
     compiled, the written-out form, which the compiler fuses (it leaves complex operators unfused:
     a compiled bf16 decoding step ran 9% slower with them). Both are bitwise the same. The result
-    is contiguous whatever x's strides (q and k arrive transposed). `rotations` may arrive in bf16:
-    FSDP2's mixed precision casts a block's floating-point inputs to its parameter dtype."""
+    is contiguous whatever x's strides (q and k arrive transposed). `rotations` in another dtype
+    than fp32 are cast to it (the product has no bf16 complex form)."""
     pairs = x.float().unflatten(-1, (-1, 2))
     if torch.compiler.is_compiling():
         even, odd = pairs[..., 0], pairs[..., 1]

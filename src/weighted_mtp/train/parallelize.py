@@ -6,6 +6,7 @@ knows none of this.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 
@@ -162,8 +163,13 @@ def shard_model(
         param_dtype=None if param_dtype in ("auto", "float32") else DTYPES[param_dtype],
         reduce_dtype=DTYPES[reduce_dtype],
     )
+    # A block's hidden states arrive in the parameter dtype already (the embedding's output, then the
+    # blocks'); casting its inputs would round the rotary (cos, sin) tables to bf16 as well, and bf16
+    # angles blur relative positions over long contexts (Wang et al. 2024, "When Precision Meets
+    # Position"). One process keeps them fp32; so do the blocks here.
+    block_policy = dataclasses.replace(policy, cast_forward_inputs=False)
     for block in model.blocks():
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, mp_policy=block_policy, reshard_after_forward=reshard_after_forward)
     # The root's parameters (norm, unembedding) are used by the loss between head_forward calls,
     # outside any forward method, so they stay gathered from forward until backward.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
