@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from weighted_mtp import losses
 from weighted_mtp.config.schema import ValueHeadConfig
 from weighted_mtp.losses import (
     head_targets,
@@ -295,3 +296,37 @@ def test_bfloat16_model_matches_the_naive_loss_within_bf16_precision():
     for name, grad in _grads([model]).items():
         assert grads_efficient[name].dtype == torch.bfloat16
         torch.testing.assert_close(grads_efficient[name].float(), grad.float(), rtol=5e-2, atol=5e-2 * grad.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_cache_sized_row_blocks_compute_what_one_block_per_chunk_computes(monkeypatch, dtype):
+    """On CPU each chunk's softmax arithmetic runs in row blocks (`losses.CPU_BLOCK_BYTES`); blocks of
+    two rows inside chunks of five (so the last block is short) give every loss, metric and gradient
+    of one block per chunk bitwise, in float64 (the logits' own dtype, blocks written in place) and in
+    bf16 (each block's fp32 gradient written back into the bf16 logits). The other tests here hold the
+    loss to the naive one."""
+    model = _model(2, tie=True).to(dtype)
+    input_ids, attention_mask, labels = _batch(seed=3)
+    weights = torch.rand(BATCH, SEQ, 2, generator=torch.Generator().manual_seed(3)).to(dtype) * 2
+
+    def run():
+        out = mtp_forward_backward(model, input_ids, labels, attention_mask=attention_mask, weights=weights,
+                                   chunk_size=5)
+        h_trunk = model.trunk_forward(input_ids, attention_mask=attention_mask)
+        ce = head_token_ce(model, h_trunk, labels, attention_mask=attention_mask, chunk_size=5)
+        grads = _grads([model])
+        _zero([model])
+        return out, ce, grads
+
+    one_block, one_block_ce, one_block_grads = run()
+    monkeypatch.setattr(losses, "CPU_BLOCK_BYTES", 4 * VOCAB * 2)
+    assert [len(range(5)[block]) for block in losses._row_blocks(torch.empty(5, VOCAB))] == [2, 2, 1]
+    blocked, blocked_ce, blocked_grads = run()
+    assert torch.equal(blocked.loss, one_block.loss)
+    assert torch.equal(blocked.head_accuracy, one_block.head_accuracy)
+    assert torch.equal(blocked_ce, one_block_ce)
+    assert blocked_grads.keys() == one_block_grads.keys()
+    for name, grad in one_block_grads.items():
+        assert (grad is None) == (blocked_grads[name] is None), name
+        if grad is not None:
+            assert torch.equal(blocked_grads[name], grad), name
