@@ -404,6 +404,19 @@ def _unembedding_weight(model: nn.Module) -> Tensor:
     return output.weight
 
 
+def _product_operands(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows and the unembedding in the dtype the loss's matrix products should run in: autocast's
+    where it is on (fp32 master weights, bf16 products), else their own. Autocast alone would not do:
+    it leaves the in-place `addmm_` into the fp32 unembedding gradient in fp32, at twice a bf16
+    product's cost on this CPU. The casts are differentiable (`hidden`'s gradient returns in fp32);
+    the unembedding's gradient is accumulated in fp32 outside autograd anyway."""
+    device = hidden.device.type
+    if not torch.is_autocast_enabled(device):
+        return hidden, weight
+    dtype = torch.get_autocast_dtype(device)
+    return hidden.to(dtype), weight.to(dtype)
+
+
 def _head_loss(
     model: nn.Module,
     k0: int,
@@ -431,7 +444,7 @@ def _head_loss(
     index = mask.nonzero().squeeze(1)
     hidden = model.norm(model.head_forward(k0, h_trunk, attention_mask=attention_mask))
     hidden = hidden.reshape(batch * seq, -1).index_select(0, index)
-    weight = _unembedding_weight(model)
+    hidden, weight = _product_operands(hidden, _unembedding_weight(model))
     targets = targets.index_select(0, index)
     acc_dtype = _compute_dtype(hidden.dtype)
     w = _token_weights(weights, k0, mask.view(batch, seq)).reshape(-1).index_select(0, index)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from weighted_mtp import losses
 from weighted_mtp.config.schema import ValueHeadConfig
@@ -330,3 +331,43 @@ def test_cache_sized_row_blocks_compute_what_one_block_per_chunk_computes(monkey
         assert (grad is None) == (blocked_grads[name] is None), name
         if grad is not None:
             assert torch.equal(blocked_grads[name], grad), name
+
+
+PRODUCTS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default,
+                      torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default})
+
+
+class _ProductDtypes(TorchDispatchMode):
+    """The input dtypes of every matrix product dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in PRODUCTS:
+            self.dtypes.update(a.dtype for a in args if isinstance(a, Tensor))
+        return func(*args, **(kwargs or {}))
+
+
+def test_under_cpu_autocast_every_product_runs_in_bf16_and_fp32_weights_get_fp32_gradients():
+    """How the trainer runs `dtype: bfloat16` on the CPU: float32 weights under autocast. Every matrix
+    product of the loss's forward and backward (the trunk's, each head's, the unembedding's, including
+    the in-place accumulation of its gradient, which autocast alone leaves in fp32) takes bf16 inputs;
+    every gradient is float32 and within bf16 precision of the naive loss under the same autocast."""
+    model = _model(2, tie=True)
+    input_ids, attention_mask, labels = _batch(seed=5)
+    weights = torch.rand(BATCH, SEQ, 2, generator=torch.Generator().manual_seed(5)) * 2
+    with torch.autocast("cpu", dtype=torch.bfloat16), _ProductDtypes() as products:
+        efficient = mtp_forward_backward(model, input_ids, labels, attention_mask=attention_mask, weights=weights,
+                                         chunk_size=5)
+    assert products.dtypes == {torch.bfloat16}
+    grads_efficient = _grads([model])
+    _zero([model])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        naive_loss, _ = mtp_loss_naive(model, input_ids, labels, attention_mask=attention_mask, weights=weights)
+    naive_loss.backward()
+    torch.testing.assert_close(efficient.loss, naive_loss.detach(), rtol=1e-2, atol=1e-2)
+    for name, grad in _grads([model]).items():
+        assert grads_efficient[name].dtype == torch.float32, name
+        torch.testing.assert_close(grads_efficient[name], grad, rtol=5e-2, atol=5e-2 * grad.abs().max().item())

@@ -3,9 +3,9 @@ pick full fine-tuning, LoRA or activation checkpointing, and the number of ranks
 
 An estimate from the model's shapes, not a measurement:
 
-- parameters: every weight once, in the weights' dtype (float32 on CUDA, where the trainer keeps fp32
-  weights and autocasts; the config's dtype on CPU); FSDP shards them over the ranks and gathers one
-  block at a time (that block is added once);
+- parameters: every weight once, in the weights' dtype (float32 on CUDA and the CPU, where the trainer
+  keeps fp32 weights and autocasts to the config's dtype); FSDP shards them over the ranks and gathers
+  one block at a time (that block is added once);
 - gradients: the trainable parameters, in the weights' dtype, sharded like them under FSDP;
 - optimizer: AdamW's two moments per trainable parameter, in the weights' dtype, sharded likewise;
 - activations: what a block keeps for its backward, per token about (8 d + 2 d_kv + 4 f) values in the

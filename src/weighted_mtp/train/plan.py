@@ -110,6 +110,7 @@ def _scratch_paths(config: Config, scratch: Path) -> Config:
 
 def one_training_step(config: Config, console: Console) -> dict[str, float]:
     """Build the model, the data and the pipeline's objective, and run one forward and backward pass."""
+    from weighted_mtp.models.loading import training_autocast
     from weighted_mtp.train import distributed as D
     from weighted_mtp.train.run import build_run
 
@@ -119,7 +120,8 @@ def one_training_step(config: Config, console: Console) -> dict[str, float]:
     model, objective = run.model.to(env.device), run.objective
     batch = next(iter(run.train_loader)).to(env.device)
     step_start = time.perf_counter()
-    metrics = objective.forward_backward(model, batch, loss_scale=1.0)
+    with training_autocast(config, env.device):
+        metrics = objective.forward_backward(model, batch, loss_scale=1.0)
     step_s = time.perf_counter() - step_start
     parameters = [p for p in model.parameters() if p.grad is not None]
     for module in objective.trainable_modules().values():
@@ -148,18 +150,17 @@ def one_training_step(config: Config, console: Console) -> dict[str, float]:
 def memory_estimates(config: Config, world_size: int) -> dict[str, MemoryEstimate]:
     """The memory per rank this run would need, with and without activation checkpointing, from the
     model's shapes (read from its checkpoint's metadata, no weights loaded)."""
-    from weighted_mtp.models.loading import read_named_or_path, resolve_device
+    from weighted_mtp.models.loading import read_named_or_path, weights_dtype
     from weighted_mtp.train.parallelize import part_modes
 
     args = read_named_or_path(config.model.name, config.paths.models, config.seed).args
     heads = config.model.n_future_tokens or args.n_future_tokens
     args = dataclasses.replace(args, n_layers=args.n_layers + heads - args.n_future_tokens, n_future_tokens=heads)
-    cuda = resolve_device(config.device).type == "cuda"
     lora = config.training.lora
     common = dict(
         world_size=world_size,
         strategy=config.distributed.strategy,
-        weight_bytes=4 if cuda else DTYPE_BYTES[config.dtype],  # CUDA: fp32 weights under autocast
+        weight_bytes=weights_dtype(config).itemsize,  # fp32 under autocast
         compute_bytes=DTYPE_BYTES[config.dtype],
         batch_size=config.training.batch_size,
         seq_len=config.data.max_length,

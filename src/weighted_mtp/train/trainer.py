@@ -41,6 +41,7 @@ from weighted_mtp.config import save_resolved_config
 from weighted_mtp.config.schema import Config
 from weighted_mtp.errors import CheckpointError, ConfigError, DataError, WMTPError
 from weighted_mtp.io import atomic_write_json
+from weighted_mtp.models.loading import autocast_dtype, training_autocast
 from weighted_mtp.objectives.base import WEIGHT_BIN_EDGES, Objective, weight_histogram_counts
 from weighted_mtp.train import distributed as D
 from weighted_mtp.train.checkpoint import (
@@ -59,7 +60,6 @@ log = logging.getLogger(__name__)
 HISTOGRAM_BATCHES = 8  # validation batches whose token weights each validation draws
 MICRO_SPLITS_FILE = "micro_splits.json"  # written when FSDP runs out of memory: the split to resume with
 
-_AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def seed_everything(seed: int) -> None:
@@ -195,6 +195,9 @@ class Trainer:
         self.model = model
         self.modules = nn.ModuleDict({"model": model, **extra})
         self.trainable = [p for p in self.modules.parameters() if p.requires_grad]
+        if autocast_dtype(config, self.env.device) is not None:
+            log.info("mixed precision: float32 weights and optimizer state, %s products (autocast on %s)",
+                     self.config.dtype, self.env.device.type)
         self.trunk_warmup = trunk_only_parameters(model) if config.training.freeze.trunk_steps else []
         self.optimizer = build_optimizer(
             self.modules.named_parameters(),
@@ -508,10 +511,7 @@ class Trainer:
         return float(norm)
 
     def _autocast(self):
-        device = self.env.device
-        if device.type == "cuda" and self.config.dtype in _AUTOCAST_DTYPES:
-            return torch.autocast("cuda", dtype=_AUTOCAST_DTYPES[self.config.dtype])
-        return contextlib.nullcontext()
+        return training_autocast(self.config, self.env.device)
 
     def _peak_memory_gib(self) -> float:
         if self.env.device.type == "cuda":
