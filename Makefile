@@ -59,7 +59,7 @@ bench: setup
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/speculative_decoding.py
 	$(BIN)/python benchmarks/generation_vs_transformers.py --prompts 16 --new-tokens 64 --batch 8 --json benchmarks/results/generation_vs_transformers.json
-	$(BIN)/python benchmarks/training_vs_transformers.py --batch 4 --length 256 --steps 6 --compiled --json benchmarks/results/training_vs_transformers.json
+	$(BIN)/python benchmarks/training_vs_transformers.py --batch 4 --length 256 --steps 6 --compiled --autocast --json benchmarks/results/training_vs_transformers.json
 	$(BIN)/python benchmarks/decode_profile.py
 	$(BIN)/python benchmarks/evaluation_vs_peers.py
 	$(BIN)/python benchmarks/self_distilled_speculation.py

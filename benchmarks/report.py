@@ -93,7 +93,9 @@ def training_section(record: dict) -> list[str]:
         f"{record['machine']}, load average {record['load_average']:.2f} at the end; {record['date']}. "
         f"Target: at least {TRAINING_TARGET:g}x transformers. Compiled rows compare compiled against compiled: "
         "ours with `model.compile: true` (each transformer block), transformers with `model.compile()` (the whole "
-        "model, as its Trainer's `torch_compile=True`); their first step includes the compilation.",
+        "model, as its Trainer's `torch_compile=True`); their first step includes the compilation. Autocast rows keep "
+        "float32 weights and AdamW state and run the forward under bf16 autocast: ours as `wmtp train` runs "
+        "`dtype: bfloat16`, transformers as its Trainer runs `bf16=True` on a CPU.",
         "",
         "| dtype | mode | batch | this project (tok/s) | transformers (tok/s) | ratio | first loss (ours / theirs) "
         "| first step, s (ours / theirs) | target |",
@@ -115,7 +117,7 @@ def training_section(record: dict) -> list[str]:
 
 
 def training_mode(row: dict) -> str:
-    return "compiled" if row.get("compiled") else "eager"
+    return "compiled" if row.get("compiled") else "autocast" if row.get("autocast") else "eager"
 
 
 def training_verdict(row: dict) -> str:

@@ -17,13 +17,19 @@ With `--compiled` each dtype also runs compiled against compiled: ours with `mod
 its Trainer's `torch_compile=True` does). The first step of each side, which compiles (with an empty
 compiler cache), is reported too.
 
+With `--autocast` a third pair of rows trains under mixed precision: float32 weights and AdamW state,
+the forward under bf16 autocast. Ours as `wmtp train` runs `dtype: bfloat16` (the backward inside the
+loss, under the same autocast); transformers as its Trainer runs `bf16=True` on a CPU (the forward
+under `torch.autocast`, `loss.backward()` after it).
+
     .venv/bin/python benchmarks/training_vs_transformers.py [--batch 4 --length 256 --steps 6]
-    .venv/bin/python benchmarks/training_vs_transformers.py --compiled --json benchmarks/results/training_vs_transformers.json
+    .venv/bin/python benchmarks/training_vs_transformers.py --compiled --autocast --json benchmarks/results/training_vs_transformers.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -49,13 +55,19 @@ def batch_of_solutions(tokenizer, raw_data: Path, rows: int, length: int) -> tor
     return torch.tensor(ids).view(rows, length)
 
 
-def ours_forward_backward(model, input_ids: torch.Tensor) -> float:
-    out = mtp_forward_backward(model, input_ids, input_ids)  # labels aligned with the inputs: head 1 predicts t+1
+def mixed_precision(autocast: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+
+
+def ours_forward_backward(model, input_ids: torch.Tensor, autocast: bool = False) -> float:
+    with mixed_precision(autocast):  # the trainer's `training_autocast` around the objective's step
+        out = mtp_forward_backward(model, input_ids, input_ids)  # labels aligned with the inputs: head 1 predicts t+1
     return float(out.loss)
 
 
-def theirs_forward_backward(model, input_ids: torch.Tensor) -> float:
-    loss = model(input_ids=input_ids, labels=input_ids).loss
+def theirs_forward_backward(model, input_ids: torch.Tensor, autocast: bool = False) -> float:
+    with mixed_precision(autocast):  # the Trainer's `compute_loss` under autocast, its backward outside
+        loss = model(input_ids=input_ids, labels=input_ids).loss
     loss.backward()
     return float(loss.detach())
 
@@ -77,7 +89,8 @@ def operator_group(name: str) -> str:
     return next((group for group, prefixes in OPERATOR_GROUPS.items() if name.startswith(prefixes)), "other")
 
 
-def profile_step(forward_backward, module, optimizer, input_ids: torch.Tensor, repeats: int = 3) -> dict[str, float]:
+def profile_step(forward_backward, module, optimizer, input_ids: torch.Tensor, autocast: bool,
+                 repeats: int = 3) -> dict[str, float]:
     """Seconds of operator self time per group in a step, each group's median over `repeats` profiled
     steps (one alone varied by up to 0.6 s in a group): forward and backward by operator, everything
     inside the optimizer's step as "optimizer" (the profiler's own cost included alike)."""
@@ -87,7 +100,7 @@ def profile_step(forward_backward, module, optimizer, input_ids: torch.Tensor, r
     for _ in range(repeats):
         seconds: dict[str, float] = defaultdict(float)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            forward_backward(module, input_ids)
+            forward_backward(module, input_ids, autocast)
         for event in prof.key_averages():
             seconds[operator_group(event.key)] += event.self_cpu_time_total / 1e6
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -98,15 +111,16 @@ def profile_step(forward_backward, module, optimizer, input_ids: torch.Tensor, r
     return {group: statistics.median(run.get(group, 0.0) for run in runs) for group in sorted(groups)}
 
 
-def compare(transformers, args, dtype: torch.dtype, compiled: bool = False) -> dict:
-    """Both sides on the same weights and batch in `dtype` (both compiled or neither), steps
-    alternating; the median step after the warm-up, the first step's losses and time, and profiled
-    steps per side."""
+def compare(transformers, args, dtype: torch.dtype, compiled: bool = False, autocast: bool = False) -> dict:
+    """Both sides on the same weights and batch in `dtype` (both compiled or neither; with `autocast`,
+    float32 weights and bf16 autocast on both), steps alternating; the median step after the warm-up,
+    the first step's losses and time, and profiled steps per side."""
     torch.manual_seed(0)
-    model, tokenizer = load_model("smollm2-135m", models_dir=args.models_dir, dtype=dtype)
+    weights = torch.float32 if autocast else dtype
+    model, tokenizer = load_model("smollm2-135m", models_dir=args.models_dir, dtype=weights)
     input_ids = batch_of_solutions(tokenizer, args.raw_data, args.batch, args.length)
     with tempfile.TemporaryDirectory(prefix="wmtp-bench-hf-") as scratch:
-        hf_model = transformers.LlamaForCausalLM.from_pretrained(export_hf(model, Path(scratch) / "hf"), dtype=dtype)
+        hf_model = transformers.LlamaForCausalLM.from_pretrained(export_hf(model, Path(scratch) / "hf"), dtype=weights)
     model.train()
     hf_model.train()
     if compiled:
@@ -122,18 +136,19 @@ def compare(transformers, args, dtype: torch.dtype, compiled: bool = False) -> d
     for step in range(args.warmup + args.steps):
         for name, (run, module, optimizer) in sides.items():
             start = time.perf_counter()
-            loss = run(module, input_ids)
+            loss = run(module, input_ids, autocast)
             optimizer_step(optimizer)
             took = time.perf_counter() - start
             if step >= args.warmup:
                 times[name].append(took)
             first_step.setdefault(name, took)
             first_loss.setdefault(name, loss)
-    profiles = {name: profile_step(run, module, optimizer, input_ids) for name, (run, module, optimizer) in sides.items()}
+    profiles = {name: profile_step(run, module, optimizer, input_ids, autocast)
+                for name, (run, module, optimizer) in sides.items()}
     tokens = input_ids.numel()
     median = {name: statistics.median(values) for name, values in times.items()}
     return {
-        "dtype": str(dtype).removeprefix("torch."), "compiled": compiled, "heads": 1, "batch": args.batch, "length": args.length,
+        "dtype": str(dtype).removeprefix("torch."), "compiled": compiled, "autocast": autocast, "heads": 1, "batch": args.batch, "length": args.length,
         "ours_tok_s": tokens / median["ours"], "transformers_tok_s": tokens / median["transformers"],
         "ratio": median["transformers"] / median["ours"],
         "first_loss_ours": first_loss["ours"], "first_loss_transformers": first_loss["transformers"],
@@ -152,12 +167,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--dtypes", default="float32,bfloat16", help="weights, activations and AdamW state in each")
     parser.add_argument("--compiled", action="store_true", help="also each dtype compiled against compiled")
+    parser.add_argument("--autocast", action="store_true", help="also float32 weights under bf16 autocast on both sides")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     import transformers
 
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     rows = [compare(transformers, args, dtype) for dtype in dtypes]
+    if args.autocast:
+        rows.append(compare(transformers, args, torch.bfloat16, autocast=True))
     if args.compiled:
         # An empty compiler cache: each side's first step compiles from scratch, as a user's first run does.
         with tempfile.TemporaryDirectory(prefix="wmtp-bench-inductor-") as cache:
@@ -166,7 +184,8 @@ def main() -> None:
     print(f"SmolLM2-135M training step, batch {args.batch} x {args.length}, fused AdamW, {torch.get_num_threads()} threads, "
           f"load {os.getloadavg()[0]:.2f}")
     for row in rows:
-        print(f"  {row['dtype']}{', compiled' if row['compiled'] else ''}: ours {row['ours_tok_s']:.0f} tok/s, "
+        mode = ", compiled" if row["compiled"] else ", autocast (float32 weights)" if row["autocast"] else ""
+        print(f"  {row['dtype']}{mode}: ours {row['ours_tok_s']:.0f} tok/s, "
               f"transformers {row['transformers_tok_s']:.0f} tok/s: {row['ratio']:.2f}x; first loss "
               f"{row['first_loss_ours']:.5f} vs {row['first_loss_transformers']:.5f}; first step "
               f"{row['first_step_s']['ours']:.1f} vs {row['first_step_s']['transformers']:.1f} s")

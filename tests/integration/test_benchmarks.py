@@ -53,13 +53,16 @@ def run_training_comparison(tmp_path: Path, shared_data: Path, *extra: str) -> t
 
 
 def test_the_training_comparison_reports_its_ratio_and_equal_first_losses(tmp_path, shared_data):
-    (fp32, bf16), page = run_training_comparison(tmp_path, shared_data)
-    assert (fp32["dtype"], bf16["dtype"]) == ("float32", "bfloat16")
+    (fp32, bf16, mixed), page = run_training_comparison(tmp_path, shared_data, "--autocast")
+    assert (fp32["dtype"], bf16["dtype"], mixed["dtype"]) == ("float32", "bfloat16", "bfloat16")
+    assert (fp32["autocast"], bf16["autocast"], mixed["autocast"]) == (False, False, True)
     assert fp32["first_loss_ours"] == pytest.approx(fp32["first_loss_transformers"], rel=1e-4)  # same weights, same data
     assert bf16["first_loss_ours"] == pytest.approx(bf16["first_loss_transformers"], rel=3e-2)  # bf16 rounding
+    assert mixed["first_loss_ours"] == pytest.approx(mixed["first_loss_transformers"], rel=3e-2)
+    assert mixed["first_loss_ours"] != bf16["first_loss_ours"]  # fp32 weights and residual stream under autocast
     assert fp32["profile_s"]["ours"]["matrix products"] > 0 and fp32["profile_s"]["transformers"]["optimizer"] > 0
     assert "## A training step against transformers" in page and "Matrix products alone take" in page
-    assert "| float32 | eager | 1 x 16 |" in page
+    assert "| float32 | eager | 1 x 16 |" in page and "| bfloat16 | autocast | 1 x 16 |" in page
 
 
 @pytest.mark.slow
