@@ -62,7 +62,7 @@ def load_reference(config: Config, model: nn.Module, device) -> FrozenModel:
     shards it there). Beside a model still on the meta device (a sharded start-up) it stays on the meta
     device too, with the tensors that fill its shards."""
     location = reference_location(config)
-    # frozen, so nothing to lose in bf16 on the CPU; float32 on a GPU, where FSDP casts parameters itself
+    # frozen, so nothing to lose in bf16 on the CPU; float32 on a GPU, like the weights (autocast or FSDP cast)
     dtype = DTYPES[config.dtype] if device.type == "cpu" else DTYPES["float32"]
     raw = read_named_or_path(location, config.paths.models, config.seed)
     pending: dict[str, TensorSource] | None = None
