@@ -291,7 +291,7 @@ def test_rope_is_the_written_out_rotation_of_each_pair_bitwise_and_so_is_its_gra
     (out, grad), (expected_out, expected_grad) = results
     assert out.dtype == dtype and out.is_contiguous() and torch.equal(out, expected_out)
     assert torch.equal(grad, expected_grad)
-    rotations = torch.stack((cos, sin), dim=-1).bfloat16()  # as FSDP2's mixed precision hands them to a block
+    rotations = torch.stack((cos, sin), dim=-1).bfloat16()  # a caller's bf16 tables are cast to fp32
     assert torch.equal(apply_rope(x, rotations), apply_rope(x, rotations.float()))
 
 

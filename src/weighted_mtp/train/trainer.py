@@ -61,7 +61,6 @@ HISTOGRAM_BATCHES = 8  # validation batches whose token weights each validation 
 MICRO_SPLITS_FILE = "micro_splits.json"  # written when FSDP runs out of memory: the split to resume with
 
 
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
